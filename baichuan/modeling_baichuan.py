@@ -1,0 +1,343 @@
+"""Baichuan2 causal language model for transformers 5.x.
+
+Baichuan2-7B uses rotary positions, Baichuan2-13B uses ALiBi; `config.position_embedding`
+selects between them. Parameter names equal the official checkpoints', so their `.bin` and
+safetensors shards load with no missing or unexpected keys.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_baichuan import BaichuanConfig
+
+# Logit elements computed at once by the chunked loss: 128 MiB of fp32 per chunk.
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+class BaichuanRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.eps)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin of shape (b, q, d). Computed on the fly: a buffer would be left as garbage or
+    on the meta device by `from_pretrained`, and the cost is tiny next to the projections."""
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (theta**exponent)  # (d/2,)
+    freqs = position_ids[..., None].float() * inv_freq  # (b, q, d/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (b, q, d)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(query, key, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, q, d), broadcast over heads
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """Per-head ALiBi slopes as Baichuan2-13B defines them: a geometric series for a power of
+    two heads; otherwise the nearest lower power of two, topped up with every other slope of
+    the next power of two."""
+    if math.log2(num_heads).is_integer():
+        start = 2 ** (-(2 ** -(math.log2(num_heads) - 3)))
+        return [start ** (i + 1) for i in range(num_heads)]
+    lower = 2 ** math.floor(math.log2(num_heads))
+    return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
+
+
+def attention_bias(segments: torch.Tensor, q_len: int, slopes: torch.Tensor | None, dtype: torch.dtype):
+    """Additive attention bias of shape (b, 1 or heads, q, kv).
+
+    `segments` is (b, kv): 0 marks padding, and equal non-zero values mark one sequence, so a
+    plain 0/1 attention mask works, and so do packed rows numbered 1, 2, 3, ... A query sees
+    the earlier keys of its own sequence. With ALiBi, the distance counts real tokens only,
+    so left padding does not shift it.
+    """
+    kv_len = segments.shape[1]
+    key_idx = torch.arange(kv_len, device=segments.device)
+    query_idx = key_idx[kv_len - q_len :]
+    seg_k = segments[:, None, :]  # (b, 1, kv)
+    seg_q = segments[:, kv_len - q_len :, None]  # (b, q, 1)
+    causal = key_idx[None, None, :] <= query_idx[None, :, None]  # (1, q, kv)
+    # A padding query would see no key at all and softmax would return NaN: let it see itself.
+    diagonal = key_idx[None, None, :] == query_idx[None, :, None]
+    allowed = ((seg_k == seg_q) & (seg_k != 0) & causal) | diagonal  # (b, q, kv)
+    if slopes is None:
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)[:, None]  # (b, 1, q, kv)
+    else:
+        position = (segments != 0).cumsum(-1)  # (b, kv)
+        distance = position[:, None, :] - position[:, kv_len - q_len :, None]  # (b, q, kv), <= 0 when visible
+        bias = (slopes.to(segments.device)[None, :, None, None] * distance[:, None]).to(dtype)  # (b, heads, q, kv)
+    return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class BaichuanMLP(nn.Module):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BaichuanAttention(nn.Module):
+    def __init__(self, config: BaichuanConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        # One fused projection: rows are [q; k; v], each hidden_size wide.
+        self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, bias, cos, sin, cache: Cache | None):
+        b, q_len, _ = hidden_states.shape
+        qkv = self.W_pack(hidden_states).view(b, q_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, heads, q, d)
+        if cos is not None:
+            query, key = apply_rotary(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (b, heads, kv, d)
+        if bias is not None and bias.dtype != query.dtype:
+            bias = bias.to(query.dtype)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, is_causal=bias is None and q_len > 1
+        )  # (b, heads, q, d)
+        out = out.transpose(1, 2).reshape(b, q_len, -1)  # (b, q, hidden)
+        return self.o_proj(out)
+
+
+class BaichuanDecoderLayer(nn.Module):
+    def __init__(self, config: BaichuanConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = BaichuanAttention(config, layer_idx)
+        self.mlp = BaichuanMLP(config)
+        self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, bias, cos, sin, cache: Cache | None = None):
+        residual = hidden_states
+        hidden_states = self.self_attn(self.input_layernorm(hidden_states), bias, cos, sin, cache)
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class NormHead(nn.Module):
+    """Output head whose weight rows are L2-normalised before use.
+
+    The scale is applied to the logits rather than to a normalised copy of the weight, which
+    would take another vocab x hidden tensor. Without autograd the row norms are kept until
+    the weight changes, so decoding does not re-read the whole head for them at every token.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self._inv_norm = None
+        self._inv_norm_key = None
+
+    def inv_norm(self) -> torch.Tensor:
+        w = self.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if key != self._inv_norm_key:
+            self._inv_norm = torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
+            self._inv_norm_key = key
+        return self._inv_norm
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden_states, self.weight)  # (b, q, vocab)
+        return logits * self.inv_norm().to(logits.dtype)
+
+
+def _token_losses(hidden, weight, inv_norm, targets, z_loss_weight: float):
+    """Summed cross-entropy (plus z-loss) of one chunk of positions, in fp32."""
+    logits = F.linear(hidden, weight).float() * inv_norm  # (n, vocab)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    loss = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
+    if z_loss_weight > 0:
+        loss = loss + z_loss_weight * lse.pow(2)
+    return loss.sum()
+
+
+class BaichuanPreTrainedModel(PreTrainedModel):
+    config_class = BaichuanConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BaichuanDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, NormHead):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+
+class BaichuanModel(BaichuanPreTrainedModel):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(BaichuanDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _bias(self, attention_mask, batch, q_len, kv_len, dtype, device):
+        slopes = None
+        if self.config.position_embedding == "alibi":
+            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
+        unmasked = attention_mask is None or bool((attention_mask == 1).all())
+        if unmasked and slopes is None and (q_len == 1 or q_len == kv_len):
+            return None  # plain causal attention: SDPA's is_causal takes its fastest kernel
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, kv_len, dtype=torch.long, device=device)
+        return attention_bias(attention_mask, q_len, slopes, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (b, q, hidden)
+        batch, q_len, _ = hidden_states.shape
+
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if checkpointing or not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0  # read before the layers update it
+        kv_len = past_len + q_len
+
+        if position_ids is None:
+            if attention_mask is not None:
+                # Count real tokens only, so a left-padded row gets the positions it has unpadded.
+                position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp_min(0)[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, kv_len, device=hidden_states.device)[None]
+        bias = self._bias(attention_mask, batch, q_len, kv_len, hidden_states.dtype, hidden_states.device)
+        cos = sin = None
+        if self.config.position_embedding == "rope":
+            cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
+
+        for layer in self.layers:
+            if checkpointing:
+                hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, bias, cos, sin)
+            else:
+                hidden_states = layer(hidden_states, bias, cos, sin, cache)
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    def __init__(self, config: BaichuanConfig):
+        super().__init__(config)
+        self.model = BaichuanModel(config)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CausalLMOutputWithPast:
+        """With `labels`, only the loss is returned (logits=None): it is computed at the labelled
+        positions alone, in chunks, and the full (b, s, vocab) logits are never built.
+
+        transformers >= 5.24 passes the KV cache as `cache`, earlier 5.x as `past_key_values`;
+        both are accepted so that neither is silently dropped. `num_items_in_batch` (the HF
+        Trainer's count of labelled tokens over the accumulation steps) replaces the per-batch
+        count as the loss denominator. The output is always a dataclass; attention weights and
+        hidden states are not returned (SDPA never materialises the former).
+        """
+        if output_attentions or output_hidden_states:
+            raise NotImplementedError("BaichuanForCausalLM returns neither attentions nor hidden states")
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state  # (b, s, hidden)
+        if labels is not None:
+            loss = self.loss(hidden_states, labels, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden_states), cache=outputs.cache)
+
+    def loss(self, hidden_states, labels, num_items_in_batch=None) -> torch.Tensor:
+        """Mean next-token cross-entropy over positions whose label is not -100."""
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]  # (b, s): position t predicts token t+1
+        keep = shift_labels != -100
+        hidden = hidden_states[keep]  # (n, hidden)
+        targets = shift_labels[keep]  # (n,)
+        weight, inv_norm = self.lm_head.weight, self.lm_head.inv_norm()
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        total = hidden_states.sum() * 0.0  # keeps the graph when no position is labelled
+        for start in range(0, hidden.shape[0], chunk):
+            # Checkpointed, so backward recomputes one chunk's logits instead of keeping all.
+            total = total + checkpoint(
+                _token_losses,
+                hidden[start : start + chunk],
+                weight,
+                inv_norm,
+                targets[start : start + chunk],
+                self.config.z_loss_weight,
+                use_reentrant=False,
+            )
+        count = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
+        return total / count
