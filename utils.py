@@ -2,8 +2,13 @@
 the role-play dataset and collator, LoRA helpers, evaluation and atomic checkpoint saving."""
 
 import json
+import logging
+import math
 import os
+import re
 import sys
+import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -20,6 +25,23 @@ def exit_on_user_error(main):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+def quiet_third_party() -> None:
+    """Silence start-up notes of dependencies that say nothing actionable to a user of these
+    scripts: bitsandbytes' missing optional CPU kernels, DeepSpeed's "no GPU, using the CPU"
+    and its learning-rate query before the first step, and PEFT's use of a renamed
+    transformers property. Call it before those packages are imported."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -102,3 +124,277 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, adapter_path)
     model.to(device).eval()
     return model, tokenizer
+
+
+# ---------------------------------------------------------------- fault points for crash tests
+
+
+def stall_point(name: str) -> None:
+    """Crash-safety tests stop the run here and SIGKILL it.
+
+    Setting ROLEPLAY_STALL_AT=NAME[:N] parks the process at the Nth time (default 1st) it
+    reaches the point NAME ("step", "eval" or "save"), after printing a line to say so.
+    """
+    wanted = os.environ.get("ROLEPLAY_STALL_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    stall_point.seen[name] = stall_point.seen.get(name, 0) + 1
+    if stall_point.seen[name] == int(nth or 1):
+        print(f"stalled at {name}", flush=True)
+        time.sleep(3600)
+
+
+stall_point.seen = {}
+
+
+# ---------------------------------------------------------------- role-play samples
+
+
+def read_samples(path: str) -> list[dict]:
+    """Rows of data_helper.py's jsonl output; a bad row is a UserError naming file and line."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path!r} does not exist")
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+                for field in ("instruction", "input", "output"):
+                    if not isinstance(row.get(field) if isinstance(row, dict) else None, str):
+                        raise UserError(f"{path}:{line_no}: field {field!r} is missing or not a string")
+                rows.append(row)
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
+    return rows
+
+
+def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len: int, max_src_len: int):
+    """input_ids and labels of one sample, and whether anything was cut.
+
+    Layout: system + <user> + question + <assistant> + reply + eos. Only the reply and eos are
+    trained on; everything else is labelled -100.
+    """
+    system = tokenizer.encode(row["instruction"], add_special_tokens=False)
+    question = tokenizer.encode(row["input"], add_special_tokens=False)
+    reply = tokenizer.encode(row["output"], add_special_tokens=False)
+    truncated = len(question) > max_src_len
+    question = question[:max_src_len]
+    prompt = system + [user_id] + question + [assistant_id]
+    room = max_len - len(prompt) - 1  # one place for eos
+    if room < 1:
+        return None, None, True
+    truncated = truncated or len(reply) > room
+    reply = reply[:room] + [tokenizer.eos_token_id]
+    return prompt + reply, [-100] * len(prompt) + reply, truncated
+
+
+class RolePlayDataset(torch.utils.data.Dataset):
+    """Tokenised samples. With `skip_truncated`, samples that did not fit are dropped;
+    samples whose prompt alone fills max_len are always dropped."""
+
+    def __init__(self, path, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False):
+        self.examples, self.dropped, self.truncated = [], 0, 0
+        for row in read_samples(path):
+            input_ids, labels, truncated = encode_sample(tokenizer, row, user_id, assistant_id, max_len, max_src_len)
+            if input_ids is None or (truncated and skip_truncated):
+                self.dropped += 1
+                continue
+            self.truncated += truncated
+            self.examples.append({"input_ids": input_ids, "labels": labels})
+        if not self.examples:
+            raise UserError(f"{path}: no sample left after filtering ({self.dropped} dropped as too long)")
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+    def lengths(self) -> list[int]:
+        return [len(e["input_ids"]) for e in self.examples]
+
+
+def pack_examples(examples: list[dict], max_len: int) -> list[list[dict]]:
+    """Group samples into rows of at most max_len tokens (first fit, longest first).
+    Deterministic: the order depends only on the lengths."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    rows, room = [], []
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(examples[i])
+                room[r] -= n
+                break
+        else:
+            rows.append([examples[i]])
+            room.append(max_len - n)
+    return rows
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    def __init__(self, dataset: RolePlayDataset, max_len: int):
+        self.rows = pack_examples(dataset.examples, max_len)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def lengths(self) -> list[int]:
+        return [sum(len(e["input_ids"]) for e in row) for row in self.rows]
+
+
+def collate(batch: list, pad_id: int) -> dict:
+    """Right-pad a batch to its longest row.
+
+    An item is one sample (a dict) or a packed row (a list of samples). In packed rows the
+    attention mask numbers the samples 1, 2, 3, ... so that attention stays inside each
+    sample, and position ids restart at every sample.
+    """
+    rows = [item if isinstance(item, list) else [item] for item in batch]
+    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, example in enumerate(row, 1):
+            n = len(example["input_ids"])
+            input_ids[r, start : start + n] = torch.tensor(example["input_ids"])
+            labels[r, start : start + n] = torch.tensor(example["labels"])
+            attention_mask[r, start : start + n] = segment
+            position_ids[r, start : start + n] = torch.arange(n)
+            start += n
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch, world_size=1, rank=0, group=50):
+    """This rank's batches (lists of indices) for one epoch.
+
+    Indices are shuffled with (seed, epoch), cut into groups of `group` batches, sorted by
+    length inside each group so that a batch holds rows of similar length (little padding),
+    and the batches are shuffled again. Every rank gets the same number of batches; the
+    few left over at the end are dropped.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * group
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    per_rank = len(batches) // world_size
+    return batches[rank * per_rank : (rank + 1) * per_rank]
+
+
+# ---------------------------------------------------------------- LoRA helpers
+
+
+def find_all_linear_names(model) -> list[str]:
+    """Names (last component) of the linear layers to put LoRA on: all but lm_head."""
+    import bitsandbytes as bnb
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, bnb.nn.Linear4bit)) and not full_name.endswith("lm_head"):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def parameter_counts(model, assume_4bit: bool = False) -> tuple[int, int, int]:
+    """(trainable, stored total, full total) parameter counts.
+
+    A 4-bit weight is stored packed two to a byte, so its tensor has half as many elements.
+    The stored total counts those elements, which is what PEFT printed when the book was
+    written (35,782,656 trainable = 0.8314% for Baichuan2-7B with LoRA rank 16); the full total
+    counts every weight once, as PEFT does now. `assume_4bit` treats the frozen weights of
+    linear layers (lm_head excepted) as 4-bit, for a skeleton built on the meta device.
+    """
+    trainable = stored = full = 0
+    packed = set()
+    if assume_4bit:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                packed.add(id(module.weight))
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            stored += n
+            full += n * 2 * param.element_size()
+        elif id(param) in packed and not param.requires_grad:
+            stored += n // 2
+            full += n
+        else:
+            stored += n
+            full += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, stored, full
+
+
+def print_trainable_parameters(model, assume_4bit: bool = False) -> None:
+    trainable, stored, full = parameter_counts(model, assume_4bit)
+    print_rank_0(
+        f"trainable params: {trainable:,} || all params: {stored:,} || trainable%: {100 * trainable / stored:.4f}"
+        f"  (counting each 4-bit weight once: {full:,} params, {100 * trainable / full:.4f}%)"
+    )
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> tuple[float, float]:
+    """Token-weighted mean loss over the whole test set (all ranks), and its perplexity."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, labelled tokens)
+    for batch in loader:
+        stall_point("eval")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        count = (batch["labels"][:, 1:] != -100).sum()
+        loss = model(**batch).loss
+        totals += torch.stack([loss.double() * count, count.double()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    mean = (totals[0] / totals[1].clamp_min(1)).item()
+    return mean, math.exp(min(mean, 50.0))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints in output_dir, oldest first. Half-written ones (still under
+    their temporary name, or without trainer_state.json) are never listed."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            found.append((int(match[2]), int(match[1]), name))
+    return [os.path.join(output_dir, name) for _, _, name in sorted(found)]
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, path)

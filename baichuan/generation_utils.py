@@ -66,17 +66,19 @@ def build_chat_input(
             f"the system prompt ({len(system_ids)} tokens) leaves no room in model_max_length={model_max_length} "
             f"with max_new_tokens={max_new_tokens}"
         )
+    # The assistant token that opens the reply counts against the budget too, or the oldest
+    # kept round would lose its first tokens to the final cut.
+    closing = [assistant_id] if not messages or messages[-1]["role"] != "assistant" else []
     history: list[int] = []
     for round_messages in reversed(rounds):
         round_ids = []
         for message in round_messages:
             round_ids.append(user_id if message["role"] == "user" else assistant_id)
             round_ids.extend(tokenizer.encode(message["content"], add_special_tokens=False))
-        if history and len(history) + len(round_ids) > budget:
+        if history and len(history) + len(round_ids) + len(closing) > budget:
             break
         history = round_ids + history
-    if not messages or messages[-1]["role"] != "assistant":
-        history.append(assistant_id)
+    history += closing
     return system_ids + history[-budget:]
 
 
@@ -134,8 +136,9 @@ def stream_chat(
     thread.start()
     reply = ""
     for piece in streamer:
-        reply += piece
-        yield reply
+        if piece:  # the streamer ends with an empty flush: do not repeat the last reply
+            reply += piece
+            yield reply
     thread.join()
     if failure:
         raise failure[0]

@@ -169,7 +169,9 @@ class NormHead(nn.Module):
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
             return torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        # Norms cached under inference_mode are inference tensors, which autograd refuses to save
+        # (a frozen head in LoRA training after an evaluation): cache per mode.
+        key = (w.data_ptr(), w._version, w.device, w.dtype, torch.is_inference_mode_enabled())
         if key != self._inv_norm_key:
             self._inv_norm = torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
             self._inv_norm_key = key
@@ -202,6 +204,14 @@ class BaichuanPreTrainedModel(PreTrainedModel):
         if isinstance(module, NormHead):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        # The base class applies `every_n_layers` to GradientCheckpointingLayer subclasses only;
+        # our layers are checkpointed by BaichuanModel, which is told the stride here.
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for module in self.modules():
+            if isinstance(module, BaichuanModel):
+                module.checkpoint_every_n_layers = every_n_layers
+
 
 class BaichuanModel(BaichuanPreTrainedModel):
     def __init__(self, config: BaichuanConfig):
@@ -210,6 +220,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.layers = nn.ModuleList(BaichuanDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.checkpoint_every_n_layers = 1
         self.post_init()
 
     def _bias(self, attention_mask, batch, q_len, kv_len, dtype, device):
@@ -257,8 +268,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if self.config.position_embedding == "rope":
             cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)
 
-        for layer in self.layers:
-            if checkpointing:
+        for i, layer in enumerate(self.layers):
+            if checkpointing and i % self.checkpoint_every_n_layers == 0:
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, bias, cos, sin)
             else:
                 hidden_states = layer(hidden_states, bias, cos, sin, cache)

@@ -44,6 +44,9 @@ def train_sentencepiece(corpus_path: str, vocab_size: int) -> bytes:
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
+        # "▁" must be a piece even when the corpus has no spaces: byte-fallback bytes of it
+        # would decode to a literal "▁" instead of a space.
+        required_chars="\u2581",
         split_digits=True,
         user_defined_symbols=[USER_TOKEN, ASSISTANT_TOKEN],
         unk_id=0,

@@ -1,0 +1,261 @@
+"""BaichuanForCausalLM against transformers' LlamaForCausalLM (SDPA) with the same weights, on CPU.
+
+    python bench/bench_model.py                 # the configuration recorded in bench/README.md
+    python bench/bench_model.py --reps 3 --seq 128
+
+A small model with the real 125,696-token vocabulary, so that the output head and the loss
+dominate as they do in fine-tuning. Measured, with the two models' repetitions interleaved
+(median reported):
+
+  * train step: forward + backward of the loss with labels, the first half of every row -100
+    like prompt tokens;
+  * greedy generation: new tokens per second, KV cache on;
+  * peak memory of one train step, each model in a fresh subprocess: the rise of the peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) over the RSS before the step, with the
+    parameter gradients already allocated, so it counts activations, logits and loss only.
+
+Before timing, both models are checked to give the same loss and the same generated tokens.
+"""
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from baichuan import BaichuanConfig, BaichuanForCausalLM  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=125696, help="vocabulary size (Baichuan2's by default)")
+    parser.add_argument("--hidden", type=int, default=256, help="model width")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--intermediate", type=int, default=688, help="MLP width")
+    parser.add_argument("--batch", type=int, default=2, help="rows per train step")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per row in a train step")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens for generation (one row)")
+    parser.add_argument("--new_tokens", type=int, default=32, help="tokens generated greedily")
+    parser.add_argument("--reps", type=int, default=7, help="timed repetitions of each measurement per model")
+    parser.add_argument("--memory_reps", type=int, default=2, help="fresh subprocesses per model for the memory")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--memory_child", choices=["baichuan", "llama"], help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def baichuan_config(args) -> BaichuanConfig:
+    return BaichuanConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=4096,
+        position_embedding="rope",
+    )
+
+
+def llama_config(config: BaichuanConfig) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=False,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        attn_implementation="sdpa",
+    )
+
+
+def llama_twin(model: BaichuanForCausalLM) -> LlamaForCausalLM:
+    """A Llama with the same function: W_pack split into q/k/v, head rows L2-normalised."""
+    llama = LlamaForCausalLM(llama_config(model.config))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("W_pack.weight"):
+            prefix = name[: -len("W_pack.weight")]
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                state[prefix + part + ".weight"] = chunk.clone()
+        elif name == "lm_head.weight":
+            state[name] = tensor / tensor.norm(dim=-1, keepdim=True)
+        else:
+            state[name] = tensor.clone()
+    llama.load_state_dict(state, strict=True)
+    return llama
+
+
+def train_batch(args, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=generator)
+    labels = ids.clone()
+    labels[:, : args.seq // 2] = -100  # the prompt half
+    return ids, labels
+
+
+def train_step(model, ids, labels) -> float:
+    loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+    loss.backward()
+    return loss.item()
+
+
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=1,
+    )
+
+
+def generate(model, prompt, config):
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# peak memory, in a fresh process per measurement
+
+
+def proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(args) -> None:
+    torch.manual_seed(0)
+    config = baichuan_config(args)
+    model = BaichuanForCausalLM(config) if args.memory_child == "baichuan" else LlamaForCausalLM(llama_config(config))
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ids, labels = train_batch(args)
+    train_step(model, ids[:1, :16], labels[:1, :16])  # one-time initialisation outside the measurement
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    train_step(model, ids, labels)
+    peak = proc_status_kib("VmHWM")
+    print(json.dumps({"peak_rise_mib": (peak - before) / 1024}))
+
+
+def measure_memory(args, variant: str) -> float:
+    argv = [sys.executable, os.path.abspath(__file__), "--memory_child", variant]
+    for name in ("vocab", "hidden", "layers", "heads", "intermediate", "batch", "seq", "threads"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rise_mib"]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    torch.manual_seed(0)
+    baichuan = BaichuanForCausalLM(baichuan_config(args)).train()
+    llama = llama_twin(baichuan).train()
+    models = {"baichuan": baichuan, "llama": llama}
+    ids, labels = train_batch(args)
+    prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    gen_config = generation_config(args)
+
+    # Same function, so the timings compare like with like.
+    losses = {name: train_step(model, ids, labels) for name, model in models.items()}
+    if abs(losses["baichuan"] - losses["llama"]) > 1e-4:
+        raise SystemExit(f"the models disagree: losses {losses}")
+    outputs = {name: generate(model.eval(), prompt, gen_config) for name, model in models.items()}
+    if not torch.equal(outputs["baichuan"], outputs["llama"]):
+        raise SystemExit("the models disagree: greedy outputs differ")
+
+    step_times = {name: [] for name in models}
+    gen_times = {name: [] for name in models}
+    for rep in range(args.reps):
+        order = list(models) if rep % 2 == 0 else list(reversed(models))
+        for name in order:
+            model = models[name].train()
+            model.zero_grad(set_to_none=False)
+            step_times[name].append(timed(lambda: train_step(model, ids, labels)))
+        for name in order:
+            model = models[name].eval()
+            gen_times[name].append(timed(lambda: generate(model, prompt, gen_config)))
+
+    memory = {name: [] for name in models}
+    for _ in range(args.memory_reps):
+        for name in models:
+            memory[name].append(measure_memory(args, name))
+
+    step = {name: statistics.median(t) for name, t in step_times.items()}
+    tokens_per_s = {name: args.new_tokens / statistics.median(t) for name, t in gen_times.items()}
+    peak = {name: statistics.median(m) for name, m in memory.items()}
+    logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
+
+    print(
+        f"config: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+        f"intermediate {args.intermediate}; train batch {args.batch} x {args.seq} (half labelled); "
+        f"generation 1 x {args.prompt} + {args.new_tokens} greedy; {args.reps} reps, median; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"
+    )
+    print(f"loss (both models): {losses['baichuan']:.4f}; full fp32 logits of the batch: {logits_mib:.0f} MiB")
+    print()
+    print(f"| {'measure':<34} | {'Baichuan':>9} | {'Llama':>9} | {'Baichuan/Llama':>14} |")
+    print(f"|{'-' * 36}|{'-' * 11}|{'-' * 11}|{'-' * 16}|")
+    rows = [
+        ("train step, s (lower is better)", step["baichuan"], step["llama"], "{:.3f}"),
+        ("train steps/s (speed)", 1 / step["baichuan"], 1 / step["llama"], "{:.2f}"),
+        ("greedy generation, tokens/s", tokens_per_s["baichuan"], tokens_per_s["llama"], "{:.1f}"),
+        ("train step peak memory rise, MiB", peak["baichuan"], peak["llama"], "{:.0f}"),
+    ]
+    for label, ours, theirs, fmt in rows:
+        print(f"| {label:<34} | {fmt.format(ours):>9} | {fmt.format(theirs):>9} | {ours / theirs:>14.2f} |")
+    print()
+    print(
+        f"speed ratios (goal >= 0.95): train {step['llama'] / step['baichuan']:.2f}, "
+        f"generation {tokens_per_s['baichuan'] / tokens_per_s['llama']:.2f}; "
+        f"Baichuan's loss-step memory rise is {peak['baichuan'] / logits_mib:.2f}x the full logits "
+        f"(Llama's {peak['llama'] / logits_mib:.2f}x)"
+    )
+    print(f"raw train step times, s: " + json.dumps({k: [round(t, 3) for t in v] for k, v in step_times.items()}))
+    print(f"raw generation times, s: " + json.dumps({k: [round(t, 3) for t in v] for k, v in gen_times.items()}))
+    print(f"raw memory rises, MiB: " + json.dumps({k: [round(m) for m in v] for k, v in memory.items()}))
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+
+
+if __name__ == "__main__":
+    main()

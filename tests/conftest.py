@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny Baichuan2 checkpoint and the real Baichuan2 tokenizer.
+
+    tiny_tokenizer_model  bytes of a small sentencepiece BPE model trained on data/sample
+    tiny_model_dir        a saved tiny checkpoint (rope, 64 wide, 2 layers) with that tokenizer
+    real_tokenizer_path   ../shared/baichuan2/tokenizer.model, or the test is skipped
+
+Everything is session-scoped and built in well under a second; treat the outputs as read-only
+(copy `tiny_model_dir` before changing files in it).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = REPO_ROOT / "data" / "sample"
+# The real tokenizer files; read them in place, never copy them into the repository.
+SHARED = REPO_ROOT.parent / "shared" / "baichuan2"
+REAL_TOKENIZER = SHARED / "tokenizer.model"
+HAVE_REAL_TOKENIZER = REAL_TOKENIZER.is_file()
+requires_real_tokenizer = pytest.mark.skipif(not HAVE_REAL_TOKENIZER, reason=f"{REAL_TOKENIZER} is missing")
+
+TINY_VOCAB_SIZE = 1200
+
+
+def sample_texts() -> list[str]:
+    """Questions and replies of the sample data, one text each, in file order."""
+    texts = []
+    for path in sorted(SAMPLE_DIR.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    texts.append(row["question"])
+                    texts.extend(row["generated"])
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_model(tmp_path_factory) -> bytes:
+    from baichuan.tiny import train_sentencepiece
+
+    corpus = tmp_path_factory.mktemp("corpus") / "sample.txt"
+    corpus.write_text("\n".join(sample_texts()) + "\n", encoding="utf-8")
+    return train_sentencepiece(str(corpus), TINY_VOCAB_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_model) -> Path:
+    from baichuan.tiny import make_tiny
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny(str(out), tiny_tokenizer_model)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_path() -> Path:
+    if not HAVE_REAL_TOKENIZER:
+        pytest.skip(f"{REAL_TOKENIZER} is missing")
+    return REAL_TOKENIZER

@@ -1,0 +1,315 @@
+"""Tests for evaluate.py: ROUGE-L by hand, the CLI end to end on a tiny random model, resume,
+the RoleGPT baseline row and the TensorBoard curves. CPU only, well under a minute."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "evaluate.py"
+SAMPLE = ROOT / "data" / "sample"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+
+
+def run(*args):
+    """The CLI in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def run_here(capsys, *args):
+    """evaluate.main in this process (saves the imports of a subprocess); returns its stdout."""
+    capsys.readouterr()
+    evaluate.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def assert_png(path):
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 10_000  # a drawn figure, not an empty canvas
+
+
+def table_rows(markdown, section="## Results"):
+    """{first cell: [other cells]} of the first table after `section`."""
+    rows = {}
+    for line in markdown.split(section, 1)[1].split("\n## ", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("model", "model / role") and not cells[0].startswith("---"):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    """conftest's tiny random Baichuan2 (read-only), with a tokenizer trained on the sample texts."""
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter with random (non-zero) weights on the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import baichuan  # noqa: F401
+
+    folder = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["W_pack"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(folder))
+    return folder
+
+
+# ---------------------------------------------------------------- ROUGE-L
+
+
+def test_rouge_l_hand_checked_chinese():
+    chars = evaluate.char_tokens
+    assert evaluate.rouge_l(chars("俺老孙来也"), chars("俺老孙来也")) == 1.0
+    assert evaluate.rouge_l(chars("俺老孙来也"), chars("喝酒吟诗")) == 0.0
+    # "我爱北京天安门" (7 chars) vs "我爱上海" (4): LCS = "我爱" = 2, P = 2/7, R = 2/4,
+    # F1 = 2PR / (P + R) = (2/7) / (11/14) = 4/11 = 0.3636...
+    assert evaluate.rouge_l(chars("我爱北京天安门"), chars("我爱上海")) == pytest.approx(4 / 11)
+    # "俺老孙去也" (5) vs "俺去了" (3): LCS = "俺去" = 2, F1 = 2 * 2 / (5 + 3) = 0.5
+    assert evaluate.rouge_l(chars("俺老孙去也"), chars("俺去了")) == pytest.approx(0.5)
+    # whitespace does not count, punctuation does: "你 好！" vs "你好" -> 3 vs 2 chars, LCS 2 -> 0.8
+    assert evaluate.rouge_l(chars("你 好！"), chars("你好")) == pytest.approx(0.8)
+    assert evaluate.rouge_l([], chars("你好")) == 0.0
+    assert evaluate.rouge_l(chars("你好"), []) == 0.0
+
+
+def test_lcs_matches_textbook_dynamic_programming():
+    def lcs_dp(a, b):
+        table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+        for i, x in enumerate(a):
+            for j, y in enumerate(b):
+                table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+        return table[-1][-1]
+
+    rng = random.Random(0)
+    for _ in range(200):  # short and long (> 64 tokens: several machine words of bits), few symbols
+        a = [rng.choice("俺老孙来也酒") for _ in range(rng.randint(0, 150))]
+        b = [rng.choice("俺老孙去了酒") for _ in range(rng.randint(0, 150))]
+        assert evaluate.lcs_length(a, b) == lcs_dp(a, b)
+
+
+def test_word_variant_uses_jieba_words():
+    # jieba: "我爱北京天安门" -> 我/爱/北京/天安门, "我爱上海" -> 我/爱/上海: LCS 2 words,
+    # F1 = 2 * 2 / (4 + 3) = 4/7, while on characters it is 4/11 (previous test).
+    assert evaluate.word_tokens("我爱北京天安门") == ["我", "爱", "北京", "天安门"]
+    words = evaluate.word_tokens
+    assert evaluate.rouge_l(words("我爱北京天安门"), words("我爱上海")) == pytest.approx(4 / 7)
+    # "北京大学" is one jieba word, "北京的大学" three: no common word, but 4 common characters.
+    question = {"references": ["北京的大学", "北京大学"]}
+    scores = evaluate.score_answer("北京大学", question)
+    assert scores["word_first"] == 0.0
+    assert scores["char_first"] == pytest.approx(8 / 9)
+    assert scores["word_best"] == scores["char_best"] == 1.0  # the second reference is identical
+
+
+# ---------------------------------------------------------------- questions
+
+
+def test_questions_keep_split_and_all_references():
+    roles = json.loads((ROOT / "data" / "roles.json").read_text(encoding="utf-8"))
+    questions = evaluate.questions_from_data_dir(str(SAMPLE), roles, ["孙悟空", "张飞", "李白"])
+    first = questions[0]
+    assert (first["split"], first["role"], first["question"]) == ("general", "孙悟空", "你觉得什么样的人值得信任？")
+    assert len(first["references"]) == 3  # every reply kept, not data_helper's two
+    specific = [q for q in questions if q["split"] == "role_specific"]
+    assert specific and all(not q["question"].startswith(q["role"] + "，") for q in specific)
+    assert "你现在要扮演孙悟空" in first["instruction"]
+
+    picked = evaluate.limit_questions(questions, 2)
+    assert [(q["split"], q["role"]) for q in picked] == [
+        ("general", "孙悟空"), ("general", "张飞"), ("role_specific", "孙悟空"), ("role_specific", "张飞")]
+
+
+def test_test_file_rows_are_grouped_into_questions(tmp_path):
+    rows = [{"instruction": "扮演张飞", "input": "你喝酒吗？", "output": reply, "role": "张飞"}
+            for reply in ("喝！", "天天喝！")]
+    rows.append({"instruction": "扮演李白", "input": "你喝酒吗？", "output": "但愿长醉不复醒。", "role": "李白",
+                 "split": "general"})
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    questions = evaluate.questions_from_test_file(str(path), None)
+    assert [(q["split"], q["role"], q["references"]) for q in questions] == [
+        ("unknown", "张飞", ["喝！", "天天喝！"]), ("general", "李白", ["但愿长醉不复醒。"])]
+
+
+def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
+    question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "instruction": "扮演张飞",
+                "references": ["喝！"]}
+    settings = evaluate.run_settings(evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([]))
+    store = evaluate.ResultStore(str(tmp_path / "samples.jsonl"))
+    store.add({"model": "m", "split": "general", "role": "张飞", "question": "你喝酒吗？", "answer": "喝！",
+               "settings": settings, "digest": evaluate.prompt_digest(question)})
+    store.close()
+    store = evaluate.ResultStore(str(tmp_path / "samples.jsonl"))
+    assert store.get("m", question, settings)["answer"] == "喝！"
+    assert store.get("other", question, settings) is None
+    assert store.get("m", question, {**settings, "max_new_tokens": 7}) is None
+    assert store.get("m", {**question, "references": ["不喝。"]}, settings) is None
+    store.close()
+
+
+# ---------------------------------------------------------------- models
+
+
+def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny_model):
+    from utils import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_model), device="cpu")
+    tokenizer.padding_side = "left"
+    args = evaluate.parse_args(["--max_new_tokens", "6"])
+    config = evaluate.generation_config_for(model, args)
+    # very different prompt lengths, so the batch really is padded
+    questions = [{"instruction": instruction, "question": question, "references": references}
+                 for instruction, question, references in (
+                     ("", "你好", ["好啊。"]),
+                     ("扮演李白。", "月亮", ["举杯邀明月，对影成三人。", "床前明月光。"]),
+                     ("你现在要扮演孙悟空。" * 5, "你的金箍棒是从哪里得来的？", ["东海龙宫里借的。"] * 3))]
+    batched = evaluate.generate_answers(model, tokenizer, questions, config)
+    single = [evaluate.generate_answers(model, tokenizer, [q], config)[0] for q in questions]
+    assert batched == single
+    assert len(set(single)) > 1  # the prompts matter, so the comparison means something
+
+    for question in questions:
+        total_1, count_1 = evaluate.reference_nll(model, tokenizer, question, batch_size=1)
+        total_n, count_n = evaluate.reference_nll(model, tokenizer, question, batch_size=8)
+        assert count_1 == count_n == sum(len(tokenizer.encode(r, add_special_tokens=False)) + 1
+                                         for r in question["references"])
+        assert total_n == pytest.approx(total_1, rel=1e-4)
+        assert total_1 / count_1 > 0
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    result = run("--model", "broken", "--model", f"gone={tmp_path / 'nope'}",
+                 "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}",
+                 "--test_file", tmp_path / "missing.jsonl", "--batch_size", "0", "--out_dir", tmp_path / "out")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert all(line.startswith("error: ") for line in lines)
+    for expected in ("'broken': expected NAME=PATH", "nope' has no config.json", "no-adapter' has no adapter_config",
+                     "missing.jsonl: test file not found", "--batch_size: must be at least 1"):
+        assert sum(expected in line for line in lines) == 1, expected
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys):
+    out = tmp_path / "eval"
+    command = ["--data_dir", SAMPLE, "--limit", "2", "--max_new_tokens", "8", "--batch_size", "3", "--no_baseline",
+               "--model", f"base={tiny_model}", "--model", f"finetuned={tiny_model}::{tiny_adapter}",
+               "--out_dir", out]
+    stdout = run_here(capsys, *command)
+    assert "base: 0 of 4 questions already done, generating 4" in stdout
+
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert list(report["models"]) == ["base", "finetuned"]
+    base = report["models"]["base"]
+    assert base["general"]["questions"] == base["role_specific"]["questions"] == 2
+    assert base["overall"]["ppl"] > 1 and base["general"]["ref_tokens"] > 0
+    assert set(base["roles"]) == {"孙悟空", "张飞"}
+    markdown = (out / "results.md").read_text(encoding="utf-8")
+    for figure in ("0.5049", "0.5255", "0.3406", "0.3938", "0.5060", "0.3099", "0.5368", "0.5748", "0.2478"):
+        assert figure in markdown
+    assert "RAW is not measured" in markdown
+    rows = table_rows(markdown)
+    assert list(rows) == ["base", "finetuned"]
+    assert all(len(cells) == 13 for cells in rows.values())
+    assert float(rows["base"][-1]) == pytest.approx(base["overall"]["ppl"], abs=0.01)
+    assert_png(out / "results.png")
+
+    samples = out / "samples.jsonl"
+    lines = samples.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(lines) == 8
+    assert {(r["model"], r["split"], r["role"]) for r in map(json.loads, lines)} == {
+        (m, s, r) for m in ("base", "finetuned") for s in ("general", "role_specific") for r in ("孙悟空", "张飞")}
+
+    # the same command again: everything is done, nothing is generated
+    stdout = run_here(capsys, *command)
+    assert "base: 4 of 4 questions already done, generating 0" in stdout
+    assert "finetuned: 4 of 4 questions already done, generating 0" in stdout
+    assert samples.read_text(encoding="utf-8").splitlines(keepends=True) == lines
+
+    # a crash while writing the last line: it is lost and cut short; exactly that one is redone
+    samples.write_text("".join(lines[:-1]) + lines[-1][:25], encoding="utf-8")
+    stdout = run_here(capsys, *command)
+    assert "base: 4 of 4 questions already done, generating 0" in stdout
+    assert "finetuned: 3 of 4 questions already done, generating 1" in stdout
+    again = samples.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(again) == 8 and again[:-1] == lines[:-1]
+    redone, lost = json.loads(again[-1]), json.loads(lines[-1])
+    assert [redone[k] for k in ("model", "split", "role", "question", "answer")] == [
+        lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer
+
+
+def test_baseline_row_from_rolegpt_shaped_file(tmp_path, capsys):
+    # RoleGPT shape: role, question (role-specific ones still addressed "<role>，..."), generated: [answer].
+    # The answers copy the first reference, so every first-reference score of the row must be 1.
+    questions = evaluate.limit_questions(
+        evaluate.questions_from_data_dir(str(SAMPLE), {r: "x" for r in ("孙悟空", "张飞", "李白")},
+                                         ["孙悟空", "张飞", "李白"]), 2)
+    baseline = tmp_path / "rolegpt_baseline.jsonl"
+    with open(baseline, "w", encoding="utf-8") as f:
+        for q in questions:
+            asked = q["question"] if q["split"] == "general" else f"{q['role']}，{q['question']}"
+            f.write(json.dumps({"role": q["role"], "question": asked, "generated": [q["references"][0]]},
+                               ensure_ascii=False) + "\n")
+        f.write(json.dumps({"role": "李白", "question": "不在测试集里的问题", "generated": ["无"]}, ensure_ascii=False) + "\n")
+    out = tmp_path / "eval"
+    run_here(capsys, "--data_dir", SAMPLE, "--limit", "2", "--baseline_only", "--baseline_file", baseline,
+             "--out_dir", out)
+    rows = table_rows((out / "results.md").read_text(encoding="utf-8"))
+    assert list(rows) == ["RoleGPT"]
+    columns = [c[2] for c in evaluate.table_columns(["general", "role_specific"])]
+    for column, cell in zip(columns, rows["RoleGPT"]):
+        assert cell == ("–" if column == "ppl" else "1.0000"), column
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert report["models"]["RoleGPT"]["overall"]["questions"] == 4
+    assert "found for 4 of 4 questions" in report["meta"]["notes"]["RoleGPT"]
+    assert not (out / "samples.jsonl").exists()
+    assert_png(out / "results.png")
+
+
+def test_training_curves_from_tensorboard_events(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = tmp_path / "run"
+    writer = SummaryWriter(str(run_dir / "tb"))
+    for step in range(1, 21):
+        writer.add_scalar("train_loss", 6.0 / step ** 0.5, step)
+        writer.add_scalar("lr", 2e-4, step)
+        if step % 5 == 0:
+            writer.add_scalar("ppl", 400.0 / step, step)
+            writer.add_scalar("eval_loss", math.log(400.0 / step), step)
+    writer.close()
+    series = evaluate.read_curves([str(run_dir)])
+    assert list(series) == ["run/tb"]
+    assert [s for s, _ in series["run/tb"]["ppl"]] == [5, 10, 15, 20]
+    assert series["run/tb"]["train_loss"][0] == (1, pytest.approx(6.0))
+
+    out = tmp_path / "curves"
+    run_here(capsys, "--plot_run", run_dir, "--out_dir", out)
+    assert_png(out / "training_curves.png")
+    assert not (out / "results.json").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(evaluate.UserError, match="no TensorBoard event files"):
+        evaluate.main(["--plot_run", str(empty), "--out_dir", str(out)])
