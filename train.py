@@ -148,7 +148,8 @@ def validate_args(args) -> list[str]:
     if args.test_path and not os.path.isfile(args.test_path):
         problems.append(f"--test_path: {args.test_path!r} does not exist")
     try:
-        read_ds_config(args.ds_file)
+        _, dtype = pick_device_dtype()
+        fill_ds_config(read_ds_config(args.ds_file), args, 1, dtype, total_steps=1)
     except UserError as error:
         problems.append(f"--ds_file: {error}")
     if not args.output_dir:
@@ -190,7 +191,7 @@ def read_ds_config(path: str) -> dict:
     return config
 
 
-def fill_ds_config(config: dict, args, world_size: int, device: torch.device, dtype, total_steps: int) -> dict:
+def fill_ds_config(config: dict, args, world_size: int, dtype, total_steps: int) -> dict:
     """Replace the 'auto' values of the DeepSpeed config with ones derived from the arguments."""
 
     def fill(section: dict, values: dict):
@@ -210,7 +211,7 @@ def fill_ds_config(config: dict, args, world_size: int, device: torch.device, dt
     )
     optimizer = config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
     fill(optimizer, {"lr": args.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": args.weight_decay})
-    if device.type == "cpu":
+    if dtype == torch.float32:  # the CPU
         optimizer["torch_adam"] = True  # FusedAdam would first be compiled (over a minute)
     warmup = math.ceil(args.warmup_ratio * total_steps)
     scheduler = config.get("scheduler")
@@ -233,7 +234,7 @@ def fill_ds_config(config: dict, args, world_size: int, device: torch.device, dt
         if section.get("enabled") == "auto":
             section["enabled"] = wanted
         if section["enabled"] and not wanted:
-            raise UserError(f"{args.ds_file}: {key} is enabled, but this device computes in {dtype}")
+            raise UserError(f"{args.ds_file}: {key} is enabled, but this machine computes in {dtype}")
     config.setdefault("steps_per_print", 10**9)
     return config
 
@@ -512,7 +513,7 @@ def main():
         print_trainable_parameters(model)
 
     # ---- optimizer
-    ds_config = fill_ds_config(read_ds_config(args.ds_file), args, world_size, device, dtype, total_steps)
+    ds_config = fill_ds_config(read_ds_config(args.ds_file), args, world_size, dtype, total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
     )

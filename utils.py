@@ -158,21 +158,22 @@ def read_samples(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"data file {path!r} does not exist")
     rows = []
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
-                for field in ("instruction", "input", "output"):
-                    if not isinstance(row.get(field) if isinstance(row, dict) else None, str):
-                        raise UserError(f"{path}:{line_no}: field {field!r} is missing or not a string")
-                rows.append(row)
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{line_no}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+            for field in ("instruction", "input", "output"):
+                if not isinstance(row.get(field) if isinstance(row, dict) else None, str):
+                    raise UserError(f"{path}:{line_no}: field {field!r} is missing or not a string")
+            rows.append(row)
     return rows
 
 

@@ -182,14 +182,73 @@ class NormHead(nn.Module):
         return logits * self.inv_norm().to(logits.dtype)
 
 
-def _token_losses(hidden, weight, inv_norm, targets, z_loss_weight: float):
-    """Summed cross-entropy (plus z-loss) of one chunk of positions, in fp32."""
-    logits = F.linear(hidden, weight).float() * inv_norm  # (n, vocab)
-    lse = torch.logsumexp(logits, dim=-1)  # (n,)
-    loss = lse - logits.gather(-1, targets[:, None]).squeeze(-1)
-    if z_loss_weight > 0:
-        loss = loss + z_loss_weight * lse.pow(2)
-    return loss.sum()
+def _chunk_logits(hidden, weight, inv_norm):
+    """fp32 logits of one chunk of positions under the normalised head: (n, vocab)."""
+    return F.linear(hidden, weight).float().mul_(inv_norm)
+
+
+def _softmax_(logits):
+    """Turn logits (n, vocab) into their softmax in place; returns log-sum-exp (n, 1)."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    total = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
+    logits.div_(total)
+    return peak + total.log()
+
+
+class NormHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy (plus z-loss) of `hidden` (n, hidden) against `targets` (n,) under the
+    L2-normalised head, `chunk` positions at a time, in fp32.
+
+    Nothing of size n x vocab is kept for backward: it recomputes each chunk's logits and turns
+    them into their gradient in place, so one chunk of logits is alive at a time (autograd
+    through the same formula keeps several, and makes several more passes over them). With
+    g = dloss/dlogits, logits = (hidden @ weight.T) * inv_norm and D = (g * inv_norm).T @ hidden:
+        dhidden = (g * inv_norm) @ weight,
+        dweight = D - rowdot(weight, D) * inv_norm**2 * weight,
+    the second term coming from the row norms.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, z_loss_weight: float):
+        inv_norm = torch.linalg.vector_norm(weight.float(), dim=-1).clamp_min(1e-12).reciprocal()  # (vocab,)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[start : start + chunk], weight, inv_norm)  # (c, vocab)
+            target_logits = logits.gather(-1, targets[start : start + chunk, None])  # (c, 1)
+            lse = _softmax_(logits)  # (c, 1)
+            total += (lse - target_logits).sum()
+            if z_loss_weight > 0:
+                total += z_loss_weight * lse.pow(2).sum()
+        ctx.save_for_backward(hidden, weight, targets, inv_norm)
+        ctx.chunk, ctx.z_loss_weight = chunk, z_loss_weight
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, targets, inv_norm = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (n, hidden)
+        grad_weight = torch.zeros_like(weight) if need_weight else None  # (vocab, hidden): D, then dweight
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h, t = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk]
+            grad = _chunk_logits(h, weight, inv_norm)  # (c, vocab)
+            lse = _softmax_(grad)  # grad holds the softmax now
+            grad.mul_(grad_total * (1 + 2 * ctx.z_loss_weight * lse))  # z-loss: d(w lse^2) = 2 w lse softmax
+            grad[torch.arange(t.shape[0], device=t.device), t] -= grad_total
+            grad = grad.mul_(inv_norm).to(weight.dtype)  # g * inv_norm (c, vocab)
+            if need_hidden:
+                grad_hidden[start : start + ctx.chunk] = grad @ weight
+            if need_weight:
+                grad_weight.addmm_(grad.T, h)
+            del grad
+        if need_weight:
+            # rowdot(weight, D) in fp32, a block of rows at a time to keep the temporaries small.
+            coef = torch.empty_like(inv_norm)  # (vocab,)
+            for start in range(0, weight.shape[0], 4096):
+                rows = slice(start, start + 4096)
+                coef[rows] = (weight[rows].float() * grad_weight[rows].float()).sum(-1)
+            grad_weight.addcmul_(weight, (coef * inv_norm.pow(2)).to(weight.dtype)[:, None], value=-1)
+        return grad_hidden, grad_weight, None, None, None
 
 
 class BaichuanPreTrainedModel(PreTrainedModel):
@@ -336,19 +395,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         keep = shift_labels != -100
         hidden = hidden_states[keep]  # (n, hidden)
         targets = shift_labels[keep]  # (n,)
-        weight, inv_norm = self.lm_head.weight, self.lm_head.inv_norm()
         chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        total = hidden_states.sum() * 0.0  # keeps the graph when no position is labelled
-        for start in range(0, hidden.shape[0], chunk):
-            # Checkpointed, so backward recomputes one chunk's logits instead of keeping all.
-            total = total + checkpoint(
-                _token_losses,
-                hidden[start : start + chunk],
-                weight,
-                inv_norm,
-                targets[start : start + chunk],
-                self.config.z_loss_weight,
-                use_reentrant=False,
-            )
+        total = NormHeadLoss.apply(hidden, self.lm_head.weight, targets, chunk, self.config.z_loss_weight)
         count = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
         return total / count

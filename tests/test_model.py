@@ -307,13 +307,14 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_w
     model = tiny_model(seed=5, z_loss_weight=z_loss_weight)
     ids, labels = labelled_batch()
     calls = []
-    original = modeling_baichuan._token_losses
-    monkeypatch.setattr(modeling_baichuan, "_token_losses", lambda h, *a: calls.append(h.shape[0]) or original(h, *a))
+    original = modeling_baichuan._chunk_logits
+    monkeypatch.setattr(modeling_baichuan, "_chunk_logits", lambda h, *a: calls.append(h.shape[0]) or original(h, *a))
 
     out = model(ids, labels=labels, num_items_in_batch=num_items)
     assert out.logits is None
-    expected_chunks = math.ceil(int((labels[:, 1:] != -100).sum()) / max(1, chunk_elements // VOCAB))
-    assert len(calls) >= expected_chunks  # recomputation in backward may call it again
+    labelled = int((labels[:, 1:] != -100).sum())
+    chunk = max(1, chunk_elements // VOCAB)
+    assert calls == [chunk] * (labelled // chunk) + [labelled % chunk] * (labelled % chunk > 0)
     ours, our_grads = loss_and_grads(model, lambda m: m(ids, labels=labels, num_items_in_batch=num_items).loss)
     theirs, their_grads = loss_and_grads(model, lambda m: reference_loss(m, ids, labels, z_loss_weight, num_items))
     assert abs(ours.item() - theirs.item()) <= 1e-5
@@ -322,6 +323,30 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_w
     for name, grad in our_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chunked_loss_frozen_head_and_bf16(monkeypatch):
+    monkeypatch.setattr(modeling_baichuan, "LOSS_CHUNK_ELEMENTS", 4 * VOCAB)
+    ids, labels = labelled_batch()
+    # Frozen head (LoRA): no head gradient, the others unchanged.
+    model = tiny_model(seed=10, z_loss_weight=1e-3)
+    _, expected = loss_and_grads(model, lambda m: reference_loss(m, ids, labels, 1e-3))
+    model.lm_head.weight.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=labels).loss.backward()
+    assert model.lm_head.weight.grad is None
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    # bf16 weights: gradients in bf16, close to the full-logits reference of the same model.
+    model = tiny_model(seed=10).to(torch.bfloat16)
+    loss, grads = loss_and_grads(model, lambda m: m(ids, labels=labels).loss)
+    expected_loss, expected = loss_and_grads(model, lambda m: reference_loss(m, ids, labels))
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected_loss.item()) <= 1e-3
+    for name, grad in grads.items():
+        assert grad.dtype == torch.bfloat16
+        error = (grad.float() - expected[name].float()).norm() / expected[name].float().norm()
+        assert error <= 0.02, (name, error.item())
 
 
 def test_loss_without_labelled_positions_is_zero_and_differentiable():

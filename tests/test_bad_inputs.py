@@ -1,0 +1,182 @@
+"""Bad input to train.py and merge_params.py: one `error:` line naming the culprit, a non-zero
+exit, no traceback, and nothing half-written. (data_helper.py's corpus is in
+test_data_helper.py, the web demo's and predict.py's in their own test files.)"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+BAD = REPO_ROOT / "tests" / "bad_inputs" / "train"
+
+
+def run(args, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *needles):
+    """stderr holds one `error:` line and nothing else but progress bars (loading weights)."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if not re.search(r"\d+%\|", line)]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+@pytest.fixture(scope="module")
+def good_samples(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    row = {"instruction": "你是李白。", "input": "你好", "output": "幸会幸会！"}
+    (out / "train.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out / "train.jsonl"
+
+
+def train_args(model, train, out, *extra):
+    return [sys.executable, "train.py", "--model_name_or_path", str(model), "--train_path", str(train),
+            "--output_dir", str(out), "--max_len", "256", "--max_src_len", "32", *extra]  # fmt: skip
+
+
+# (name, how to change the good arguments, what the error must name)
+TRAIN_CASES = [
+    ("missing model dir", {"model": "/nonexistent/model"}, ["--model_name_or_path", "/nonexistent/model"]),
+    ("missing train file", {"train": "/nonexistent/train.jsonl"}, ["--train_path", "/nonexistent/train.jsonl"]),
+    ("missing test file", {"extra": ["--test_path", "/nonexistent/test.jsonl"]}, ["--test_path"]),
+    ("max_src_len not below max_len", {"extra": ["--max_src_len", "256"]}, ["--max_src_len", "--max_len"]),
+    ("zero LoRA rank", {"extra": ["--lora_dim", "0"]}, ["--lora_dim"]),
+    ("negative learning rate", {"extra": ["--learning_rate", "-1"]}, ["--learning_rate"]),
+    ("warmup ratio of 1", {"extra": ["--warmup_ratio", "1"]}, ["--warmup_ratio"]),
+    ("unreadable DeepSpeed config", {"extra": ["--ds_file", str(BAD)]}, ["--ds_file", "cannot read"]),
+    ("missing DeepSpeed config", {"extra": ["--ds_file", "/nonexistent/ds.json"]}, ["--ds_file", "/nonexistent"]),
+    ("truncated DeepSpeed config", {"extra": ["--ds_file", str(BAD / "ds_truncated.json")]}, ["ds_truncated.json", "JSON"]),
+    ("DeepSpeed config not an object", {"extra": ["--ds_file", str(BAD / "ds_not_an_object.json")]}, ["ds_not_an_object.json"]),
+    ("foreign files in output_dir", {"out": "foreign"}, ["--output_dir", "notes.txt"]),
+    ("output_dir is a file", {"out": "file"}, ["--output_dir", "is a file"]),
+    ("resume latest without checkpoints", {"extra": ["--resume_from_checkpoint", "latest"]}, ["--resume_from_checkpoint"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, change, needles", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_train_rejects_bad_arguments(tiny_model_dir, good_samples, tmp_path, name, change, needles):
+    out = tmp_path / "out"
+    if change.get("out") == "foreign":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif change.get("out") == "file":
+        out.write_text("not a directory")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run(train_args(change.get("model", tiny_model_dir), change.get("train", good_samples), out,
+                          *change.get("extra", [])))  # fmt: skip
+    assert_one_line_error(proc, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_train_reports_every_argument_problem_at_once(tiny_model_dir, tmp_path):
+    proc = run(train_args("/nonexistent/model", "/nonexistent/train.jsonl", tmp_path / "out", "--max_src_len", "999"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors), proc.stderr
+
+
+def test_train_refuses_output_dir_with_checkpoints_unless_resuming(tiny_model_dir, good_samples, tmp_path):
+    checkpoint = tmp_path / "out" / "epoch-1-step-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    proc = run(train_args(tiny_model_dir, good_samples, tmp_path / "out"))
+    assert_one_line_error(proc, "--output_dir", "--resume_from_checkpoint latest")
+
+
+# Bad training data is found after the tokenizer is loaded; each case is still one line.
+DATA_CASES = [
+    ("truncated last line", "train_truncated_line.jsonl", ":2:", []),
+    ("missing output field", "train_missing_output.jsonl", ":1:", []),
+    ("input not a string", "train_input_not_string.jsonl", ":1:", []),
+    ("non-UTF-8 bytes", "train_not_utf8.jsonl", ":1:", []),
+    ("empty after filtering", None, "no sample left", ["--max_len", "8", "--max_src_len", "2"]),
+    ("bf16 forced on the CPU", None, "bf16", ["--ds_file", str(BAD / "ds_bf16_forced.json")]),
+]
+
+
+@pytest.mark.parametrize("name, data, needle, extra", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_train_rejects_bad_data(tiny_model_dir, good_samples, tmp_path, name, data, needle, extra):
+    train = BAD / data if data else good_samples
+    out = tmp_path / "out"
+    args = train_args(tiny_model_dir, train, out)
+    if extra:
+        args = args[: args.index("--max_len")] + extra + (["--max_len", "256", "--max_src_len", "32"] if "--max_len" not in extra else [])
+    proc = run(args)
+    assert_one_line_error(proc, needle, *([train.name] if data else []))
+    assert not list(out.glob("epoch-*")) and not list(out.glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(tmp_path_factory, tiny_tokenizer_model):
+    """A LoRA adapter made for a 32-wide model, which cannot fit the 64-wide tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from baichuan import BaichuanForCausalLM
+    from baichuan.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("foreign")
+    make_tiny(str(root / "base"), tiny_tokenizer_model, hidden_size=32, intermediate_size=86, num_heads=2)
+    model = BaichuanForCausalLM.from_pretrained(root / "base")
+    lora = LoraConfig(r=4, target_modules=["W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(0)
+    get_peft_model(model, lora).save_pretrained(root / "adapter")
+    return root / "adapter"
+
+
+def merge_args(base, adapter, out, *extra):
+    return [sys.executable, "merge_params.py", "--ori_model_dir", str(base), "--model_dir", str(adapter),
+            "--save_model_dir", str(out), *extra]  # fmt: skip
+
+
+def test_merge_rejects_adapter_of_another_base(tiny_model_dir, foreign_adapter, tmp_path):
+    proc = run(merge_args(tiny_model_dir, foreign_adapter, tmp_path / "merged"))
+    assert_one_line_error(proc, "does not fit", "size mismatch")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_rejects_a_4bit_base(tiny_model_dir, foreign_adapter, tmp_path):
+    base = tmp_path / "base4bit"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    proc = run(merge_args(base, foreign_adapter, tmp_path / "merged"))
+    assert_one_line_error(proc, "--ori_model_dir", "quantized")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize(
+    "case, needles",
+    [("missing adapter", ["--model_dir", "adapter_config.json"]), ("existing output", ["--save_model_dir", "exists"]),
+     ("missing base", ["--ori_model_dir"]), ("cuda without a GPU", ["--device"])],
+)  # fmt: skip
+def test_merge_rejects_bad_arguments(tiny_model_dir, foreign_adapter, tmp_path, case, needles):
+    base, adapter, out, extra = tiny_model_dir, foreign_adapter, tmp_path / "merged", []
+    if case == "missing adapter":
+        adapter = tmp_path / "no-adapter"
+    elif case == "existing output":
+        out.mkdir()
+    elif case == "missing base":
+        base = tmp_path / "no-base"
+    else:
+        extra = ["--device", "0"]
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    proc = run(merge_args(base, adapter, out, *extra))
+    assert_one_line_error(proc, *needles)
+    assert not list(Path(tmp_path).glob(".tmp-*"))
