@@ -239,6 +239,7 @@ def hf_child(args) -> None:
                 "seen": seen,
                 "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "gc_kwargs": getattr(model.base_model.model, "_gradient_checkpointing_kwargs", None),
+                "passes_num_items_in_batch": trainer.model_accepts_loss_kwargs,
             },
             f,
         )
@@ -285,6 +286,7 @@ def run_hf(args, log_path) -> dict:
         "rss_at_warmup_mib": marks[w][2] / 2**20,
         "process_wall": wall_total,
         "gc_kwargs": result["gc_kwargs"],
+        "passes_num_items_in_batch": result["passes_num_items_in_batch"],
     }
 
 

@@ -13,8 +13,8 @@ python3 data_helper.py --data_dir data/sample --train_out "$out/train.jsonl" --t
 python3 -m baichuan.tiny --out "$out/tiny" --corpus "$out/train.jsonl"
 python3 train.py --model_name_or_path "$out/tiny" \
     --train_path "$out/train.jsonl" --test_path "$out/test.jsonl" --output_dir "$out/lora" \
-    --max_len 384 --max_src_len 64 --per_device_train_batch_size 8 --learning_rate 5e-3 \
-    --num_train_epochs 2 --show_loss_step 5
+    --max_len 384 --max_src_len 64 --per_device_train_batch_size 8 --learning_rate 2e-2 \
+    --lora_dim 32 --lora_alpha 64 --lora_dropout 0 --num_train_epochs 12 --save_model_step 1000 --show_loss_step 16
 adapter=$(ls -d "$out"/lora/epoch-* | sort -t- -k4 -n | tail -n 1)
 python3 merge_params.py --ori_model_dir "$out/tiny" --model_dir "$adapter" --save_model_dir "$out/merged" --device -1
-python3 predict.py --model_path "$out/merged" --role 孙悟空 --max_new_tokens 32 "大圣，你最喜欢吃什么？"
+python3 predict.py --model_path "$out/merged" --role 孙悟空 --greedy --max_new_tokens 40 "大圣，你最喜欢吃什么？"

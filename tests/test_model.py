@@ -349,6 +349,24 @@ def test_chunked_loss_frozen_head_and_bf16(monkeypatch):
         assert error <= 0.02, (name, error.item())
 
 
+def test_chunked_loss_large_vocabulary():
+    # More head rows than the backward handles at once (4096), and several chunks.
+    model = tiny_model(seed=11, vocab_size=9000, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    ids = random_ids(2, 10, seed=13) * 9
+    labels = ids.clone()
+    labels[:, :3] = -100
+    loss, grads = loss_and_grads(model, lambda m: m(ids, labels=labels).loss)
+
+    def reference(m):
+        logits = m(ids, use_cache=False).logits[:, :-1].reshape(-1, 9000)
+        return F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    expected_loss, expected = loss_and_grads(model, reference)
+    assert abs(loss.item() - expected_loss.item()) <= 1e-5
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_loss_without_labelled_positions_is_zero_and_differentiable():
     model = tiny_model()
     ids = random_ids(2, 6)

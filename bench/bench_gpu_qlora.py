@@ -1,0 +1,414 @@
+"""Peak GPU memory and speed of QLoRA on the real Baichuan2-7B architecture, random weights.
+
+    python bench/bench_gpu_qlora.py                          # one CUDA GPU; about a minute on an H200
+    python bench/bench_gpu_qlora.py --compare_full_logits    # plus the same steps with a plain full-logits loss
+    python bench/bench_gpu_qlora.py --device cpu --tiny      # the same code on a small config, on the CPU
+
+No download: the model is built from `BaichuanConfig()` (Baichuan2-7B: 32 layers, 4096 wide,
+125,696 tokens) on the meta device, then every linear layer but lm_head becomes a bitsandbytes
+`Linear4bit` whose random bf16 weight is drawn on the GPU and quantised there (NF4, double
+quantisation) one layer at a time, so no full-precision copy of the model ever exists.
+Embeddings, norms and lm_head get random bf16 weights directly on the GPU. The model goes
+through `train.load_model` itself (its `from_pretrained` call answered by this builder, with the
+BitsAndBytesConfig train.py passes), so freezing, gradient checkpointing and LoRA are exactly
+train.py's: its defaults r=8, alpha 30, dropout 0.1, every linear layer but lm_head.
+
+Then QLoRA steps (batch 2 x 512 tokens, the first 128 of each row labelled -100 like a prompt;
+AdamW on the LoRA weights, betas 0.9/0.95, bf16 autocast) with the model's own loss, computed
+at the labelled positions in chunks. Printed: the GPU, parameter counts and dtypes, peak
+`torch.cuda.max_memory_allocated` / `max_memory_reserved` over the steps (the model included)
+and tokens/s after the warm-up. With `--compare_full_logits`, the same steps are run again
+with the loss a plain training loop would compute: full (b, s, vocab) logits from the model,
+then F.cross_entropy on their fp32 copy. Goal: <= 8 GB peak for the chunked loss (the book
+measured 13 GB).
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+GIB = 2**30
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (cpu only to exercise the code)")
+    parser.add_argument("--tiny", action="store_true", help="a small config with the real vocabulary instead of 7B")
+    parser.add_argument("--batch", type=int, default=2, help="rows per step")
+    parser.add_argument("--max_len", type=int, default=512, help="tokens per row (no padding)")
+    parser.add_argument("--prompt_len", type=int, default=128, help="leading tokens of each row labelled -100")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps before them")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--lora_dim", type=int, default=None, help="LoRA rank (default: train.py's)")
+    parser.add_argument(
+        "--no_gradient_checkpointing", action="store_true", help="train without gradient checkpointing"
+    )
+    parser.add_argument("--compare_full_logits", action="store_true", help="also measure a plain full-logits loss")
+    parser.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="also run the steps through the DeepSpeed engine train.py builds from ds_config.json (ZeRO-2 buckets)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    parser.add_argument("--json_out", help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.max_len < 2 or not 0 <= args.prompt_len < args.max_len - 1:
+        parser.error("need --batch >= 1 and 0 <= --prompt_len < --max_len - 1")
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("need --steps >= 1 and --warmup >= 0")
+    return args
+
+
+def model_config(tiny: bool):
+    from baichuan import BaichuanConfig
+
+    if tiny:
+        return BaichuanConfig(
+            hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4, use_cache=False
+        )
+    return BaichuanConfig(use_cache=False)  # Baichuan2-7B
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_4bit(config, device: torch.device, dtype: torch.dtype, quantization, seed: int):
+    """Baichuan2 with random weights: linear layers (lm_head excepted) quantised to 4 bits one by
+    one on `device`, everything else in `dtype` there. Follows `quantization`, a BitsAndBytesConfig."""
+    import bitsandbytes as bnb
+
+    from baichuan import BaichuanForCausalLM
+
+    if not quantization.load_in_4bit:
+        raise ValueError("this benchmark builds 4-bit models only")
+    with torch.device("meta"):
+        model = BaichuanForCausalLM(config)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    std = config.initializer_range
+
+    def random(*shape):
+        return torch.empty(shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+
+    compute_dtype = quantization.bnb_4bit_compute_dtype or dtype
+    storage = getattr(quantization, "bnb_4bit_quant_storage", None) or torch.uint8
+    if isinstance(storage, str):
+        storage = getattr(torch, storage)
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            if not isinstance(child, nn.Linear) or full_name.endswith("lm_head"):
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=quantization.bnb_4bit_use_double_quant,
+                quant_type=quantization.bnb_4bit_quant_type,
+                quant_storage=storage,
+                device="meta",
+            )
+            weight = random(child.out_features, child.in_features)
+            layer.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=quantization.bnb_4bit_use_double_quant,
+                quant_type=quantization.bnb_4bit_quant_type,
+                quant_storage=storage,
+                module=layer,
+            ).to(device)  # quantised here, on `device`
+            del weight
+            if child.bias is not None:
+                layer.bias = nn.Parameter(torch.zeros(child.out_features, device=device, dtype=dtype))
+            setattr(parent, name, layer)
+    # What is left on the meta device: embeddings, norms, lm_head.
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if not param.is_meta:
+                continue
+            if "norm" in name or "norm" in module_name.rsplit(".", 1)[-1]:
+                value = torch.ones(param.shape, device=device, dtype=dtype)
+            else:
+                value = random(*param.shape)
+            setattr(module, name, nn.Parameter(value, requires_grad=False))
+    left = [name for name, p in model.named_parameters() if p.is_meta] + [
+        name for name, b in model.named_buffers() if b.is_meta
+    ]
+    if left:
+        raise RuntimeError(f"left on the meta device: {left[:5]}")
+    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then wraps Linear4bit layers
+    return model
+
+
+def load_like_train_py(config, args, device, dtype):
+    """The model as `train.load_model` makes it, with its from_pretrained answered by build_4bit."""
+    import train
+    from transformers import AutoModelForCausalLM
+
+    argv = ["--model_name_or_path", "random-weights"]
+    if not args.no_gradient_checkpointing:
+        argv.append("--gradient_checkpointing")
+    if args.lora_dim:
+        argv += ["--lora_dim", str(args.lora_dim)]
+    train_args = train.parse_args(argv)
+    seen = {}
+
+    def from_pretrained(path, dtype=None, quantization_config=None, device_map=None, **kwargs):
+        seen.update(dtype=dtype, quantization_config=quantization_config, device_map=device_map)
+        target = torch.device(device_map[""]) if device_map else device
+        return build_4bit(config, target, dtype, quantization_config, args.seed)
+
+    own = AutoModelForCausalLM.__dict__.get("from_pretrained")  # None: inherited from the base class
+    AutoModelForCausalLM.from_pretrained = staticmethod(from_pretrained)
+    try:
+        model = train.load_model(train_args, device, dtype)
+    finally:
+        if own is None:
+            del AutoModelForCausalLM.from_pretrained
+        else:
+            AutoModelForCausalLM.from_pretrained = own
+    if seen.get("quantization_config") is None:
+        raise RuntimeError("train.load_model asked for no 4-bit quantisation")
+    return model, train_args
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def dtype_summary(model) -> dict:
+    """Bytes per kind of weight and dtype: 4-bit packed, LoRA (trainable), embeddings, norms, lm_head."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.__class__.__name__ == "Params4bit":
+            kind = "4bit"
+        elif p.requires_grad:
+            kind = "lora"
+        elif "lm_head" in name:
+            kind = "lm_head"
+        elif "embed_tokens" in name:
+            kind = "embed_tokens"
+        else:
+            kind = "norms"
+        key = f"{kind}:{str(p.dtype).replace('torch.', '')}"
+        out[key] = out.get(key, 0) + p.numel() * p.element_size()
+    return out
+
+
+def full_logits_loss(model, batch):
+    """The loss of a plain training loop: all (b, s, vocab) logits, then F.cross_entropy in fp32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits.float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def plain_step(model, optimizer, batch, dtype, full_logits=False):
+    """One optimizer step of a plain loop: bf16 autocast (none in fp32), AdamW, clipping at 1.0."""
+    with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = full_logits_loss(model, batch) if full_logits else model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def deepspeed_engine(model, train_args, device, dtype, total_steps):
+    """The DeepSpeed engine train.py makes: ds_config.json with its 'auto' values filled in."""
+    import deepspeed
+
+    import train
+    from utils import quiet_deepspeed
+
+    train.setup_distributed(train_args)  # a one-process group, as a bare `python train.py` makes
+    quiet_deepspeed()
+    config = train.read_ds_config(os.path.join(ROOT, "ds_config.json"))
+    config = train.fill_ds_config(config, train_args, 1, device, dtype, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
+    )
+    return engine, config
+
+
+def deepspeed_step(engine, batch):
+    """One step as train.py's loop takes it (no autocast: the engine holds the model in bf16)."""
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    return loss
+
+
+def run_steps(step, batch, device, steps, warmup) -> dict:
+    """Time `step()` after `warmup` untimed calls; peak memory over all of them."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    losses, start = [], None
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        losses.append(step().item())  # .item() also waits for the GPU
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    tokens = int(batch["attention_mask"].sum()) * steps
+    result = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / steps,
+    }
+    if cuda:
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    else:
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            f"error: --device {args.device} needs a CUDA GPU, and torch {torch.__version__} sees none "
+            f"(torch.cuda.is_available() is False). This benchmark measures GPU memory; to only exercise "
+            f"its code on this machine, run: python bench/bench_gpu_qlora.py --device cpu --tiny",
+            file=sys.stderr,
+        )
+        return 2
+    if device.type not in ("cuda", "cpu"):
+        print(f"error: unsupported device {args.device!r}: use cuda, cuda:N or cpu", file=sys.stderr)
+        return 2
+
+    from utils import pick_device_dtype, print_trainable_parameters, quiet_third_party
+
+    quiet_third_party()
+    device, dtype = pick_device_dtype(str(device))  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        name = torch.cuda.get_device_name(device)
+        total = torch.cuda.get_device_properties(device).total_memory / GIB
+        where = f"{name} ({total:.0f} GiB), CUDA {torch.version.cuda}"
+    else:
+        where = "CPU (code path check only: no GPU memory figures)"
+    import bitsandbytes
+    import peft
+    import transformers
+
+    print(
+        f"device: {where}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; compute dtype {dtype}",
+        flush=True,
+    )
+    config = model_config(args.tiny)
+    print(
+        f"model: {'tiny' if args.tiny else 'Baichuan2-7B'} shape, {config.num_hidden_layers} layers, "
+        f"{config.hidden_size} wide, MLP {config.intermediate_size}, vocab {config.vocab_size:,}; random weights",
+        flush=True,
+    )
+
+    started = time.perf_counter()
+    model, train_args = load_like_train_py(config, args, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        model_gib = torch.cuda.memory_allocated(device) / GIB
+        build_peak_gib = torch.cuda.max_memory_allocated(device) / GIB
+    print(f"built, quantised and wrapped in {time.perf_counter() - started:.1f} s", flush=True)
+    if device.type == "cuda":
+        print(f"model on the GPU: {model_gib:.2f} GiB allocated (peak while building {build_peak_gib:.2f} GiB)")
+    print_trainable_parameters(model)
+    summary = dtype_summary(model)
+    print("weights: " + ", ".join(f"{k} {v / GIB:.3f} GiB" for k, v in sorted(summary.items())))
+    wanted = str(dtype).replace("torch.", "")
+    bad = [k for k in summary if k.split(":")[0] in ("embed_tokens", "norms", "lm_head") and k.split(":")[1] != wanted]
+    if bad:
+        print(f"warning: expected embeddings, norms and lm_head in {dtype}: {bad}")
+    print(
+        f"LoRA: r={train_args.lora_dim}, alpha={train_args.lora_alpha}, dropout={train_args.lora_dropout}, "
+        f"gradient checkpointing {'on' if train_args.gradient_checkpointing else 'off'}; "
+        f"batch {args.batch} x {args.max_len}, {args.warmup} warm-up + {args.steps} timed steps",
+        flush=True,
+    )
+
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    input_ids = torch.randint(3, config.vocab_size, (args.batch, args.max_len), generator=generator)
+    labels = input_ids.clone()
+    labels[:, : args.prompt_len] = -100
+    batch = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+        "labels": labels.to(device),
+    }
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    results = {"device": where, "config": "tiny" if args.tiny else "Baichuan2-7B", "batch": args.batch,
+               "max_len": args.max_len, "lora_dim": train_args.lora_dim,
+               "gradient_checkpointing": train_args.gradient_checkpointing}  # fmt: skip
+    if device.type == "cuda":
+        results["model_gib"] = model_gib
+    results["chunked"] = run_steps(
+        lambda: plain_step(model, optimizer, batch, dtype), batch, device, args.steps, args.warmup
+    )
+    if args.compare_full_logits:
+        results["full_logits"] = run_steps(
+            lambda: plain_step(model, optimizer, batch, dtype, full_logits=True), batch, device, args.steps, args.warmup
+        )
+    if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
+        del optimizer
+        model.zero_grad(set_to_none=True)
+        train_args.per_device_train_batch_size = args.batch
+        train_args.learning_rate = args.lr
+        engine, ds_config = deepspeed_engine(model, train_args, device, dtype, args.warmup + args.steps)
+        results["deepspeed_zero"] = ds_config.get("zero_optimization", {})
+        results["deepspeed"] = run_steps(lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup)
+
+    print()
+    print("| loss | peak allocated GiB | peak reserved GiB | tokens/s | s/step | loss first -> last |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    rows = (
+        ("chunked", "model's chunked loss, plain AdamW loop"),
+        ("full_logits", "full logits + F.cross_entropy, plain AdamW loop"),
+        ("deepspeed", "model's chunked loss, train.py's DeepSpeed engine (ds_config.json)"),
+    )
+    for name, label in rows:
+        r = results.get(name)
+        if r is None:
+            continue
+        if device.type == "cuda":
+            mem = f"{r['peak_allocated_gib']:.2f} | {r['peak_reserved_gib']:.2f}"
+        else:
+            mem = f"(CPU: peak RSS {r['peak_rss_gib']:.2f}) | -"
+        print(
+            f"| {label} | {mem} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
+        )
+    if device.type == "cuda" and not args.tiny:
+        peak = results["chunked"]["peak_allocated_gib"] * GIB / 1e9
+        print(f"\ngoal (<= 8 GB peak allocated, book 13 GB): {'met' if peak <= 8 else 'MISSED'} ({peak:.2f} GB)")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
