@@ -3,14 +3,14 @@
 Usage (from the repository root):
 
     # one question, one answer (streamed to stdout)
-    python predict.py --model_path output/merged --role 李白 "你最喜欢哪首诗？"
+    python predict.py --model_path runs/roleplay-merged --role 李白 "你最喜欢哪首诗？"
 
     # a base model plus a LoRA adapter
-    python predict.py --model_path ../shared/baichuan2-7b-chat --adapter output/checkpoint-1000 \
+    python predict.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501 \
         --role 张飞 "你平时喜欢做什么？"
 
     # no question: an interactive multi-turn chat on stdin
-    python predict.py --model_path output/merged --role 孙悟空
+    python predict.py --model_path runs/roleplay-merged --role 孙悟空
 
 Interactive commands: `/clear` starts the conversation over, `/role NAME` switches role (and
 starts over), `/exit` or end of input (Ctrl-D) quits. Earlier turns go into the prompt; when the

@@ -3,17 +3,17 @@
 Launch (from the repository root):
 
     # a merged model directory
-    python web_demo.py --model_path output/merged
+    python web_demo.py --model_path runs/roleplay-merged
 
     # a base model plus a LoRA adapter (a training checkpoint)
-    python web_demo.py --model_path ../shared/baichuan2-7b-chat --adapter output/checkpoint-1000
+    python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501
 
     # try the page without real weights: a tiny random model (it answers gibberish)
     python -m baichuan.tiny --out runs/tiny --corpus data/sample/rolebench-zh_general_train.jsonl
     python web_demo.py --model_path runs/tiny
 
     # reachable from other machines (opt-in; there is no login, so only on a trusted network)
-    python web_demo.py --model_path output/merged --host 0.0.0.0
+    python web_demo.py --model_path runs/roleplay-merged --host 0.0.0.0
 
 then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no public share
 link unless `--host` / `--share` ask for it.

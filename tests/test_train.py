@@ -305,3 +305,21 @@ def test_dry_run_counts_the_books_trainable_parameters(tmp_path):
     assert "trainable%: 0.8314" in proc.stdout
     estimate = float(re.search(r"estimated GPU memory per device: ([0-9.]+) GiB", proc.stdout)[1])
     assert 5 < estimate < 8
+
+
+def test_torchrun_with_two_processes(tiny_model_dir, samples, tmp_path):
+    out = tmp_path / "out"
+    proc = run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "train.py", *train_command(tiny_model_dir, samples, out, "--max_steps", "2")[2:]]
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert "world size 2" in output and sorted(losses(output)) == [1, 2]
+    assert json.loads((out / "epoch-1-step-2" / "trainer_state.json").read_text())["world_size"] == 2
+
+
+def test_training_curves_plot_from_a_real_run(trained, tmp_path):
+    out, _ = trained
+    run([sys.executable, "evaluate.py", "--plot_run", str(out), "--out_dir", str(tmp_path / "report")])
+    png = tmp_path / "report" / "training_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
