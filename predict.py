@@ -148,10 +148,8 @@ def reply_stream(
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("question", nargs="?", help="ask this one question and exit; without it, chat on stdin")
-
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags that predict.py and web_demo.py share."""
     group = parser.add_argument_group("model")
     group.add_argument("--model_path", required=True, help="merged model directory, or the base model with --adapter")
     group.add_argument("--adapter", help="LoRA adapter directory (a training checkpoint) to put on --model_path")
@@ -159,6 +157,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument(
         "--trust_remote_code", action="store_true",
         help="let transformers run code shipped in the model directory (off unless asked)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("question", nargs="?", help="ask this one question and exit; without it, chat on stdin")
+
+    add_model_args(parser)
 
     group = parser.add_argument_group("role")
     group.add_argument("--role", default=DEFAULT_ROLE, help="who the model plays (default: %(default)s)")

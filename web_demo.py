@@ -47,6 +47,7 @@ import threading
 import gradio as gr
 
 from predict import (
+    add_model_args,
     DEFAULT_ROLE,
     DEFAULT_ROLES_FILE,
     check_max_new_tokens,
@@ -261,13 +262,7 @@ def build_demo(
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    group = parser.add_argument_group("model")
-    group.add_argument("--model_path", required=True, help="merged model directory, or the base model with --adapter")
-    group.add_argument("--adapter", help="LoRA adapter directory (a training checkpoint) to put on --model_path")
-    group.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
-    group.add_argument(
-        "--trust_remote_code", action="store_true",
-        help="let transformers run code shipped in the model directory (off unless asked)")
+    add_model_args(parser)
 
     group = parser.add_argument_group("roles")
     group.add_argument("--roles_file", default=DEFAULT_ROLES_FILE,
