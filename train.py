@@ -211,8 +211,9 @@ def fill_ds_config(config: dict, args, world_size: int, dtype, total_steps: int)
     )
     optimizer = config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})
     fill(optimizer, {"lr": args.learning_rate, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": args.weight_decay})
-    if dtype == torch.float32:  # the CPU
-        optimizer["torch_adam"] = True  # FusedAdam would first be compiled (over a minute)
+    # torch's AdamW: DeepSpeed's FusedAdam would first be compiled (over a minute on the CPU, and
+    # nvcc needed on a GPU), for no gain on a few million LoRA weights.
+    optimizer["torch_adam"] = True
     warmup = math.ceil(args.warmup_ratio * total_steps)
     scheduler = config.get("scheduler")
     if scheduler:
@@ -338,12 +339,13 @@ def dry_run(args) -> None:
     else:
         acts = config.num_hidden_layers * layer_acts
     loss_chunk = 3 * (2**25) * 4  # chunked loss: one fp32 logits chunk, its softmax and grad
-    total = weights + lora_state + acts + loss_chunk
+    buckets = 2 * 5e7 * 2  # ZeRO-2's two gradient buckets of ds_config.json's size, in bf16
+    total = weights + lora_state + acts + loss_chunk + buckets
     gib = 2**30
     print(
         f"estimated GPU memory per device: {total / gib:.1f} GiB "
         f"(weights {weights / gib:.1f}, LoRA + optimizer {lora_state / gib:.2f}, "
-        f"activations {acts / gib:.1f}, loss {loss_chunk / gib:.1f}; "
+        f"activations {acts / gib:.1f}, loss {loss_chunk / gib:.1f}, DeepSpeed buckets {buckets / gib:.1f}; "
         f"batch {b} x {s}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'})"
     )
 

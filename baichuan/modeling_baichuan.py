@@ -151,6 +151,13 @@ class BaichuanDecoderLayer(nn.Module):
         return residual + hidden_states
 
 
+def row_inv_norm(weight: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """1 / L2 norm of each row, in fp32, a block of rows at a time: a whole fp32 copy of
+    Baichuan2-7B's bf16 head would be a 1.9 GiB temporary."""
+    norms = [torch.linalg.vector_norm(weight[i : i + block].float(), dim=-1) for i in range(0, weight.shape[0], block)]
+    return torch.cat(norms).clamp_min(1e-12).reciprocal()  # (vocab,)
+
+
 class NormHead(nn.Module):
     """Output head whose weight rows are L2-normalised before use.
 
@@ -168,18 +175,21 @@ class NormHead(nn.Module):
     def inv_norm(self) -> torch.Tensor:
         w = self.weight
         if torch.is_grad_enabled() and w.requires_grad:
-            return torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
+            return row_inv_norm(w)
         # Norms cached under inference_mode are inference tensors, which autograd refuses to save
         # (a frozen head in LoRA training after an evaluation): cache per mode.
         key = (w.data_ptr(), w._version, w.device, w.dtype, torch.is_inference_mode_enabled())
         if key != self._inv_norm_key:
-            self._inv_norm = torch.linalg.vector_norm(w.float(), dim=-1).clamp_min(1e-12).reciprocal()
+            self._inv_norm = row_inv_norm(w)
             self._inv_norm_key = key
         return self._inv_norm
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden_states, self.weight)  # (b, q, vocab)
-        return logits * self.inv_norm().to(logits.dtype)
+        inv_norm = self.inv_norm().to(logits.dtype)
+        if logits.requires_grad:
+            return logits * inv_norm
+        return logits.mul_(inv_norm)  # decoding: no second vocab-sized buffer per token
 
 
 def _chunk_logits(hidden, weight, inv_norm):
@@ -210,7 +220,7 @@ class NormHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk: int, z_loss_weight: float):
-        inv_norm = torch.linalg.vector_norm(weight.float(), dim=-1).clamp_min(1e-12).reciprocal()  # (vocab,)
+        inv_norm = row_inv_norm(weight)  # (vocab,)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             logits = _chunk_logits(hidden[start : start + chunk], weight, inv_norm)  # (c, vocab)
@@ -337,6 +347,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
+    # Tells the HF Trainer that forward takes `num_items_in_batch`, so that with gradient
+    # accumulation the loss is weighted by tokens rather than averaged over micro-batches.
+    accepts_loss_kwargs = True
+
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
         self.model = BaichuanModel(config)

@@ -1,7 +1,8 @@
 """Peak GPU memory and speed of QLoRA on the real Baichuan2-7B architecture, random weights.
 
-    python bench/bench_gpu_qlora.py                          # one CUDA GPU; about a minute on an H200
+    python bench/bench_gpu_qlora.py                          # one CUDA GPU; meant to take 1-2 minutes on an H200 (not yet run on one)
     python bench/bench_gpu_qlora.py --compare_full_logits    # plus the same steps with a plain full-logits loss
+    python bench/bench_gpu_qlora.py --compare_full_logits --deepspeed   # plus train.py's DeepSpeed engine
     python bench/bench_gpu_qlora.py --device cpu --tiny      # the same code on a small config, on the CPU
 
 No download: the model is built from `BaichuanConfig()` (Baichuan2-7B: 32 layers, 4096 wide,
@@ -19,11 +20,16 @@ at the labelled positions in chunks. Printed: the GPU, parameter counts and dtyp
 `torch.cuda.max_memory_allocated` / `max_memory_reserved` over the steps (the model included)
 and tokens/s after the warm-up. With `--compare_full_logits`, the same steps are run again
 with the loss a plain training loop would compute: full (b, s, vocab) logits from the model,
-then F.cross_entropy on their fp32 copy. Goal: <= 8 GB peak for the chunked loss (the book
-measured 13 GB).
+then F.cross_entropy on their fp32 copy. With `--deepspeed`, the same steps once more through
+the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by train.fill_ds_config;
+torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's gradient bucket buffers; their
+size is printed. Goal: <= 8 GB peak for the chunked loss (the book measured 13 GB).
+
+Without a CUDA device it stops with an error (exit status 2) unless `--device cpu` is given.
 """
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -235,11 +241,36 @@ def deepspeed_engine(model, train_args, device, dtype, total_steps):
     train.setup_distributed(train_args)  # a one-process group, as a bare `python train.py` makes
     quiet_deepspeed()
     config = train.read_ds_config(os.path.join(ROOT, "ds_config.json"))
-    config = train.fill_ds_config(config, train_args, 1, device, dtype, total_steps)
+    fill_kwargs = {"world_size": 1, "dtype": dtype, "total_steps": total_steps}
+    if "device" in inspect.signature(train.fill_ds_config).parameters:  # older train.py
+        fill_kwargs["device"] = device
+    config = train.fill_ds_config(config, train_args, **fill_kwargs)
+    # torch's AdamW instead of FusedAdam, which DeepSpeed would first compile with nvcc (minutes, or
+    # an error where no CUDA toolkit is installed); the optimizer state is the same size.
+    config["optimizer"].setdefault("params", {})["torch_adam"] = True
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
     )
     return engine, config
+
+
+def watch_zero_buckets(engine, seen: dict) -> None:
+    """Record in seen["bucket_bytes"] the largest size of ZeRO-2's gradient bucket buffers. They
+    are allocated at every backward (reduce_bucket_size elements each, two with overlap_comm)
+    and released before it returns, so they are read right after DeepSpeed sets them up."""
+    optimizer = engine.optimizer
+    setup = getattr(optimizer, "setup_buckets", None)
+    if setup is None:
+        return
+
+    def setup_and_measure(*a, **kw):
+        out = setup(*a, **kw)
+        buckets = getattr(optimizer, "ipg_buckets", None) or {}
+        size = sum(t.numel() * t.element_size() for b in buckets.values() for t in getattr(b, "buffer", []))
+        seen["bucket_bytes"] = max(seen.get("bucket_bytes", 0), size)
+        return out
+
+    optimizer.setup_buckets = setup_and_measure
 
 
 def deepspeed_step(engine, batch):
@@ -257,6 +288,8 @@ def run_steps(step, batch, device, steps, warmup) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
     losses, start = [], None
     for i in range(warmup + steps):
         if i == warmup:
@@ -278,8 +311,29 @@ def run_steps(step, batch, device, steps, warmup) -> dict:
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         result["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
     else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+        result["peak_rss_gib"] = peak_rss_bytes() / GIB
     return result
+
+
+def reset_peak_rss() -> None:
+    """Linux: make VmHWM (the peak RSS) restart from the current RSS; elsewhere nothing."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM since the last reset_peak_rss (Linux), else the process's peak RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv=None) -> int:
@@ -296,12 +350,17 @@ def main(argv=None) -> int:
     if device.type not in ("cuda", "cpu"):
         print(f"error: unsupported device {args.device!r}: use cuda, cuda:N or cpu", file=sys.stderr)
         return 2
+    if args.deepspeed and device.type == "cuda" and (device.index or 0) != int(os.environ.get("LOCAL_RANK", 0)):
+        print("error: --deepspeed runs on cuda:LOCAL_RANK (cuda:0); select the GPU with CUDA_VISIBLE_DEVICES", file=sys.stderr)
+        return 2
 
     from utils import pick_device_dtype, print_trainable_parameters, quiet_third_party
 
     quiet_third_party()
     device, dtype = pick_device_dtype(str(device))  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         name = torch.cuda.get_device_name(device)
         total = torch.cuda.get_device_properties(device).total_memory / GIB
@@ -377,9 +436,21 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
         train_args.per_device_train_batch_size = args.batch
         train_args.learning_rate = args.lr
-        engine, ds_config = deepspeed_engine(model, train_args, device, dtype, args.warmup + args.steps)
-        results["deepspeed_zero"] = ds_config.get("zero_optimization", {})
-        results["deepspeed"] = run_steps(lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup)
+        try:
+            engine, ds_config = deepspeed_engine(model, train_args, device, dtype, args.warmup + args.steps)
+            seen = {}
+            watch_zero_buckets(engine, seen)
+            results["deepspeed"] = run_steps(
+                lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup
+            )
+            results["deepspeed"]["zero_bucket_gib"] = seen.get("bucket_bytes", 0) / GIB
+            results["deepspeed_zero"] = ds_config.get("zero_optimization", {})
+        except Exception as error:  # report what was measured before, and this failure
+            import traceback
+
+            traceback.print_exc()
+            results["deepspeed_error"] = f"{type(error).__name__}: {error}"
+            print(f"\nthe --deepspeed phase failed: {results['deepspeed_error']}", flush=True)
 
     print()
     print("| loss | peak allocated GiB | peak reserved GiB | tokens/s | s/step | loss first -> last |")
@@ -401,9 +472,19 @@ def main(argv=None) -> int:
             f"| {label} | {mem} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
         )
+    if "deepspeed" in results:
+        zero = results["deepspeed_zero"]
+        print(
+            f"\nDeepSpeed ZeRO-{zero.get('stage')} gradient buckets: {results['deepspeed']['zero_bucket_gib']:.2f} GiB "
+            f"(reduce_bucket_size {zero.get('reduce_bucket_size')}, overlap_comm {zero.get('overlap_comm')}) "
+            f"for {sum(p.numel() for p in trainable):,} trainable weights"
+        )
     if device.type == "cuda" and not args.tiny:
-        peak = results["chunked"]["peak_allocated_gib"] * GIB / 1e9
-        print(f"\ngoal (<= 8 GB peak allocated, book 13 GB): {'met' if peak <= 8 else 'MISSED'} ({peak:.2f} GB)")
+        for name in ("chunked", "deepspeed"):
+            if name in results:
+                peak = results[name]["peak_allocated_gib"] * GIB / 1e9
+                verdict = "met" if peak <= 8 else "MISSED"
+                print(f"goal (<= 8 GB peak allocated; the book measured 13 GB), {name}: {verdict} ({peak:.2f} GB)")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """train.py against the plain Hugging Face route (Trainer + PEFT LoRA), QLoRA on the CPU.
 
     python bench/bench_train.py                       # the configuration recorded in bench/README.md
-    python bench/bench_train.py --rounds 1 --steps 12 --warmup 2 --sides ours,hf
+    python bench/bench_train.py --rounds 1 --steps 12 --warmup 2 --sides ours,hf    # a quick look
     python bench/bench_train.py --no_gradient_checkpointing
 
 Both sides train the same model (a small Baichuan2 with the real 125,696-token vocabulary,
@@ -18,16 +18,22 @@ bitsandbytes base, for the same number of optimizer steps:
              as the PEFT docs do, `DataCollatorForSeq2Seq` padding to the longest row in the batch,
              Trainer's default random sampler (no length grouping); timed between the ends of the
              same steps by a TrainerCallback;
-  * packing: `python train.py ... --packing` (several samples per row, attention kept per sample).
+  * packing: `python train.py ... --packing` (several samples per row, attention kept per sample);
+  * hf_full: the hf side with the loss of a standard transformers model instead of ours: all
+             (b, s, vocab) logits, upcast to fp32, shifted, F.cross_entropy (what transformers'
+             ForCausalLMLoss does), to show what the model's chunked loss is worth.
 
-Each run is a fresh subprocess; its peak RSS is the kernel's (os.wait4's ru_maxrss for the whole
-process: imports, tokenisation, model, training). The sides run one after another, interleaved
-over `--rounds` (ABC, then CBA, ...), so that the noise of a shared machine falls on all of them;
-the table gives the median over rounds and each round's ratio to hf. Tokens are real tokens
-(padding excluded); CPU tokens/s divides by the process's user + system time over the same
-steps, which a busy machine disturbs less than wall time. Also printed: the share of padding in
-the batches of Trainer's random sampler, of our length-grouped batches and of --packing, over
-the timed steps and over a whole epoch.
+Each run is a fresh subprocess with OMP_NUM_THREADS=1 (`--threads`); its peak RSS is the
+kernel's (os.wait4's ru_maxrss for the whole process: imports, tokenisation, model, training).
+The sides run one after another, interleaved over `--rounds` (ABCD, then DCBA, ...), so that the
+noise of a shared machine falls on all of them; the table gives the median over rounds and each
+round's ratio to hf. Tokens are real tokens (padding excluded); tokens/CPU-s divides by the
+process's user + system time over the same steps, which other processes on the machine disturb
+far less than wall time (with one thread per run there is no OpenMP spinning to inflate it).
+Also printed: the share of padding in the timed batches and over a whole epoch for Trainer's
+random sampler, our length-grouped batches and --packing, and the share of real tokens that
+carry a label (the loss over the 125,696-token vocabulary is paid per labelled position, so a
+side whose timed batches hold more of them does more work per token).
 """
 
 import argparse
@@ -42,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,19 +55,27 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
 STEP_LINE = re.compile(r"^step=(\d+) loss=([0-9.naninf]+) lr=\S+ tokens/s=([0-9.]+)")
-SIDES = ("ours", "hf", "packing")
+SIDES = ("ours", "hf", "packing", "hf_full")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--steps", type=int, default=44, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     parser.add_argument("--batch", type=int, default=4, help="per-device train batch")
     parser.add_argument("--max_len", type=int, default=512, help="--max_len of both sides")
     parser.add_argument("--max_src_len", type=int, default=256, help="--max_src_len of both sides")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved runs of each side")
-    parser.add_argument("--sides", default="ours,hf,packing", help="comma-separated subset of ours,hf,packing")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of every run (0: torch's default). 1 by default: on a shared machine, several "
+        "processes with 2 OpenMP threads each on 2 cores stall at every parallel region, which swamps the "
+        "difference being measured",
+    )
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument(
         "--no_gradient_checkpointing",
         action="store_true",
@@ -87,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--train_path", help="use this train jsonl instead of running data_helper.py")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
     parser.add_argument("--json_out", help="also write the results as JSON to this file")
-    parser.add_argument("--child", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["hf", "hf_full"], help=argparse.SUPPRESS)
     parser.add_argument("--child_out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sides = [s for s in args.sides.split(",") if s]
@@ -122,6 +135,20 @@ def padding_share(batches, lengths) -> tuple[int, int]:
     tokens = sum(lengths[i] for b in batches for i in b)
     positions = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     return tokens, positions
+
+
+def batch_counts(batch, lengths, labelled) -> tuple[int, int, int]:
+    """(real tokens, positions, labelled positions) of one batch padded to its longest row."""
+    tokens, positions = padding_share([batch], lengths)
+    return tokens, positions, sum(labelled[i] for i in batch)
+
+
+def labelled_counts(dataset) -> list[int]:
+    """Positions with a loss (label != -100, shifted) per row; a packed row sums its samples."""
+    count = lambda e: sum(1 for x in e["labels"][1:] if x != -100)  # noqa: E731
+    if hasattr(dataset, "rows"):
+        return [sum(count(e) for e in row) for row in dataset.rows]
+    return [count(e) for e in dataset.examples]
 
 
 def random_batches(n, batch, seed):
@@ -189,7 +216,7 @@ def hf_child(args) -> None:
     model = get_peft_model(model, lora)
 
     marks = []  # (step, wall, cpu, rss) at the end of every optimizer step
-    seen = []  # (real tokens, positions) of every micro-batch, in training order
+    seen = []  # (real tokens, positions, labelled positions) of every micro-batch, in training order
     process = psutil.Process()
 
     class Timer(TrainerCallback):
@@ -200,8 +227,20 @@ def hf_child(args) -> None:
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs["attention_mask"]
-            seen.append((int(mask.sum()), mask.numel()))
+            seen.append((int(mask.sum()), mask.numel(), int((inputs["labels"][:, 1:] != -100).sum())))
             return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if args.child != "hf_full":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # A standard model's loss (transformers' ForCausalLMLoss): every position's logits in fp32.
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+            return (loss, outputs) if return_outputs else loss
 
     targs = TrainingArguments(
         output_dir=os.path.join(args.workdir, "hf-out"),
@@ -240,6 +279,7 @@ def hf_child(args) -> None:
                 "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "gc_kwargs": getattr(model.base_model.model, "_gradient_checkpointing_kwargs", None),
                 "passes_num_items_in_batch": trainer.model_accepts_loss_kwargs,
+                "torch_threads": torch.get_num_threads(),
             },
             f,
         )
@@ -255,9 +295,9 @@ def wait_rusage(proc):
     return proc.returncode, usage
 
 
-def run_hf(args, log_path) -> dict:
+def run_hf(args, log_path, side: str) -> dict:
     out = os.path.join(args.workdir, "hf-result.json")
-    argv = [sys.executable, os.path.abspath(__file__), "--child", "hf", "--child_out", out]
+    argv = [sys.executable, os.path.abspath(__file__), "--child", side, "--child_out", out]
     argv += ["--model_dir", args.model_dir, "--train_path", args.train_path, "--workdir", args.workdir]
     argv += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     argv += ["--max_len", str(args.max_len), "--max_src_len", str(args.max_src_len), "--lr", str(args.lr)]
@@ -265,21 +305,23 @@ def run_hf(args, log_path) -> dict:
         argv.append("--no_gradient_checkpointing")
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env())
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=child_env(args.threads))
         code, usage = wait_rusage(proc)
     wall_total = time.perf_counter() - start
     if code != 0:
-        raise SystemExit(f"the hf run failed ({code}); see {log_path}:\n" + tail(log_path))
+        raise SystemExit(f"the {side} run failed ({code}); see {log_path}:\n" + tail(log_path))
     with open(out) as f:
         result = json.load(f)
     marks = {step: (wall, cpu, rss) for step, wall, cpu, rss in result["marks"]}
     seen = result["seen"]
     w, n = args.warmup, args.steps
-    tokens = sum(t for t, _ in seen[w:n])
-    positions = sum(p for _, p in seen[w:n])
+    tokens = sum(c[0] for c in seen[w:n])
+    positions = sum(c[1] for c in seen[w:n])
     return {
         "tokens": tokens,
         "positions": positions,
+        "max_labelled": max(c[2] for c in seen[:n]),
+        "labelled": sum(c[2] for c in seen[w:n]),
         "wall": marks[n][0] - marks[w][0],
         "cpu": marks[n][1] - marks[w][1],
         "maxrss_mib": usage.ru_maxrss / 1024,
@@ -287,10 +329,11 @@ def run_hf(args, log_path) -> dict:
         "process_wall": wall_total,
         "gc_kwargs": result["gc_kwargs"],
         "passes_num_items_in_batch": result["passes_num_items_in_batch"],
+        "torch_threads": result["torch_threads"],
     }
 
 
-def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int]]) -> dict:
+def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int, int]]) -> dict:
     """Run train.py as a user would; time the steps after the warm-up from its own log lines."""
     import psutil
 
@@ -307,7 +350,7 @@ def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int
     rates, marks = {}, {}
     start = time.perf_counter()
     with open(log_path, "w") as log, open(log_path + ".stderr", "w") as err:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env())
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env(args.threads))
         handle = psutil.Process(proc.pid)
         for line in proc.stdout:
             log.write(line)
@@ -331,6 +374,8 @@ def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int
     return {
         "tokens": tokens,
         "positions": sum(step_tokens[s - 1][1] for s in range(w + 1, n + 1)),
+        "max_labelled": max(c[2] for c in step_tokens[:n]),
+        "labelled": sum(step_tokens[s - 1][2] for s in range(w + 1, n + 1)),
         "wall": wall,
         "wall_observed": marks[n][0] - marks[w][0],  # the same steps timed from here, as a check
         "cpu": marks[n][1] - marks[w][1],
@@ -340,8 +385,11 @@ def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int
     }
 
 
-def child_env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+def child_env(threads: int):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
 
 
 def tail(path, n=3000):
@@ -405,7 +453,7 @@ def machine() -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.child == "hf":
+    if args.child:
         hf_child(args)
         return
     import torch
@@ -419,17 +467,17 @@ def main(argv=None) -> None:
         notes = prepare(args)
         config = json.load(open(os.path.join(args.model_dir, "config.json")))
         _, dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
-        lengths = dataset.lengths()
+        lengths, labelled = dataset.lengths(), labelled_counts(dataset)
         _, packed = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len, packing=True)
-        packed_lengths = packed.lengths()
+        packed_lengths, packed_labelled = packed.lengths(), labelled_counts(packed)
 
         # The batches train.py will take (epoch 0, seed 1234, one process), step by step.
-        def steps_of(lens):
+        def steps_of(lens, labs):
             batches = length_grouped_batches(lens, args.batch, 1234, 0)
-            return [padding_share([b], lens) for b in batches[: args.steps]], batches
+            return [batch_counts(b, lens, labs) for b in batches[: args.steps]], batches
 
-        ours_steps, ours_epoch = steps_of(lengths)
-        packed_steps, packed_epoch = steps_of(packed_lengths)
+        ours_steps, ours_epoch = steps_of(lengths, labelled)
+        packed_steps, packed_epoch = steps_of(packed_lengths, packed_labelled)
         waste = {
             "hf (random batches)": statistics.mean(
                 1 - t / p for t, p in (padding_share(random_batches(len(lengths), args.batch, s), lengths) for s in range(5))
@@ -443,10 +491,12 @@ def main(argv=None) -> None:
             print(f"# {note}")
         print(
             f"# model: {config['hidden_size']} wide, {config['num_hidden_layers']} layers, vocab {config['vocab_size']:,}; "
-            f"{len(lengths):,} samples (mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens), "
+            f"{len(lengths):,} samples (mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens, "
+            f"{statistics.mean(labelled):.0f} of them labelled on average), "
             f"{len(packed_lengths):,} packed rows; batch {args.batch}, max_len {args.max_len}, "
             f"{args.steps} steps of which the first {args.warmup} untimed; gradient checkpointing "
-            f"{'off' if args.no_gradient_checkpointing else 'on'} on both sides",
+            f"{'off' if args.no_gradient_checkpointing else 'on'} on both sides; "
+            f"{'OMP_NUM_THREADS=' + str(args.threads) if args.threads else 'torch default threads'}",
             flush=True,
         )
 
@@ -455,8 +505,8 @@ def main(argv=None) -> None:
             order = args.sides if r % 2 == 0 else args.sides[::-1]
             for side in order:
                 log = os.path.join(args.workdir, f"{side}-round{r + 1}.log")
-                if side == "hf":
-                    res = run_hf(args, log)
+                if side in ("hf", "hf_full"):
+                    res = run_hf(args, log, side)
                 else:
                     res = run_train_py(args, log, side == "packing", packed_steps if side == "packing" else ours_steps)
                 res["tok_s"] = res["tokens"] / res["wall"]
@@ -482,8 +532,11 @@ def main(argv=None) -> None:
 def report(args, results, waste) -> None:
     med = lambda side, key: statistics.median(r[key] for r in results[side])  # noqa: E731
     print()
-    print("| side | tokens/s (wall) | x hf | tokens/CPU-s | x hf | peak RSS MiB | x hf | pad share (timed steps) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| side | tokens/s (wall) | x hf | tokens/CPU-s | x hf | peak RSS MiB | x hf | pad share (timed steps) "
+        "| labelled share of real tokens (timed steps) | most labelled positions in a batch |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in args.sides:
         cells = [side]
         for key, fmt in (("tok_s", "{:.1f}"), ("tok_cpu_s", "{:.1f}"), ("maxrss_mib", "{:.0f}")):
@@ -495,6 +548,8 @@ def report(args, results, waste) -> None:
                 cells.append("-")
         pad = 1 - sum(r["tokens"] for r in results[side]) / sum(r["positions"] for r in results[side])
         cells.append(f"{pad:.1%}")
+        cells.append(f"{sum(r['labelled'] for r in results[side]) / sum(r['tokens'] for r in results[side]):.1%}")
+        cells.append(str(max(r["max_labelled"] for r in results[side])))
         print("| " + " | ".join(cells) + " |")
     print()
     print("Ratios: median over rounds (each round's ratio to the hf run of the same round in parentheses).")
