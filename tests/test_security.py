@@ -70,7 +70,6 @@ def test_trust_remote_code_flag_is_off_by_default(script):
 
 def test_saved_directories_hold_safetensors_and_load_without_remote_code(tiny_model_dir, tmp_path):
     """What the project writes loads through registration alone, and holds no pickle files."""
-    from baichuan.tiny import make_tiny
     from utils import load_for_inference
 
     assert list(Path(tiny_model_dir).glob("*.safetensors"))
