@@ -317,18 +317,24 @@ def add_question(questions, index, split, role, question, instruction, reference
     questions.append(index[key])
 
 
+def rolebench_rows(path):
+    """Parsed rows of a file in RoleBench shape; a bad line is a UserError naming file and line."""
+    for number, text, problem in data_helper.read_lines(path):
+        try:
+            if problem is not None:
+                raise ValueError(problem)
+            row = data_helper.parse_row(text)
+        except ValueError as error:
+            raise UserError(f"{path}:{number}: {error}") from None
+        yield row
+
+
 def questions_from_data_dir(data_dir, roles, selected):
     """Test questions of the selected roles from the two RoleBench-zh test files, split kept."""
     questions, index = [], {}
     for kind in data_helper.KINDS:
         path = os.path.join(data_dir, data_helper.INPUT_FILES[(kind, "test")])
-        for number, text, problem in data_helper.read_lines(path):
-            try:
-                if problem is not None:
-                    raise ValueError(problem)
-                row = data_helper.parse_row(text)
-            except ValueError as error:
-                raise UserError(f"{path}:{number}: {error}") from None
+        for row in rolebench_rows(path):
             if row["role"] in selected:
                 instruction = data_helper.build_system_prompt(row["role"], roles[row["role"]])
                 add_question(questions, index, kind, row["role"], row["question"], instruction, row["replies"])
@@ -638,13 +644,7 @@ def load_baseline(paths):
     """(role, question without the leading "<role>，") -> the RoleGPT answer, from files in RoleGPT shape."""
     answers = {}
     for path in paths:
-        for number, text, problem in data_helper.read_lines(path):
-            try:
-                if problem is not None:
-                    raise ValueError(problem)
-                row = data_helper.parse_row(text)
-            except ValueError as error:
-                raise UserError(f"{path}:{number}: {error}") from None
+        for row in rolebench_rows(path):
             answers[(row["role"], row["question"])] = row["replies"][0]
     return answers
 
