@@ -296,7 +296,7 @@ def load_model(args, device, dtype):
     model.requires_grad_(False)
     model.config.use_cache = False
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=args.lora_dim,
         lora_alpha=args.lora_alpha,
@@ -440,6 +440,31 @@ def resume(args, engine, model, checkpoint: str, world_size: int) -> dict:
     return state
 
 
+def load_data(args, tokenizer, user_id: int, assistant_id: int, rank: int, world_size: int):
+    """The training rows (packed with --packing) and this rank's share of the test set, batched
+    by length so that evaluation pads little."""
+
+    def load(path):
+        return RolePlayDataset(
+            path, tokenizer, user_id, assistant_id, args.max_len, args.max_src_len, skip_truncated=args.is_skip
+        )
+
+    train_set = load(args.train_path)
+    print_rank_0(f"train: {len(train_set)} samples ({train_set.truncated} cut to fit, {train_set.dropped} dropped)")
+    if args.packing:
+        train_set = PackedDataset(train_set, args.max_len)
+        print_rank_0(f"packed into {len(train_set)} rows of at most {args.max_len} tokens")
+    test_batches = []
+    if args.test_path:
+        test_set = load(args.test_path)
+        mine = sorted(range(rank, len(test_set), world_size), key=lambda i: len(test_set[i]["input_ids"]))
+        size = args.per_device_eval_batch_size
+        test_batches = [
+            collate([test_set[i] for i in mine[j : j + size]], tokenizer.pad_token_id) for j in range(0, len(mine), size)
+        ]
+    return train_set, test_batches
+
+
 def main():
     quiet_third_party()
     args = parse_args()
@@ -475,24 +500,7 @@ def main():
     generation_config = GenerationConfig.from_pretrained(args.model_name_or_path)
     user_id, assistant_id = chat_token_ids(generation_config)
     tokenizer.chat_template = chat_template(tokenizer, generation_config)
-    make = lambda path: RolePlayDataset(  # noqa: E731
-        path, tokenizer, user_id, assistant_id, args.max_len, args.max_src_len, skip_truncated=args.is_skip
-    )
-    train_set = make(args.train_path)
-    print_rank_0(
-        f"train: {len(train_set)} samples ({train_set.truncated} cut to fit, {train_set.dropped} dropped)"
-    )
-    if args.packing:
-        train_set = PackedDataset(train_set, args.max_len)
-        print_rank_0(f"packed into {len(train_set)} rows of at most {args.max_len} tokens")
-    test_batches = []
-    if args.test_path:
-        test_set = make(args.test_path)
-        mine = sorted(range(rank, len(test_set), world_size), key=lambda i: len(test_set[i]["input_ids"]))
-        step = args.per_device_eval_batch_size
-        test_batches = [
-            collate([test_set[i] for i in mine[j : j + step]], tokenizer.pad_token_id) for j in range(0, len(mine), step)
-        ]
+    train_set, test_batches = load_data(args, tokenizer, user_id, assistant_id, rank, world_size)
     lengths = train_set.lengths()
     gas = args.gradient_accumulation_steps
     micro_per_epoch = len(length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, 0, world_size))
