@@ -311,7 +311,7 @@ def test_torchrun_with_two_processes(tiny_model_dir, samples, tmp_path):
     out = tmp_path / "out"
     proc = run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "train.py", *train_command(tiny_model_dir, samples, out, "--max_steps", "2")[2:]]
+         "train.py", *train_command(tiny_model_dir, samples, out, "--max_steps", "2", "--gradient_checkpointing")[2:]]
     )  # fmt: skip
     output = proc.stdout + proc.stderr
     assert "world size 2" in output and sorted(losses(output)) == [1, 2]
