@@ -203,13 +203,18 @@ class RolePlayDataset(torch.utils.data.Dataset):
 
     def __init__(self, path, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False):
         self.examples, self.dropped, self.truncated = [], 0, 0
+        system_len = {}  # system prompt -> its token count; a role's samples share one prompt
         for row in read_samples(path):
             input_ids, labels, truncated = encode_sample(tokenizer, row, user_id, assistant_id, max_len, max_src_len)
             if input_ids is None or (truncated and skip_truncated):
                 self.dropped += 1
                 continue
             self.truncated += truncated
-            self.examples.append({"input_ids": input_ids, "labels": labels})
+            if row["instruction"] not in system_len:
+                system_len[row["instruction"]] = len(tokenizer.encode(row["instruction"], add_special_tokens=False))
+            self.examples.append(
+                {"input_ids": input_ids, "labels": labels, "prefix_len": system_len[row["instruction"]]}
+            )
         if not self.examples:
             raise UserError(f"{path}: no sample left after filtering ({self.dropped} dropped as too long)")
 
@@ -223,22 +228,28 @@ class RolePlayDataset(torch.utils.data.Dataset):
         return [len(e["input_ids"]) for e in self.examples]
 
 
-def pack_examples(examples: list[dict], max_len: int) -> list[list[dict]]:
-    """Group samples into rows of at most max_len tokens (first fit, longest first).
-    Deterministic: the order depends only on the lengths."""
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
-    rows, room = [], []
-    for i in order:
-        n = len(examples[i]["input_ids"])
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(examples[i])
-                room[r] -= n
-                break
-        else:
-            rows.append([examples[i]])
-            room.append(max_len - n)
-    return rows
+def pack_examples(examples: list[dict], max_len: int) -> list[dict]:
+    """Rows of at most max_len tokens: samples that share a system prompt, with the prompt
+    stored once at the head of the row and each sample's own tokens after it (first fit,
+    longest first). Every sample sees the prompt and itself, so it gets the same logits as
+    alone; on RoleBench the prompt is most of a sample, so this computes far fewer tokens.
+    Deterministic: the rows depend only on the samples."""
+    groups: dict[tuple, list[int]] = {}
+    for i, example in enumerate(examples):
+        groups.setdefault(tuple(example["input_ids"][: example.get("prefix_len", 0)]), []).append(i)
+    rows = []
+    for prefix, members in groups.items():
+        own = {i: len(examples[i]["input_ids"]) - len(prefix) for i in members}
+        first_row = len(rows)
+        for i in sorted(members, key=lambda i: (-own[i], i)):
+            for row in rows[first_row:]:
+                if row["room"] >= own[i]:
+                    row["samples"].append(examples[i])
+                    row["room"] -= own[i]
+                    break
+            else:
+                rows.append({"prefix": list(prefix), "samples": [examples[i]], "room": max_len - len(prefix) - own[i]})
+    return [{"prefix": row["prefix"], "samples": row["samples"]} for row in rows]
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -252,30 +263,38 @@ class PackedDataset(torch.utils.data.Dataset):
         return self.rows[index]
 
     def lengths(self) -> list[int]:
-        return [sum(len(e["input_ids"]) for e in row) for row in self.rows]
+        return [len(row["prefix"]) + sum(len(e["input_ids"]) - len(row["prefix"]) for e in row["samples"]) for row in self.rows]
 
 
 def collate(batch: list, pad_id: int) -> dict:
     """Right-pad a batch to its longest row.
 
-    An item is one sample (a dict) or a packed row (a list of samples). In packed rows the
-    attention mask numbers the samples 1, 2, 3, ... so that attention stays inside each
-    sample, and position ids restart at every sample.
+    An item is one sample or a packed row (`pack_examples`). In a packed row the attention mask
+    marks the shared prompt -1 and numbers the samples 1, 2, 3, ..., so that each sample sees
+    the prompt and itself only, and position ids continue from the prompt in every sample.
     """
-    rows = [item if isinstance(item, list) else [item] for item in batch]
-    width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    rows = []
+    for item in batch:
+        prefix = item["prefix"] if "prefix" in item else []
+        samples = item["samples"] if "prefix" in item else [item]
+        rows.append((prefix, [(e["input_ids"][len(prefix) :], e["labels"][len(prefix) :]) for e in samples]))
+    width = max(len(prefix) + sum(len(ids) for ids, _ in parts) for prefix, parts in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for segment, example in enumerate(row, 1):
-            n = len(example["input_ids"])
-            input_ids[r, start : start + n] = torch.tensor(example["input_ids"])
-            labels[r, start : start + n] = torch.tensor(example["labels"])
+    for r, (prefix, parts) in enumerate(rows):
+        p = len(prefix)
+        input_ids[r, :p] = torch.tensor(prefix, dtype=torch.long)
+        attention_mask[r, :p] = -1
+        position_ids[r, :p] = torch.arange(p)
+        start = p
+        for segment, (ids, row_labels) in enumerate(parts, 1):
+            n = len(ids)
+            input_ids[r, start : start + n] = torch.tensor(ids)
+            labels[r, start : start + n] = torch.tensor(row_labels)
             attention_mask[r, start : start + n] = segment
-            position_ids[r, start : start + n] = torch.arange(n)
+            position_ids[r, start : start + n] = torch.arange(p, p + n)
             start += n
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
 

@@ -68,13 +68,14 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return alibi_slopes(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
 
 
-def attention_bias(segments: torch.Tensor, q_len: int, slopes: torch.Tensor | None, dtype: torch.dtype):
+def attention_bias(segments: torch.Tensor, q_len: int, slopes: torch.Tensor | None, dtype: torch.dtype, positions=None):
     """Additive attention bias of shape (b, 1 or heads, q, kv).
 
-    `segments` is (b, kv): 0 marks padding, and equal non-zero values mark one sequence, so a
+    `segments` is (b, kv): 0 marks padding, and equal positive values mark one sequence, so a
     plain 0/1 attention mask works, and so do packed rows numbered 1, 2, 3, ... A query sees
-    the earlier keys of its own sequence. With ALiBi, the distance counts real tokens only,
-    so left padding does not shift it.
+    the earlier keys of its own sequence, and the keys marked -1: a prompt shared by all the
+    sequences packed after it. With ALiBi, the distance comes from `positions` (b, kv) when
+    given, else it counts real tokens only, so that left padding does not shift it.
     """
     kv_len = segments.shape[1]
     key_idx = torch.arange(kv_len, device=segments.device)
@@ -84,11 +85,11 @@ def attention_bias(segments: torch.Tensor, q_len: int, slopes: torch.Tensor | No
     causal = key_idx[None, None, :] <= query_idx[None, :, None]  # (1, q, kv)
     # A padding query would see no key at all and softmax would return NaN: let it see itself.
     diagonal = key_idx[None, None, :] == query_idx[None, :, None]
-    allowed = ((seg_k == seg_q) & (seg_k != 0) & causal) | diagonal  # (b, q, kv)
+    allowed = (((seg_k == seg_q) | (seg_k == -1)) & (seg_k != 0) & causal) | diagonal  # (b, q, kv)
     if slopes is None:
         bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)[:, None]  # (b, 1, q, kv)
     else:
-        position = (segments != 0).cumsum(-1)  # (b, kv)
+        position = positions if positions is not None else (segments != 0).cumsum(-1)  # (b, kv)
         distance = position[:, None, :] - position[:, kv_len - q_len :, None]  # (b, q, kv), <= 0 when visible
         bias = (slopes.to(segments.device)[None, :, None, None] * distance[:, None]).to(dtype)  # (b, heads, q, kv)
     return bias.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
@@ -292,7 +293,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.checkpoint_every_n_layers = 1
         self.post_init()
 
-    def _bias(self, attention_mask, batch, q_len, kv_len, dtype, device):
+    def _bias(self, attention_mask, position_ids, batch, q_len, kv_len, dtype, device):
         slopes = None
         if self.config.position_embedding == "alibi":
             slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
@@ -301,7 +302,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
             return None  # plain causal attention: SDPA's is_causal takes its fastest kernel
         if attention_mask is None:
             attention_mask = torch.ones(batch, kv_len, dtype=torch.long, device=device)
-        return attention_bias(attention_mask, q_len, slopes, dtype)
+        positions = None
+        if position_ids is not None and position_ids.shape[-1] == kv_len:
+            positions = position_ids.expand(batch, -1)  # (b, kv)
+        return attention_bias(attention_mask, q_len, slopes, dtype, positions)
 
     def forward(
         self,
@@ -332,7 +336,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 position_ids = ((attention_mask != 0).long().cumsum(-1) - 1).clamp_min(0)[:, -q_len:]
             else:
                 position_ids = torch.arange(past_len, kv_len, device=hidden_states.device)[None]
-        bias = self._bias(attention_mask, batch, q_len, kv_len, hidden_states.dtype, hidden_states.device)
+        bias = self._bias(attention_mask, position_ids, batch, q_len, kv_len, hidden_states.dtype, hidden_states.device)
         cos = sin = None
         if self.config.position_embedding == "rope":
             cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, hidden_states.dtype)

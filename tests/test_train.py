@@ -119,19 +119,67 @@ def test_truncation_cuts_question_then_reply(tiny_model_dir):
     assert ids.index(6) == len(system) + 1 + 10  # system, <user>, 10 question tokens, <assistant>
 
 
-def test_packing_keeps_every_sample_and_fits(tiny_model_dir):
+def test_packing_keeps_every_sample_and_fits():
     from utils import PackedDataset, collate
 
-    examples = [{"input_ids": list(range(n)), "labels": [-100] * (n - 2) + [1, 2]} for n in (50, 40, 30, 20, 10, 60)]
+    # Two system prompts (ids 90.. and 80..), six samples: prompt + own tokens.
+    examples = [
+        {"input_ids": [90 + k for k in range(p)] + list(range(n)), "labels": [-100] * (p + n - 2) + [1, 2], "prefix_len": p}
+        for p, n in ((5, 30), (5, 20), (5, 40), (3, 10), (3, 50), (5, 15))
+    ]
+    for e in examples[3:5]:
+        e["input_ids"][:3] = [80, 81, 82]
     dataset = type("D", (), {"examples": examples})()
     rows = PackedDataset(dataset, 64).rows
-    assert sorted(len(e["input_ids"]) for row in rows for e in row) == [10, 20, 30, 40, 50, 60]
-    assert all(sum(len(e["input_ids"]) for e in row) <= 64 for row in rows) and len(rows) == 4
+    assert sorted(len(e["input_ids"]) for row in rows for e in row["samples"]) == [13, 20, 25, 35, 45, 53]
+    assert all(len({tuple(e["input_ids"][: len(row["prefix"])]) for e in row["samples"]}) == 1 for row in rows)
+    # First fit, longest first, under a budget of 64 - prompt: 40+15 and 30+20 after prompt 90..,
+    # 50+10 after prompt 80..
+    assert PackedDataset(dataset, 64).lengths() == [5 + 40 + 15, 5 + 30 + 20, 3 + 50 + 10]
     batch = collate(rows[:1], pad_id=0)
-    first = rows[0]
-    assert batch["attention_mask"][0].max().item() == len(first)
-    starts = [0] + list(torch.cumsum(torch.tensor([len(e["input_ids"]) for e in first]), 0)[:-1])
-    assert all(batch["position_ids"][0, s].item() == 0 for s in starts)
+    prefix, samples = rows[0]["prefix"], rows[0]["samples"]
+    mask, positions = batch["attention_mask"][0], batch["position_ids"][0]
+    assert mask[: len(prefix)].tolist() == [-1] * len(prefix) and mask.max().item() == len(samples)
+    own = len(samples[0]["input_ids"]) - len(prefix)
+    assert positions[len(prefix)].item() == len(prefix) and positions[len(prefix) + own].item() == len(prefix)
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "alibi"])
+def test_packed_rows_give_the_same_loss_and_gradients(tiny_model_dir, position_embedding):
+    """A shared-prompt packed batch trains exactly as the samples one by one."""
+    from transformers import GenerationConfig
+
+    from baichuan import BaichuanForCausalLM
+    from utils import PackedDataset, collate, encode_sample, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    config = GenerationConfig.from_pretrained(tiny_model_dir)
+    rows = [("你是孙悟空。", "你好", "俺老孙来也！"), ("你是孙悟空。", "你怕谁？", "谁也不怕！"),
+            ("你是张飞。", "喝酒吗？", "喝！"), ("你是孙悟空。", "师父呢？", "在后头。")]  # fmt: skip
+    examples = []
+    for system, question, reply in rows:
+        row = {"instruction": system, "input": question, "output": reply}
+        ids, labels, _ = encode_sample(tokenizer, row, config.user_token_id, config.assistant_token_id, 128, 32)
+        examples.append({"input_ids": ids, "labels": labels, "prefix_len": len(tokenizer.encode(system, add_special_tokens=False))})
+    packed = PackedDataset(type("D", (), {"examples": examples})(), 128).rows
+    assert len(packed) == 2  # one row per system prompt
+
+    torch.manual_seed(0)
+    model = BaichuanForCausalLM.from_pretrained(tiny_model_dir)
+    if position_embedding == "alibi":
+        model.config.position_embedding = "alibi"  # same weights, 13B-style positions
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(collate(examples, tokenizer.pad_token_id))
+    packed_loss, packed_grads = loss_and_grads(collate(packed, tokenizer.pad_token_id))
+    torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
 def test_length_grouped_batches_are_reproducible_and_disjoint():
@@ -323,3 +371,15 @@ def test_training_curves_plot_from_a_real_run(trained, tmp_path):
     run([sys.executable, "evaluate.py", "--plot_run", str(out), "--out_dir", str(tmp_path / "report")])
     png = tmp_path / "report" / "training_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_training_with_packing(tiny_model_dir, samples, tmp_path):
+    out = tmp_path / "out"
+    proc = run(train_command(tiny_model_dir, samples, out, "--packing", "--per_device_train_batch_size", "2",
+                             "--max_steps", "4"))  # fmt: skip
+    output = proc.stdout + proc.stderr
+    rows = int(re.search(r"packed into (\d+) rows", output)[1])
+    assert 0 < rows < 121 / 2  # samples share rows (and their system prompt)
+    assert sorted(losses(output)) == [1, 2, 3, 4]
+    state = json.loads((out / "epoch-1-step-4" / "trainer_state.json").read_text())
+    assert math.isfinite(state["eval_loss"])
