@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_src_len", type=int, default=256, help="most tokens of the question; longer ones are cut")
     data.add_argument("--is_skip", action="store_true", help="drop samples that had to be cut instead of keeping them")
     data.add_argument(
-        "--packing", action="store_true", help="pack several samples into each max_len row (attention stays per sample)"
+        "--packing",
+        action="store_true",
+        help="pack samples of one role into max_len rows that hold its system prompt once; each sample "
+        "attends to the prompt and itself only",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="base model: a local directory or a hub id")
