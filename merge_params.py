@@ -19,7 +19,7 @@ from utils import (
     UserError,
     check_model_dir,
     exit_on_user_error,
-    load_tokenizer,
+    load_tokenizer_for,
     pick_device_dtype,
     print_rank_0,
     quiet_third_party,
@@ -92,8 +92,7 @@ def main():
         raise UserError(f"adapter {args.model_dir!r} does not fit base {args.ori_model_dir!r}: {detail}") from None
     merged = model.merge_and_unload()
 
-    has_tokenizer = os.path.isfile(os.path.join(args.model_dir, "tokenizer_config.json"))
-    tokenizer = load_tokenizer(args.model_dir if has_tokenizer else args.ori_model_dir, args.trust_remote_code)
+    tokenizer = load_tokenizer_for(args.ori_model_dir, args.model_dir, args.trust_remote_code)
     parent = os.path.dirname(os.path.abspath(args.save_model_dir))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(args.save_model_dir))}")
     shutil.rmtree(tmp, ignore_errors=True)

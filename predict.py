@@ -90,17 +90,6 @@ def sampling_kwargs(top_p: float, temperature: float, greedy: bool = False) -> d
     return {"do_sample": True, "top_p": float(top_p), "temperature": float(temperature)}
 
 
-def load_model(model_path: str, adapter: str | None, device: str | None, trust_remote_code: bool):
-    """utils.load_for_inference, with a broken checkpoint reported as one line, not a traceback."""
-    try:
-        return load_for_inference(model_path, adapter, device, trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as error:
-        # e.g. missing weights, a corrupt adapter_config.json, an adapter made for another base
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load the model from {model_path!r}" + (f" with adapter {adapter!r}" if adapter else "")
-                        + f": {first_line}") from None
-
-
 def role_messages(roles: dict[str, str], role: str, history: list[dict]) -> list[dict]:
     """The system prompt of `role` followed by the conversation (user/assistant dicts)."""
     system = build_system_prompt(role, roles[role])
@@ -237,7 +226,7 @@ def main(argv=None) -> None:
     role = check_role(roles, args.role)
     if args.question is not None and not args.question.strip():
         raise UserError("the question is empty")
-    model, tokenizer = load_model(args.model_path, args.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
     if args.question is not None:
         answer(model, tokenizer, role_messages(roles, role, [{"role": "user", "content": args.question}]), args)
     else:

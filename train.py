@@ -424,7 +424,7 @@ def save_checkpoint(args, engine, model, tokenizer, prompt: dict, trainer_state:
     return final
 
 
-def resume(args, engine, model, checkpoint: str, world_size: int) -> dict:
+def resume(args, engine, checkpoint: str, world_size: int) -> dict:
     """Load optimizer, scheduler and RNG state; the adapter weights were loaded before."""
     from safetensors.torch import load_file
 
@@ -532,7 +532,7 @@ def main():
     )
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume_from_checkpoint:
-        state = resume(args, engine, model, args.resume_from_checkpoint, world_size)
+        state = resume(args, engine, args.resume_from_checkpoint, world_size)
         print_rank_0(f"resumed from {args.resume_from_checkpoint} at step {state['global_step']}")
     prompt = {
         "user_token_id": user_id,

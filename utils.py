@@ -97,6 +97,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def load_tokenizer_for(model_path: str, adapter_path: str | None, trust_remote_code: bool = False):
+    """The tokenizer of an adapter directory when it carries one (checkpoints do), else the model's."""
+    has_own = adapter_path is not None and os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
+    return load_tokenizer(adapter_path if has_own else model_path, trust_remote_code)
+
+
 def load_for_inference(
     model_path: str,
     adapter_path: str | None = None,
@@ -105,8 +111,8 @@ def load_for_inference(
 ):
     """Model and tokenizer ready to generate: a merged directory, or a base plus a LoRA adapter.
 
-    The tokenizer comes from the adapter directory when it carries one (checkpoints do), else
-    from the model directory.
+    A checkpoint that cannot be loaded (missing weights, a corrupt adapter config, an adapter
+    made for another base) is a one-line UserError.
     """
     import baichuan  # noqa: F401
     from transformers import AutoModelForCausalLM
@@ -115,13 +121,17 @@ def load_for_inference(
     if adapter_path is not None and not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise UserError(f"adapter directory {adapter_path!r} has no adapter_config.json")
     device, dtype = pick_device_dtype(device)
-    has_tokenizer = adapter_path is not None and os.path.isfile(os.path.join(adapter_path, "tokenizer_config.json"))
-    tokenizer = load_tokenizer(adapter_path if has_tokenizer else model_path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if adapter_path is not None:
-        from peft import PeftModel
+    try:
+        tokenizer = load_tokenizer_for(model_path, adapter_path, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if adapter_path is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path)
+            model = PeftModel.from_pretrained(model, adapter_path)
+    except (OSError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        adapter = f" with adapter {adapter_path!r}" if adapter_path else ""
+        raise UserError(f"cannot load the model from {model_path!r}{adapter}: {first_line}") from None
     model.to(device).eval()
     return model, tokenizer
 

@@ -55,12 +55,11 @@ from predict import (
     check_settings,
     check_temperature,
     check_top_p,
-    load_model,
     load_roles_file,
     reply_stream,
     role_messages,
 )
-from utils import UserError, exit_on_user_error, quiet_third_party
+from utils import UserError, exit_on_user_error, load_for_inference, quiet_third_party
 
 logger = logging.getLogger("web_demo")
 
@@ -300,7 +299,7 @@ def main(argv=None) -> None:
     roles = load_roles_file(args.roles_file)
     if args.default_role is not None:
         check_role(roles, args.default_role)
-    model, tokenizer = load_model(args.model_path, args.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
     demo = build_demo(
         model, tokenizer, roles, args.default_role, args.max_new_tokens, args.top_p, args.temperature,
         args.max_message_chars, args.concurrency, args.max_queue,

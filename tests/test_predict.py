@@ -132,4 +132,4 @@ def test_broken_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
     with pytest.raises(UserError, match="cannot load the model"):
-        predict.load_model(str(broken), None, "cpu", False)
+        load_for_inference(str(broken), None, "cpu", False)
