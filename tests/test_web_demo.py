@@ -92,6 +92,25 @@ def wait_for(condition, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def hold_and_fill(model, submit, running: int, waiting: int) -> list:
+    """Close the model's gate, then admit `running` requests (until each is held inside
+    generate()) and after them `waiting` more (until each is IN_QUEUE).
+
+    Submitting all at once would race Gradio's bound: it counts only the events not yet taken
+    off the queue, so a burst that arrives before the first ones start can be turned away early.
+    """
+    model.gate.clear()
+    calls = len(model.calls)
+    jobs = [submit() for _ in range(running)]
+    wait_for(lambda: len(model.calls) == calls + running, what=f"{running} requests generating")
+    jobs += [submit() for _ in range(waiting)]
+    try:
+        wait_for(lambda: all(j.status().code.name == "IN_QUEUE" for j in jobs[running:]))
+    except AssertionError:
+        raise AssertionError(f"{waiting} requests never all waited: {[j.status().code.name for j in jobs]}") from None
+    return jobs
+
+
 def launch(demo):
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -288,12 +307,9 @@ def test_api_refuses_bad_input_with_a_clear_error(client, page_server, args, rea
 
 def test_requests_beyond_the_queue_bound_are_told_busy(page_server, client):
     url, model = page_server
-    model.gate.clear()
     try:
-        jobs = [client.submit(f"排队{i}", [], "李白", 4, 0.8, 0, api_name="/chat") for i in range(3)]
         # one request generating (held at the gate) + 2 waiting = the bound of this server
-        wait_for(lambda: sum(j.status().code.name in ("PROCESSING", "ITERATING", "IN_QUEUE") for j in jobs) == 3,
-                 what="three requests admitted")
+        jobs = hold_and_fill(model, lambda: client.submit("排队", [], "李白", 4, 0.8, 0, api_name="/chat"), 1, 2)
         extra = client.submit("多一个", [], "李白", 4, 0.8, 0, api_name="/chat")
         wait_for(extra.done, timeout=30, what="the extra request to be turned away")
         assert is_busy(extra.exception())
@@ -316,12 +332,10 @@ def test_load_eight_clients_two_turns_then_overflow(loaded, roles):
         assert all(well_formed(s[-1].history, 2) for s in sessions)
 
         # fill the 2 generating + 6 waiting places while generation is held, then overflow
-        model.gate.clear()
         try:
             load_client = client_for(url)
-            jobs = [load_client.submit("挤一挤", [], "孙悟空", 4, 0.8, 0, api_name="/chat") for _ in range(8)]
-            wait_for(lambda: sum(j.status().code.name in ("PROCESSING", "ITERATING", "IN_QUEUE") for j in jobs) == 8,
-                     what="eight requests admitted")
+            jobs = hold_and_fill(model, lambda: load_client.submit("挤一挤", [], "孙悟空", 4, 0.8, 0, api_name="/chat"),
+                                 2, 6)
             extras = [load_client.submit("再挤", [], "孙悟空", 4, 0.8, 0, api_name="/chat") for _ in range(3)]
             wait_for(lambda: all(j.done() for j in extras), timeout=30, what="over-bound requests to end")
             assert all(is_busy(j.exception()) for j in extras)
@@ -379,8 +393,11 @@ def watch_reply(page, timeout=30.0) -> list[str]:
 
 def test_page_chat_two_turns_clear_and_role_switch(page, page_server, loaded):
     model, tokenizer = page_server[1], loaded[1]
+    # a role change clears the chat; with one turn shown first, its effect can be waited for
+    send(page, "先说一句")
+    wait_for_reply(page, 1)
     page.get_by_role("radio", name="张飞").check()
-    page.wait_for_timeout(300)  # let the role change (it clears the chat) settle before typing
+    page.wait_for_function("() => document.querySelectorAll('#chatbot [data-testid=bot]').length === 0")
     model.delay = 0.1  # slow tokens, to watch the reply grow
     try:
         send(page, "你好，你是谁？")
@@ -432,11 +449,8 @@ def test_page_refuses_an_empty_message_and_shows_busy(page, page_server, client)
     assert page.locator("#chatbot [data-testid=user]").count() == 1
 
     model = page_server[1]
-    model.gate.clear()
     try:
-        jobs = [client.submit(f"占位{i}", [], "李白", 4, 0.8, 0, api_name="/chat") for i in range(3)]
-        wait_for(lambda: sum(j.status().code.name in ("PROCESSING", "ITERATING", "IN_QUEUE") for j in jobs) == 3,
-                 what="the queue to fill")
+        jobs = hold_and_fill(model, lambda: client.submit("占位", [], "李白", 4, 0.8, 0, api_name="/chat"), 1, 2)
         send(page, "我也想说话", button=True)
         toast = page.locator(".toast-body", has_text="This application is currently busy. Please try again.")
         toast.wait_for()
