@@ -49,6 +49,7 @@ from utils import (
     print_trainable_parameters,
     quiet_deepspeed,
     quiet_third_party,
+    sample_counts,
     RolePlayDataset,
     stall_point,
     write_json,
@@ -566,7 +567,9 @@ def main():
     # ---- loop
     global_step = state["global_step"]
     progress = tqdm(total=total_steps, initial=global_step, disable=rank != 0, dynamic_ncols=True)
-    window = torch.zeros(3, dtype=torch.float64, device=device)  # (loss sum, micro-batches, real tokens)
+    # (loss sum, micro-batches, samples, their tokens); a shared prompt counts once per sample that
+    # uses it, so tokens/s means the same with and without --packing
+    window = torch.zeros(4, dtype=torch.float64, device=device)
     window_start = time.perf_counter()
     engine.train()
     start_epoch, skip = state["epoch"], state["step_in_epoch"] * gas
@@ -578,16 +581,16 @@ def main():
         for micro, indices in enumerate(batches):
             if epoch == start_epoch and micro < skip:
                 continue
-            batch = {k: v.to(device) for k, v in collate([train_set[i] for i in indices], tokenizer.pad_token_id).items()}
+            items = [train_set[i] for i in indices]
+            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
             loss = engine(**batch).loss
             engine.backward(loss)
             stall_point("step")
             lr = engine.get_lr()[0]  # the rate this step uses
             engine.step()
-            window += torch.stack(
-                [loss.detach().double(), torch.ones((), dtype=torch.float64, device=device),
-                 (batch["attention_mask"] != 0).sum().double()]
-            )
+            samples, tokens = sample_counts(items)
+            counts = torch.tensor([1.0, samples, tokens], dtype=torch.float64, device=device)
+            window += torch.cat([loss.detach().double()[None], counts])
             if (micro + 1) % gas:
                 continue
             global_step += 1
@@ -595,14 +598,17 @@ def main():
             if global_step % args.show_loss_step == 0:
                 dist.all_reduce(window)
                 seconds = time.perf_counter() - window_start
-                mean_loss, tokens_per_s = (window[0] / window[1]).item(), window[2].item() / seconds
+                mean_loss = (window[0] / window[1]).item()
+                samples_per_s, tokens_per_s = window[2].item() / seconds, window[3].item() / seconds
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
                 if rank == 0:
-                    progress.write(f"step={global_step} loss={mean_loss:.8f} lr={lr:.6e} tokens/s={tokens_per_s:.1f}")
+                    progress.write(f"step={global_step} loss={mean_loss:.8f} lr={lr:.6e} tokens/s={tokens_per_s:.1f} "
+                                   f"samples/s={samples_per_s:.2f}")
                 if writer:
                     writer.add_scalar("train_loss", mean_loss, global_step)
                     writer.add_scalar("lr", lr, global_step)
                     writer.add_scalar("tokens_per_s", tokens_per_s, global_step)
+                    writer.add_scalar("samples_per_s", samples_per_s, global_step)
                 window.zero_()
                 window_start = time.perf_counter()
             done = global_step >= total_steps

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 import warnings
+from array import array
 
 import torch
 import torch.distributed as dist
@@ -222,9 +223,10 @@ class RolePlayDataset(torch.utils.data.Dataset):
             self.truncated += truncated
             if row["instruction"] not in system_len:
                 system_len[row["instruction"]] = len(tokenizer.encode(row["instruction"], add_special_tokens=False))
-            self.examples.append(
-                {"input_ids": input_ids, "labels": labels, "prefix_len": system_len[row["instruction"]]}
-            )
+            # int32 arrays take 4 bytes a token where a list takes 8 and an int object 28 or more:
+            # about 12 MiB instead of 80 for RoleBench's 8,020 samples, in every rank
+            prefix_len = system_len[row["instruction"]]
+            self.examples.append({"input_ids": array("i", input_ids), "labels": array("i", labels), "prefix_len": prefix_len})
         if not self.examples:
             raise UserError(f"{path}: no sample left after filtering ({self.dropped} dropped as too long)")
 
@@ -274,6 +276,13 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> list[int]:
         return [len(row["prefix"]) + sum(len(e["input_ids"]) - len(row["prefix"]) for e in row["samples"]) for row in self.rows]
+
+
+def sample_counts(batch: list) -> tuple[int, int]:
+    """(samples, their tokens) in a batch of samples or packed rows; a packed row's shared
+    prompt counts once per sample, as each sample alone would have it."""
+    samples = [e for item in batch for e in (item["samples"] if "prefix" in item else [item])]
+    return len(samples), sum(len(e["input_ids"]) for e in samples)
 
 
 def collate(batch: list, pad_id: int) -> dict:

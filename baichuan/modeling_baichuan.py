@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_baichuan import BaichuanConfig
 
-# Logit elements computed at once by the chunked loss: 128 MiB of fp32 per chunk.
+# Logit elements computed at once by the chunked loss: at most 128 MiB of fp32 per chunk.
 LOSS_CHUNK_ELEMENTS = 2**25
 
 
@@ -210,9 +210,11 @@ class NormHeadLoss(torch.autograd.Function):
     """Summed cross-entropy (plus z-loss) of `hidden` (n, hidden) against `targets` (n,) under the
     L2-normalised head, `chunk` positions at a time, in fp32.
 
-    Nothing of size n x vocab is kept for backward: it recomputes each chunk's logits and turns
-    them into their gradient in place, so one chunk of logits is alive at a time (autograd
-    through the same formula keeps several, and makes several more passes over them). With
+    Nothing of size n x vocab is kept: when gradients are wanted they are computed in the same
+    pass, while each chunk's softmax is at hand, and backward only scales them by the incoming
+    gradient (the loss is the end of the graph, so that gradient is a scalar and the chunk's
+    gradient is linear in it). One chunk of logits is alive at a time, and each chunk costs two
+    vocab-sized matmuls instead of the three a recomputing backward needs. With
     g = dloss/dlogits, logits = (hidden @ weight.T) * inv_norm and D = (g * inv_norm).T @ hidden:
         dhidden = (g * inv_norm) @ weight,
         dweight = D - rowdot(weight, D) * inv_norm**2 * weight,
@@ -220,38 +222,34 @@ class NormHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk: int, z_loss_weight: float):
-        inv_norm = row_inv_norm(weight)  # (vocab,)
+    def forward(ctx, hidden, weight, targets, inv_norm, chunk: int, z_loss_weight: float, with_grad: bool):
+        # needs_input_grad says what requires grad even under no_grad, hence `with_grad` from the caller
+        need_hidden, need_weight = (with_grad and need for need in ctx.needs_input_grad[:2])
+        if inv_norm is None:
+            inv_norm = row_inv_norm(weight)  # (vocab,)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (n, hidden)
+        grad_weight = torch.zeros_like(weight) if need_weight else None  # (vocab, hidden): D, then dweight
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[start : start + chunk], weight, inv_norm)  # (c, vocab)
-            target_logits = logits.gather(-1, targets[start : start + chunk, None])  # (c, 1)
-            lse = _softmax_(logits)  # (c, 1)
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = _chunk_logits(h, weight, inv_norm)  # (c, vocab)
+            target_logits = logits.gather(-1, t[:, None])  # (c, 1)
+            lse = _softmax_(logits)  # logits hold the softmax now
             total += (lse - target_logits).sum()
             if z_loss_weight > 0:
                 total += z_loss_weight * lse.pow(2).sum()
-        ctx.save_for_backward(hidden, weight, targets, inv_norm)
-        ctx.chunk, ctx.z_loss_weight = chunk, z_loss_weight
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        hidden, weight, targets, inv_norm = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (n, hidden)
-        grad_weight = torch.zeros_like(weight) if need_weight else None  # (vocab, hidden): D, then dweight
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            h, t = hidden[start : start + ctx.chunk], targets[start : start + ctx.chunk]
-            grad = _chunk_logits(h, weight, inv_norm)  # (c, vocab)
-            lse = _softmax_(grad)  # grad holds the softmax now
-            grad.mul_(grad_total * (1 + 2 * ctx.z_loss_weight * lse))  # z-loss: d(w lse^2) = 2 w lse softmax
-            grad[torch.arange(t.shape[0], device=t.device), t] -= grad_total
+            if not (need_hidden or need_weight):
+                continue
+            grad = logits
+            if z_loss_weight > 0:
+                grad.mul_(1 + 2 * z_loss_weight * lse)  # d(w lse^2) = 2 w lse softmax
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1
             grad = grad.mul_(inv_norm).to(weight.dtype)  # g * inv_norm (c, vocab)
             if need_hidden:
-                grad_hidden[start : start + ctx.chunk] = grad @ weight
+                grad_hidden[start : start + chunk] = grad @ weight
             if need_weight:
                 grad_weight.addmm_(grad.T, h)
-            del grad
+            del grad, logits
         if need_weight:
             # rowdot(weight, D) in fp32, a block of rows at a time to keep the temporaries small.
             coef = torch.empty_like(inv_norm)  # (vocab,)
@@ -259,7 +257,17 @@ class NormHeadLoss(torch.autograd.Function):
                 rows = slice(start, start + 4096)
                 coef[rows] = (weight[rows].float() * grad_weight[rows].float()).sum(-1)
             grad_weight.addcmul_(weight, (coef * inv_norm.pow(2)).to(weight.dtype)[:, None], value=-1)
-        return grad_hidden, grad_weight, None, None, None
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total
+        if grad_weight is not None:
+            grad_weight = grad_weight * grad_total
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class BaichuanPreTrainedModel(PreTrainedModel):
@@ -414,6 +422,11 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         hidden = hidden_states[keep]  # (n, hidden)
         targets = shift_labels[keep]  # (n,)
         chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
-        total = NormHeadLoss.apply(hidden, self.lm_head.weight, targets, chunk, self.config.z_loss_weight)
+        pieces = max(1, math.ceil(targets.numel() / chunk))
+        chunk = max(1, math.ceil(targets.numel() / pieces))  # equal chunks: 300 positions as 150 + 150, not 266 + 34
+        weight = self.lm_head.weight
+        inv_norm = None if weight.requires_grad else self.lm_head.inv_norm()  # a frozen head's norms are cached
+        total = NormHeadLoss.apply(hidden, weight, targets, inv_norm, chunk, self.config.z_loss_weight,
+                                   torch.is_grad_enabled())
         count = num_items_in_batch if num_items_in_batch is not None else max(int(keep.sum()), 1)
         return total / count

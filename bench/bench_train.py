@@ -18,7 +18,8 @@ bitsandbytes base, for the same number of optimizer steps:
              as the PEFT docs do, `DataCollatorForSeq2Seq` padding to the longest row in the batch,
              Trainer's default random sampler (no length grouping); timed between the ends of the
              same steps by a TrainerCallback;
-  * packing: `python train.py ... --packing` (several samples per row, attention kept per sample);
+  * packing: `python train.py ... --packing --per_device_train_batch_size 1` (several samples of one
+             role per row after a single copy of their system prompt, attention kept per sample);
   * hf_full: the hf side with the loss of a standard transformers model instead of ours: all
              (b, s, vocab) logits, upcast to fp32, shifted, F.cross_entropy (what transformers'
              ForCausalLMLoss does), to show what the model's chunked loss is worth.
@@ -27,7 +28,8 @@ Each run is a fresh subprocess with OMP_NUM_THREADS=1 (`--threads`); its peak RS
 kernel's (os.wait4's ru_maxrss for the whole process: imports, tokenisation, model, training).
 The sides run one after another, interleaved over `--rounds` (ABCD, then DCBA, ...), so that the
 noise of a shared machine falls on all of them; the table gives the median over rounds and each
-round's ratio to hf. Tokens are real tokens (padding excluded); tokens/CPU-s divides by the
+round's ratio to hf. Tokens are the samples' tokens (padding excluded, and a prompt that packing
+stores once per row counted for each of its samples, as train.py's tokens/s does); tokens/CPU-s divides by the
 process's user + system time over the same steps, which other processes on the machine disturb
 far less than wall time (with one thread per run there is no OpenMP spinning to inflate it).
 Also printed: the share of padding in the timed batches and over a whole epoch for Trainer's
@@ -54,7 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, ROOT)
 
-STEP_LINE = re.compile(r"^step=(\d+) loss=([0-9.naninf]+) lr=\S+ tokens/s=([0-9.]+)")
+STEP_LINE = re.compile(r"^step=(\d+) loss=([0-9.naninf]+) lr=\S+ tokens/s=([0-9.]+) samples/s=")
 SIDES = ("ours", "hf", "packing", "hf_full")
 
 
@@ -63,6 +65,14 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=44, help="optimizer steps per run, warm-up included")
     parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
     parser.add_argument("--batch", type=int, default=4, help="per-device train batch")
+    parser.add_argument(
+        "--packing_batch",
+        type=int,
+        default=1,
+        help="rows per step of the packing side. A row holds about 7 RoleBench samples after one copy of their "
+        "role's prompt, so 1 row is more samples than the others' batch of 4 and fewer positions (512 against "
+        "about 880 padded)",
+    )
     parser.add_argument("--max_len", type=int, default=512, help="--max_len of both sides")
     parser.add_argument("--max_src_len", type=int, default=256, help="--max_src_len of both sides")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -137,18 +147,25 @@ def padding_share(batches, lengths) -> tuple[int, int]:
     return tokens, positions
 
 
-def batch_counts(batch, lengths, labelled) -> tuple[int, int, int]:
-    """(real tokens, positions, labelled positions) of one batch padded to its longest row."""
-    tokens, positions = padding_share([batch], lengths)
-    return tokens, positions, sum(labelled[i] for i in batch)
+def row_stats(dataset) -> dict[str, list[int]]:
+    """Per row: samples, their tokens (a packed row's shared prompt counted once per sample, as
+    train.py's tokens/s counts them), tokens computed, and positions with a loss (label != -100,
+    shifted)."""
+    rows = [row["samples"] for row in dataset.rows] if hasattr(dataset, "rows") else [[e] for e in dataset.examples]
+    labelled = lambda e: sum(1 for x in e["labels"][1:] if x != -100)  # noqa: E731
+    return {
+        "samples": [len(r) for r in rows],
+        "tokens": [sum(len(e["input_ids"]) for e in r) for r in rows],
+        "computed": dataset.lengths(),
+        "labelled": [sum(labelled(e) for e in r) for r in rows],
+    }
 
 
-def labelled_counts(dataset) -> list[int]:
-    """Positions with a loss (label != -100, shifted) per row; a packed row sums its samples."""
-    count = lambda e: sum(1 for x in e["labels"][1:] if x != -100)  # noqa: E731
-    if hasattr(dataset, "rows"):
-        return [sum(count(e) for e in row) for row in dataset.rows]
-    return [count(e) for e in dataset.examples]
+def batch_counts(batch, stats) -> dict[str, int]:
+    """The row_stats sums of one batch, and its positions padded to its longest row."""
+    counts = {key: sum(values[i] for i in batch) for key, values in stats.items()}
+    counts["positions"] = padding_share([batch], stats["computed"])[1]
+    return counts
 
 
 def random_batches(n, batch, seed):
@@ -176,20 +193,26 @@ def hf_child(args) -> None:
         AutoModelForCausalLM,
         BitsAndBytesConfig,
         DataCollatorForSeq2Seq,
+        GenerationConfig,
         Trainer,
         TrainerCallback,
         TrainingArguments,
     )
 
     import baichuan  # noqa: F401  (registers the Auto classes)
-    from utils import find_all_linear_names
+    from baichuan.generation_utils import chat_token_ids
+    from utils import encode_sample, find_all_linear_names, load_tokenizer, read_samples
 
     gc_on = not args.no_gradient_checkpointing
-    tokenizer, dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
-    rows = [
-        {"input_ids": e["input_ids"], "attention_mask": [1] * len(e["input_ids"]), "labels": e["labels"]}
-        for e in dataset.examples
-    ]
+    # The same samples as train.py's (utils.encode_sample), kept as the Python lists it returns, the way a
+    # list-of-dicts dataset for the Trainer holds them (train.py stores them as int32 arrays)
+    tokenizer = load_tokenizer(args.model_dir)
+    user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(args.model_dir))
+    rows = []
+    for sample in read_samples(args.train_path):
+        ids, labels, _ = encode_sample(tokenizer, sample, user_id, assistant_id, args.max_len, args.max_src_len)
+        if ids is not None:
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
 
     dtype = torch.float32  # what train.py computes in on the CPU (utils.pick_device_dtype)
     model = AutoModelForCausalLM.from_pretrained(
@@ -227,7 +250,7 @@ def hf_child(args) -> None:
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs["attention_mask"]
-            seen.append((int(mask.sum()), mask.numel(), int((inputs["labels"][:, 1:] != -100).sum())))
+            seen.append((int(mask.sum()), mask.numel(), int((inputs["labels"][:, 1:] != -100).sum()), len(mask)))
             return super().training_step(model, inputs, num_items_in_batch)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -316,10 +339,11 @@ def run_hf(args, log_path, side: str) -> dict:
     seen = result["seen"]
     w, n = args.warmup, args.steps
     tokens = sum(c[0] for c in seen[w:n])
-    positions = sum(c[1] for c in seen[w:n])
     return {
         "tokens": tokens,
-        "positions": positions,
+        "computed": tokens,
+        "samples": sum(c[3] for c in seen[w:n]),
+        "positions": sum(c[1] for c in seen[w:n]),
         "max_labelled": max(c[2] for c in seen[:n]),
         "labelled": sum(c[2] for c in seen[w:n]),
         "wall": marks[n][0] - marks[w][0],
@@ -333,7 +357,7 @@ def run_hf(args, log_path, side: str) -> dict:
     }
 
 
-def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int, int]]) -> dict:
+def run_train_py(args, log_path, packing: bool, steps: list[dict]) -> dict:
     """Run train.py as a user would; time the steps after the warm-up from its own log lines."""
     import psutil
 
@@ -341,7 +365,8 @@ def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int
     shutil.rmtree(out_dir, ignore_errors=True)
     argv = [sys.executable, "train.py", "--model_name_or_path", args.model_dir, "--train_path", args.train_path]
     argv += ["--output_dir", out_dir, "--max_len", str(args.max_len), "--max_src_len", str(args.max_src_len)]
-    argv += ["--per_device_train_batch_size", str(args.batch), "--learning_rate", str(args.lr)]
+    batch = args.packing_batch if packing else args.batch
+    argv += ["--per_device_train_batch_size", str(batch), "--learning_rate", str(args.lr)]
     argv += ["--max_steps", str(args.steps), "--show_loss_step", "1"]
     if not args.no_gradient_checkpointing:
         argv.append("--gradient_checkpointing")
@@ -369,14 +394,12 @@ def run_train_py(args, log_path, packing: bool, step_tokens: list[tuple[int, int
     if missing:
         raise SystemExit(f"train.py logged no tokens/s for steps {missing[:5]}...; see {log_path}")
     # Its own window times: tokens of the step / the tokens/s it logged for that step.
-    tokens = sum(step_tokens[s - 1][0] for s in range(w + 1, n + 1))
-    wall = sum(step_tokens[s - 1][0] / rates[s] for s in range(w + 1, n + 1))
+    timed = steps[w:n]
+    result = {key: sum(step[key] for step in timed) for key in ("tokens", "computed", "samples", "positions", "labelled")}
     return {
-        "tokens": tokens,
-        "positions": sum(step_tokens[s - 1][1] for s in range(w + 1, n + 1)),
-        "max_labelled": max(c[2] for c in step_tokens[:n]),
-        "labelled": sum(step_tokens[s - 1][2] for s in range(w + 1, n + 1)),
-        "wall": wall,
+        **result,
+        "max_labelled": max(step["labelled"] for step in steps[:n]),
+        "wall": sum(step["tokens"] / rates[s] for s, step in enumerate(timed, w + 1)),
         "wall_observed": marks[n][0] - marks[w][0],  # the same steps timed from here, as a check
         "cpu": marks[n][1] - marks[w][1],
         "maxrss_mib": usage.ru_maxrss / 1024,
@@ -467,17 +490,21 @@ def main(argv=None) -> None:
         notes = prepare(args)
         config = json.load(open(os.path.join(args.model_dir, "config.json")))
         _, dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
-        lengths, labelled = dataset.lengths(), labelled_counts(dataset)
+        stats = row_stats(dataset)
+        lengths, labelled = stats["computed"], stats["labelled"]
         _, packed = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len, packing=True)
-        packed_lengths, packed_labelled = packed.lengths(), labelled_counts(packed)
+        packed_stats = row_stats(packed)
+        packed_lengths = packed_stats["computed"]
 
         # The batches train.py will take (epoch 0, seed 1234, one process), step by step.
-        def steps_of(lens, labs):
-            batches = length_grouped_batches(lens, args.batch, 1234, 0)
-            return [batch_counts(b, lens, labs) for b in batches[: args.steps]], batches
+        def steps_of(stats, batch):
+            batches = length_grouped_batches(stats["computed"], batch, 1234, 0)
+            return [batch_counts(b, stats) for b in batches[: args.steps]], batches
 
-        ours_steps, ours_epoch = steps_of(lengths, labelled)
-        packed_steps, packed_epoch = steps_of(packed_lengths, packed_labelled)
+        ours_steps, ours_epoch = steps_of(stats, args.batch)
+        packed_steps, packed_epoch = steps_of(packed_stats, args.packing_batch)
+        if len(packed_steps) < args.steps:
+            raise SystemExit(f"--packing_batch {args.packing_batch}: only {len(packed_steps)} steps in an epoch")
         waste = {
             "hf (random batches)": statistics.mean(
                 1 - t / p for t, p in (padding_share(random_batches(len(lengths), args.batch, s), lengths) for s in range(5))
@@ -493,7 +520,8 @@ def main(argv=None) -> None:
             f"# model: {config['hidden_size']} wide, {config['num_hidden_layers']} layers, vocab {config['vocab_size']:,}; "
             f"{len(lengths):,} samples (mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens, "
             f"{statistics.mean(labelled):.0f} of them labelled on average), "
-            f"{len(packed_lengths):,} packed rows; batch {args.batch}, max_len {args.max_len}, "
+            f"{len(packed_lengths):,} packed rows ({len(lengths) / len(packed_lengths):.1f} samples a row); "
+            f"batch {args.batch} samples, {args.packing_batch} rows with --packing; max_len {args.max_len}, "
             f"{args.steps} steps of which the first {args.warmup} untimed; gradient checkpointing "
             f"{'off' if args.no_gradient_checkpointing else 'on'} on both sides; "
             f"{'OMP_NUM_THREADS=' + str(args.threads) if args.threads else 'torch default threads'}",
@@ -511,10 +539,12 @@ def main(argv=None) -> None:
                     res = run_train_py(args, log, side == "packing", packed_steps if side == "packing" else ours_steps)
                 res["tok_s"] = res["tokens"] / res["wall"]
                 res["tok_cpu_s"] = res["tokens"] / res["cpu"]
+                res["samples_s"] = res["samples"] / res["wall"]
                 results[side].append(res)
                 print(
                     f"round {r + 1} {side:8s} {res['tok_s']:8.1f} tokens/s  {res['tok_cpu_s']:8.1f} tokens/CPU-s  "
-                    f"peak RSS {res['maxrss_mib']:7.0f} MiB  pad {1 - res['tokens'] / res['positions']:.1%}  "
+                    f"{res['samples_s']:6.2f} samples/s  "
+                    f"peak RSS {res['maxrss_mib']:7.0f} MiB  pad {1 - res['computed'] / res['positions']:.1%}  "
                     f"(process {res['process_wall']:.0f} s)",
                     flush=True,
                 )
@@ -533,22 +563,24 @@ def report(args, results, waste) -> None:
     med = lambda side, key: statistics.median(r[key] for r in results[side])  # noqa: E731
     print()
     print(
-        "| side | tokens/s (wall) | x hf | tokens/CPU-s | x hf | peak RSS MiB | x hf | pad share (timed steps) "
-        "| labelled share of real tokens (timed steps) | most labelled positions in a batch |"
+        "| side | tokens/s (wall) | x hf | tokens/CPU-s | x hf | samples/s | x hf | peak RSS MiB | x hf "
+        "| pad share (timed steps) | tokens computed / sample tokens | labelled share of sample tokens "
+        "| most labelled positions in a batch |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for side in args.sides:
         cells = [side]
-        for key, fmt in (("tok_s", "{:.1f}"), ("tok_cpu_s", "{:.1f}"), ("maxrss_mib", "{:.0f}")):
+        for key, fmt in (("tok_s", "{:.1f}"), ("tok_cpu_s", "{:.1f}"), ("samples_s", "{:.2f}"), ("maxrss_mib", "{:.0f}")):
             cells.append(fmt.format(med(side, key)))
             if "hf" in results:
                 ratios = [a[key] / b[key] for a, b in zip(results[side], results["hf"])]
                 cells.append(f"{statistics.median(ratios):.2f} (" + ", ".join(f"{x:.2f}" for x in ratios) + ")")
             else:
                 cells.append("-")
-        pad = 1 - sum(r["tokens"] for r in results[side]) / sum(r["positions"] for r in results[side])
-        cells.append(f"{pad:.1%}")
-        cells.append(f"{sum(r['labelled'] for r in results[side]) / sum(r['tokens'] for r in results[side]):.1%}")
+        total = lambda key: sum(r[key] for r in results[side])  # noqa: E731
+        cells.append(f"{1 - total('computed') / total('positions'):.1%}")
+        cells.append(f"{total('computed') / total('tokens'):.2f}")
+        cells.append(f"{total('labelled') / total('tokens'):.1%}")
         cells.append(str(max(r["max_labelled"] for r in results[side])))
         print("| " + " | ".join(cells) + " |")
     print()
@@ -558,11 +590,13 @@ def report(args, results, waste) -> None:
     print("| --- | ---: |")
     for name, share in waste.items():
         print(f"| {name} | {share:.1%} |")
-    if "ours" in results and "hf" in results:
-        speed = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(results["ours"], results["hf"]))
-        memory = statistics.median(a["maxrss_mib"] / b["maxrss_mib"] for a, b in zip(results["ours"], results["hf"]))
+    for side in ("ours", "packing"):
+        if side not in results or "hf" not in results:
+            continue
+        speed = statistics.median(a["tok_s"] / b["tok_s"] for a, b in zip(results[side], results["hf"]))
+        memory = statistics.median(a["maxrss_mib"] / b["maxrss_mib"] for a, b in zip(results[side], results["hf"]))
         verdict = "met" if speed >= 1.5 and memory <= 1.0 else "MISSED"
-        print(f"\ngoal (train.py >= 1.5x hf tokens/s at <= its peak memory): {verdict} ({speed:.2f}x, memory {memory:.2f}x)")
+        print(f"goal ({side} >= 1.5x hf tokens/s at <= its peak memory): {verdict} ({speed:.2f}x, memory {memory:.2f}x)")
 
 
 if __name__ == "__main__":

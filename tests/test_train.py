@@ -120,7 +120,7 @@ def test_truncation_cuts_question_then_reply(tiny_model_dir):
 
 
 def test_packing_keeps_every_sample_and_fits():
-    from utils import PackedDataset, collate
+    from utils import PackedDataset, collate, sample_counts
 
     # Two system prompts (ids 90.. and 80..), six samples: prompt + own tokens.
     examples = [
@@ -142,6 +142,11 @@ def test_packing_keeps_every_sample_and_fits():
     assert mask[: len(prefix)].tolist() == [-1] * len(prefix) and mask.max().item() == len(samples)
     own = len(samples[0]["input_ids"]) - len(prefix)
     assert positions[len(prefix)].item() == len(prefix) and positions[len(prefix) + own].item() == len(prefix)
+
+    # throughput counts the samples' own lengths, the shared prompt once per sample, as unpacked
+    assert sample_counts(rows) == (6, 13 + 20 + 25 + 35 + 45 + 53)
+    plain = collate(examples[:2], pad_id=0)
+    assert sample_counts(examples[:2]) == (2, int((plain["attention_mask"] != 0).sum()))
 
 
 @pytest.mark.parametrize("position_embedding", ["rope", "alibi"])
@@ -245,7 +250,7 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
 
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert {"train_loss", "lr", "ppl", "tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert {"train_loss", "lr", "ppl", "tokens_per_s", "samples_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train_loss")] == list(range(1, 13))
     assert math.isclose(events.Scalars("train_loss")[-1].value, steps[12], rel_tol=1e-6)
 
