@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--packing",
         action="store_true",
         help="pack samples of one role into max_len rows that hold its system prompt once; each sample "
-        "attends to the prompt and itself only",
+        "attends to the prompt and itself only. A batch then counts rows: on RoleBench a 512-token row holds "
+        "about 7 samples, so lower the batch size or the accumulation steps to keep the samples per step",
     )
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="base model: a local directory or a hub id")
