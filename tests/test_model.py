@@ -297,10 +297,17 @@ def labelled_batch():
 
 
 @pytest.mark.parametrize(
-    "chunk_elements, z_loss_weight, num_items",
-    [(2**25, 0.0, None), (3 * VOCAB, 0.0, None), (1, 0.0, None), (3 * VOCAB, 1e-2, None), (2 * VOCAB, 1e-3, 40)],
+    "chunk_elements, z_loss_weight, num_items, chunks",
+    [
+        (2**25, 0.0, None, [16]),
+        (3 * VOCAB, 0.0, None, [3, 3, 3, 3, 3, 1]),
+        (15 * VOCAB, 0.0, None, [8, 8]),  # split evenly, not 15 + 1
+        (1, 0.0, None, [1] * 16),
+        (3 * VOCAB, 1e-2, None, [3, 3, 3, 3, 3, 1]),
+        (2 * VOCAB, 1e-3, 40, [2] * 8),
+    ],
 )
-def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_weight, num_items):
+def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_weight, num_items, chunks):
     monkeypatch.setattr(modeling_baichuan, "LOSS_CHUNK_ELEMENTS", chunk_elements)
     model = tiny_model(seed=5, z_loss_weight=z_loss_weight)
     ids, labels = labelled_batch()
@@ -310,10 +317,10 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_w
 
     out = model(ids, labels=labels, num_items_in_batch=num_items)
     assert out.logits is None
-    labelled = int((labels[:, 1:] != -100).sum())
-    chunk = max(1, chunk_elements // VOCAB)
-    assert calls == [chunk] * (labelled // chunk) + [labelled % chunk] * (labelled % chunk > 0)
+    assert int((labels[:, 1:] != -100).sum()) == 16
+    assert calls == chunks  # the logits of each chunk are computed once: no recomputation in backward
     ours, our_grads = loss_and_grads(model, lambda m: m(ids, labels=labels, num_items_in_batch=num_items).loss)
+    assert calls == chunks * 2
     theirs, their_grads = loss_and_grads(model, lambda m: reference_loss(m, ids, labels, z_loss_weight, num_items))
     assert abs(ours.item() - theirs.item()) <= 1e-5
     assert ours.item() > 1.0
@@ -321,6 +328,30 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, chunk_elements, z_loss_w
     for name, grad in our_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_chunked_loss_gradients_scale_and_add_up():
+    """The gradient is computed in the forward pass and only scaled in backward: two losses of
+    different batches, weighted and summed before one backward, must still match the reference."""
+    model = tiny_model(seed=6, z_loss_weight=1e-3)
+    ids, labels = labelled_batch()
+    other = random_ids(2, 9, seed=14)
+    other_labels = other.clone()
+    other_labels[:, :4] = -100
+
+    def ours(m):
+        return 3 * m(ids, labels=labels).loss - 0.5 * m(other, labels=other_labels).loss
+
+    def theirs(m):
+        return 3 * reference_loss(m, ids, labels, 1e-3) - 0.5 * reference_loss(m, other, other_labels, 1e-3)
+
+    loss, grads = loss_and_grads(model, ours)
+    expected_loss, expected = loss_and_grads(model, theirs)
+    assert abs(loss.item() - expected_loss.item()) <= 1e-5
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        assert not model(ids, labels=labels).loss.requires_grad
 
 
 def test_chunked_loss_frozen_head_and_bf16(monkeypatch):
