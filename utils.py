@@ -278,10 +278,15 @@ class PackedDataset(torch.utils.data.Dataset):
         return [len(row["prefix"]) + sum(len(e["input_ids"]) - len(row["prefix"]) for e in row["samples"]) for row in self.rows]
 
 
+def samples_of(item: dict) -> list[dict]:
+    """The samples in one batch item: a packed row's, or the item itself."""
+    return item["samples"] if "prefix" in item else [item]
+
+
 def sample_counts(batch: list) -> tuple[int, int]:
     """(samples, their tokens) in a batch of samples or packed rows; a packed row's shared
     prompt counts once per sample, as each sample alone would have it."""
-    samples = [e for item in batch for e in (item["samples"] if "prefix" in item else [item])]
+    samples = [e for item in batch for e in samples_of(item)]
     return len(samples), sum(len(e["input_ids"]) for e in samples)
 
 
@@ -294,9 +299,8 @@ def collate(batch: list, pad_id: int) -> dict:
     """
     rows = []
     for item in batch:
-        prefix = item["prefix"] if "prefix" in item else []
-        samples = item["samples"] if "prefix" in item else [item]
-        rows.append((prefix, [(e["input_ids"][len(prefix) :], e["labels"][len(prefix) :]) for e in samples]))
+        prefix = item.get("prefix", [])
+        rows.append((prefix, [(e["input_ids"][len(prefix) :], e["labels"][len(prefix) :]) for e in samples_of(item)]))
     width = max(len(prefix) + sum(len(ids) for ids, _ in parts) for prefix, parts in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)

@@ -151,7 +151,9 @@ def row_stats(dataset) -> dict[str, list[int]]:
     """Per row: samples, their tokens (a packed row's shared prompt counted once per sample, as
     train.py's tokens/s counts them), tokens computed, and positions with a loss (label != -100,
     shifted)."""
-    rows = [row["samples"] for row in dataset.rows] if hasattr(dataset, "rows") else [[e] for e in dataset.examples]
+    from utils import samples_of
+
+    rows = [samples_of(dataset[i]) for i in range(len(dataset))]
     labelled = lambda e: sum(1 for x in e["labels"][1:] if x != -100)  # noqa: E731
     return {
         "samples": [len(r) for r in rows],
