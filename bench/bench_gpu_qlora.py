@@ -20,7 +20,10 @@ at the labelled positions in chunks. Printed: the GPU, parameter counts and dtyp
 `torch.cuda.max_memory_allocated` / `max_memory_reserved` over the steps (the model included)
 and tokens/s after the warm-up. With `--compare_full_logits`, the same steps are run again
 with the loss a plain training loop would compute: full (b, s, vocab) logits from the model,
-then F.cross_entropy on their fp32 copy. With `--deepspeed`, the same steps once more through
+then F.cross_entropy on their fp32 copy. With `--compare_packing N`, N random samples shaped like
+RoleBench-zh's (one 150-token role prompt, a short question and reply) are trained on as one padded
+batch and as train.py's --packing rows (utils.pack_examples and collate), and samples/s compared.
+With `--deepspeed`, the same steps once more through
 the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by train.fill_ds_config;
 torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's gradient bucket buffers; their
 size is printed. Goal: <= 8 GB peak for the chunked loss (the book measured 13 GB).
@@ -65,6 +68,14 @@ def parse_args(argv=None):
         "--deepspeed",
         action="store_true",
         help="also run the steps through the DeepSpeed engine train.py builds from ds_config.json (ZeRO-2 buckets)",
+    )
+    parser.add_argument(
+        "--compare_packing",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train on N RoleBench-shaped samples a step (one 150-token role prompt, a 5-30 token question, "
+        "a 10-50 token reply), once as a padded batch and once as --packing rows, and compare samples/s",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--json_out", help="also write the results as JSON to this file")
@@ -300,7 +311,7 @@ def run_steps(step, batch, device, steps, warmup) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    tokens = int(batch["attention_mask"].sum()) * steps
+    tokens = int((batch["attention_mask"] != 0).sum()) * steps  # packed rows mark their shared prompt -1
     result = {
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -313,6 +324,26 @@ def run_steps(step, batch, device, steps, warmup) -> dict:
     else:
         result["peak_rss_gib"] = peak_rss_bytes() / GIB
     return result
+
+
+def roleplay_batches(config, samples: int, max_len: int, seed: int) -> tuple[dict, dict]:
+    """`samples` random samples shaped like RoleBench-zh role-play ones, as train.py lays them out:
+    the same padded batch, and the same samples packed behind one copy of their role prompt."""
+    import random
+
+    from utils import collate, pack_examples
+
+    user, assistant = 195, 196  # Baichuan2-Chat's <reserved_106> and <reserved_107>
+    rng = random.Random(seed)
+    words = lambda n: [rng.randrange(3, config.vocab_size) for _ in range(n)]  # noqa: E731
+    prompt = words(150)
+    examples = []
+    for _ in range(samples):
+        question, reply = words(rng.randint(5, 30)), words(rng.randint(10, 50)) + [config.eos_token_id]
+        ids = prompt + [user] + question + [assistant] + reply
+        examples.append({"input_ids": ids, "labels": [-100] * (len(ids) - len(reply)) + reply, "prefix_len": len(prompt)})
+    rows = pack_examples(examples, max_len)
+    return collate(examples, config.pad_token_id), collate(rows, config.pad_token_id)
 
 
 def reset_peak_rss() -> None:
@@ -431,6 +462,15 @@ def main(argv=None) -> int:
         results["full_logits"] = run_steps(
             lambda: plain_step(model, optimizer, batch, dtype, full_logits=True), batch, device, args.steps, args.warmup
         )
+    if args.compare_packing:
+        plain, packed = roleplay_batches(config, args.compare_packing, args.max_len, args.seed + 2)
+        for name, layout in (("padded", plain), ("packed", packed)):
+            layout = {k: v.to(device) for k, v in layout.items()}
+            results[name] = run_steps(
+                lambda layout=layout: plain_step(model, optimizer, layout, dtype), layout, device, args.steps, args.warmup
+            )
+            results[name]["shape"] = list(layout["input_ids"].shape)
+            results[name]["samples_per_s"] = args.compare_packing / results[name]["step_s"]
     if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
         del optimizer
         model.zero_grad(set_to_none=True)
@@ -472,6 +512,16 @@ def main(argv=None) -> int:
             f"| {label} | {mem} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
         )
+    if args.compare_packing:
+        print(f"\n{args.compare_packing} RoleBench-shaped samples a step, model's chunked loss, plain AdamW loop:\n")
+        print("| layout | rows x positions | peak memory GiB | samples/s | x padded | s/step |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for name in ("padded", "packed"):
+            r = results[name]
+            mem = r["peak_allocated_gib"] if device.type == "cuda" else r["peak_rss_gib"]
+            speedup = r["samples_per_s"] / results["padded"]["samples_per_s"]
+            print(f"| {name} | {r['shape'][0]} x {r['shape'][1]} | {mem:.2f} | {r['samples_per_s']:.1f} | "
+                  f"{speedup:.2f} | {r['step_s']:.3f} |")
     if "deepspeed" in results:
         zero = results["deepspeed_zero"]
         print(
