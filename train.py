@@ -532,6 +532,11 @@ def main():
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
     )
+    # DeepSpeed's schedulers start before iteration 0 (at lr 0) and the engine advances them after
+    # each optimizer step, so the first two steps would both run at lr 0. Start them at iteration 0,
+    # as transformers' schedulers do; a resumed run then loads the saved position over it.
+    if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
+        scheduler.step()
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume_from_checkpoint:
         state = resume(args, engine, args.resume_from_checkpoint, world_size)

@@ -253,6 +253,11 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     assert {"train_loss", "lr", "ppl", "tokens_per_s", "samples_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train_loss")] == list(range(1, 13))
     assert math.isclose(events.Scalars("train_loss")[-1].value, steps[12], rel_tol=1e-6)
+    # lr 5e-3, warm-up ceil(0.1 x 12) = 2 steps from 0, then cosine down to 0.1 x lr at the last step;
+    # the second step already trains (DeepSpeed's schedulers alone would give it lr 0 too)
+    lrs = [e.value for e in events.Scalars("lr")]
+    assert lrs[:2] == pytest.approx([0.0, 2.5e-3]) and lrs[-1] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and max(lrs) <= 5e-3
 
 
 def test_checkpoint_loads_on_its_own_and_merge_matches_base_plus_adapter(trained, tiny_model_dir, tmp_path):
