@@ -125,19 +125,16 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------- shared
 
 
-def load_dataset(model_dir, train_path, max_len, max_src_len, packing=False):
-    """The samples exactly as train.py encodes them (RolePlayDataset, optionally packed)."""
+def load_dataset(model_dir, train_path, max_len, max_src_len):
+    """The samples exactly as train.py encodes them (RolePlayDataset)."""
     from transformers import GenerationConfig
 
     from baichuan.generation_utils import chat_token_ids
-    from utils import PackedDataset, RolePlayDataset, load_tokenizer
+    from utils import RolePlayDataset, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(model_dir))
-    dataset = RolePlayDataset(train_path, tokenizer, user_id, assistant_id, max_len, max_src_len)
-    if packing:
-        dataset = PackedDataset(dataset, max_len)
-    return tokenizer, dataset
+    return RolePlayDataset(train_path, tokenizer, user_id, assistant_id, max_len, max_src_len)
 
 
 def padding_share(batches, lengths) -> tuple[int, int]:
@@ -483,7 +480,7 @@ def main(argv=None) -> None:
         return
     import torch
 
-    from utils import length_grouped_batches
+    from utils import PackedDataset, length_grouped_batches
 
     keep = bool(args.workdir)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
@@ -491,11 +488,10 @@ def main(argv=None) -> None:
     try:
         notes = prepare(args)
         config = json.load(open(os.path.join(args.model_dir, "config.json")))
-        _, dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
+        dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
         stats = row_stats(dataset)
         lengths, labelled = stats["computed"], stats["labelled"]
-        _, packed = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len, packing=True)
-        packed_stats = row_stats(packed)
+        packed_stats = row_stats(PackedDataset(dataset, args.max_len))  # the same samples, tokenised once
         packed_lengths = packed_stats["computed"]
 
         # The batches train.py will take (epoch 0, seed 1234, one process), step by step.
