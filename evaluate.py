@@ -59,16 +59,16 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
-import data_helper
-from utils import UserError, exit_on_user_error, quiet_third_party
+from utils import UserError, exit_on_user_error, quiet_third_party, read_jsonl, write_atomic
+from utils import prompts as prompt_contract
+from utils import rolebench
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_BENCH = os.path.join(ROOT, "..", "shared", "rolebench")
 DEFAULT_BASELINE_FILES = [
-    os.path.join(SHARED_BENCH, "rolebench-zh", kind, "rolegpt_baseline.jsonl") for kind in data_helper.KINDS
+    os.path.join(SHARED_BENCH, "rolebench-zh", kind, "rolegpt_baseline.jsonl") for kind in rolebench.KINDS
 ]
 BASELINE_NAME = "RoleGPT"
 SPEC_SEPARATOR = "::"
@@ -124,7 +124,7 @@ def parse_args(argv=None):
              "role; no split, so questions count as split 'unknown' unless a row has a 'split' field)")
     group.add_argument(
         "--roles", default=None,
-        help=f"comma-separated roles to evaluate (default: {','.join(data_helper.DEFAULT_ROLES)} with "
+        help=f"comma-separated roles to evaluate (default: {','.join(rolebench.DEFAULT_ROLES)} with "
              f"--data_dir, every role in --test_file)")
     group.add_argument(
         "--limit", type=int, default=None,
@@ -195,7 +195,7 @@ def parse_model_spec(text):
 
 def check_model_spec(spec):
     """Problems with the directories of one model spec (empty list when fine)."""
-    from utils import check_model_dir
+    from utils.models import check_model_dir
 
     problems = []
     try:
@@ -239,7 +239,7 @@ def validate_args(args):
         problems.append("nothing to do: give --model (one or more), --baseline_only or --plot_run")
 
     if evaluating:
-        selected = data_helper.split_roles(args.roles) if args.roles is not None else None
+        selected = rolebench.split_roles(args.roles) if args.roles is not None else None
         if selected == []:
             problems.append("--roles: no role given")
         if args.test_file is not None:
@@ -247,18 +247,18 @@ def validate_args(args):
                 problems.append(f"{args.test_file}: test file not found")
         else:
             try:
-                roles = data_helper.load_roles(args.roles_file)
-            except data_helper.DataError as error:
+                roles = prompt_contract.load_roles(args.roles_file)
+            except UserError as error:
                 problems.append(str(error))
-            selected = selected or list(data_helper.DEFAULT_ROLES)
+            selected = selected or list(rolebench.DEFAULT_ROLES)
             unknown = [name for name in selected if roles is not None and name not in roles]
             if unknown:
                 problems.append(f"--roles: {', '.join(unknown)} not in {args.roles_file}")
             if not os.path.isdir(args.data_dir):
                 problems.append(f"{args.data_dir}: data folder not found")
             else:
-                for kind in data_helper.KINDS:
-                    path = os.path.join(args.data_dir, data_helper.INPUT_FILES[(kind, "test")])
+                for kind in rolebench.KINDS:
+                    path = os.path.join(args.data_dir, rolebench.INPUT_FILES[(kind, "test")])
                     if not os.path.isfile(path):
                         problems.append(f"{path}: test file not found")
         for path in args.baseline_file or []:
@@ -283,7 +283,7 @@ def validate_args(args):
         problems.append("--temperature / --top_p only apply with --do_sample")
     if args.model:
         try:
-            from utils import pick_device_dtype
+            from utils.models import pick_device_dtype
 
             pick_device_dtype(args.device)
         except (UserError, RuntimeError) as error:
@@ -319,24 +319,17 @@ def add_question(questions, index, split, role, question, instruction, reference
 
 def rolebench_rows(path):
     """Parsed rows of a file in RoleBench shape; a bad line is a UserError naming file and line."""
-    for number, text, problem in data_helper.read_lines(path):
-        try:
-            if problem is not None:
-                raise ValueError(problem)
-            row = data_helper.parse_row(text)
-        except ValueError as error:
-            raise UserError(f"{path}:{number}: {error}") from None
-        yield row
+    return rolebench.read_rows(path)
 
 
 def questions_from_data_dir(data_dir, roles, selected):
     """Test questions of the selected roles from the two RoleBench-zh test files, split kept."""
     questions, index = [], {}
-    for kind in data_helper.KINDS:
-        path = os.path.join(data_dir, data_helper.INPUT_FILES[(kind, "test")])
+    for kind in rolebench.KINDS:
+        path = os.path.join(data_dir, rolebench.INPUT_FILES[(kind, "test")])
         for row in rolebench_rows(path):
             if row["role"] in selected:
-                instruction = data_helper.build_system_prompt(row["role"], roles[row["role"]])
+                instruction = prompt_contract.build_system_prompt(row["role"], roles[row["role"]])
                 add_question(questions, index, kind, row["role"], row["question"], instruction, row["replies"])
     return questions
 
@@ -344,11 +337,8 @@ def questions_from_data_dir(data_dir, roles, selected):
 def questions_from_test_file(path, selected):
     """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs kept."""
     questions, index = [], {}
-    for number, text, problem in data_helper.read_lines(path):
+    for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
         try:
-            if problem is not None:
-                raise ValueError(problem)
-            row = json.loads(text)
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
             for field in ("instruction", "input", "output", "role"):
@@ -614,7 +604,7 @@ def evaluate_model(spec, questions, store, args):
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
-    from utils import load_for_inference
+    from utils.models import load_for_inference
 
     hf_logging.disable_progress_bar()
     model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code)
@@ -692,20 +682,6 @@ def aggregate(records, role_order):
 
 
 # ---------------------------------------------------------------- report: files
-
-
-def write_atomic(path, data):
-    """Write text or bytes to path through a temp file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def fmt(value, digits=4):
@@ -914,7 +890,7 @@ def load_questions(args, roles, selected):
             questions = questions_from_test_file(args.test_file, selected)
         else:
             questions = questions_from_data_dir(args.data_dir, roles, selected)
-    except data_helper.DataError as error:
+    except UserError as error:
         raise UserError(str(error)) from None
     questions = limit_questions(questions, args.limit)
     if not questions:
@@ -953,7 +929,7 @@ def run_baseline(args, questions, role_order):
         return None, None
     try:
         records = baseline_records(questions, load_baseline(paths))
-    except data_helper.DataError as error:
+    except UserError as error:
         raise UserError(str(error)) from None
     if not records:
         print(f"note: none of the {len(questions)} test questions is in the baseline files; no {BASELINE_NAME} row",

@@ -1,45 +1,39 @@
 """Fold a LoRA adapter into its base model and save a plain model directory.
 
-    python merge_params.py --ori_model_dir baichuan-inc/Baichuan2-7B-Chat \
-        --model_dir runs/roleplay/epoch-1-step-500 --save_model_dir runs/roleplay-merged --device 0
-    python merge_params.py ... --device -1        # on the CPU (fp32)
+On a GPU (bf16, or fp16 where bf16 is missing):
+    python merge_params.py --ori_model_dir baichuan-inc/Baichuan2-7B-Chat \\
+        --model_dir runs/roleplay/epoch-1-step-501 --save_model_dir runs/roleplay-merged --device 0
+On the CPU (fp32):
+    python merge_params.py ...same flags... --device -1
 
-The base is loaded in bf16/fp16 on a GPU (fp32 on the CPU), never in 4-bit: rounding the merged
-weights back to 4 bits would throw most of the adapter away. The result holds safetensors
-shards, the tokenizer, the generation config and the model code files, and is written under a
+The base is never loaded in 4-bit: rounding the merged weights back to 4 bits would throw most of
+the adapter away. The result holds safetensors shards, the tokenizer, the generation config, the
+model code files and the adapter's prompt record (roleplay.json), and is written under a
 temporary name that is renamed into place when complete.
 """
 
 import argparse
 import json
 import os
-import shutil
 
-from utils import (
-    UserError,
-    check_model_dir,
-    exit_on_user_error,
-    load_tokenizer_for,
-    pick_device_dtype,
-    print_rank_0,
-    quiet_third_party,
-)
+from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--ori_model_dir", required=True, help="the base model the adapter was trained on")
     parser.add_argument("--model_dir", required=True, help="the adapter: a checkpoint directory written by train.py")
     parser.add_argument("--save_model_dir", required=True, help="where to write the merged model (must not exist)")
     parser.add_argument("--device", default="-1", help="-1 for the CPU, N for cuda:N, or 'auto'")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard")
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="let transformers run code from the model directory"
-    )
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let transformers run code from the model directory")
     return parser.parse_args(argv)
 
 
 def validate_args(args) -> list[str]:
+    from utils.models import check_model_dir, pick_device_dtype
+
     problems = []
     try:
         check_model_dir(args.ori_model_dir, "base model")
@@ -53,8 +47,7 @@ def validate_args(args) -> list[str]:
             if quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
                 problems.append(
                     f"--ori_model_dir: {args.ori_model_dir!r} is a quantized model; merge into the original "
-                    "bf16/fp16 weights, since rounding the merged weights back to 4/8 bits loses the adapter"
-                )
+                    "bf16/fp16 weights, since rounding the merged weights back to 4/8 bits loses the adapter")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not os.path.isfile(os.path.join(args.model_dir, name)):
             problems.append(f"--model_dir: {args.model_dir!r} has no {name}")
@@ -69,37 +62,42 @@ def validate_args(args) -> list[str]:
 
 
 def main():
-    quiet_third_party()
     args = parse_args()
-    problems = validate_args(args)
-    if problems:
-        raise UserError("\nerror: ".join(problems))
+    exit_on_problems(validate_args(args))
 
-    import baichuan  # noqa: F401
+    from utils import atomic_directory, quiet_third_party
+
+    quiet_third_party()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import baichuan  # noqa: F401
+    from utils.models import cannot_load, load_tokenizer_for, pick_device_dtype
+    from utils.prompts import read_record, write_record
+
     device, dtype = pick_device_dtype(args.device)
-    print_rank_0(f"loading {args.ori_model_dir} in {dtype} on {device}")
-    base = AutoModelForCausalLM.from_pretrained(
-        args.ori_model_dir, dtype=dtype, device_map={"": device}, trust_remote_code=args.trust_remote_code
-    )
+    print(f"loading {args.ori_model_dir} in {dtype} on {device}", flush=True)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(args.ori_model_dir, dtype=dtype, device_map={"": device},
+                                                    trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise cannot_load(args.ori_model_dir, error) from None
     try:
         model = PeftModel.from_pretrained(base, args.model_dir)
     except RuntimeError as error:
-        first = str(error).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        lines = str(error).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
         raise UserError(f"adapter {args.model_dir!r} does not fit base {args.ori_model_dir!r}: {detail}") from None
     merged = model.merge_and_unload()
-
     tokenizer = load_tokenizer_for(args.ori_model_dir, args.model_dir, args.trust_remote_code)
-    parent = os.path.dirname(os.path.abspath(args.save_model_dir))
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(args.save_model_dir))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, args.save_model_dir)
-    print_rank_0(f"saved the merged model to {args.save_model_dir}")
+    record = read_record(args.model_dir)
+
+    with atomic_directory(args.save_model_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if record is not None:
+            write_record(tmp, record)
+    print(f"saved the merged model to {args.save_model_dir}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,146 +1,112 @@
-"""Web page to chat with a fine-tuned Baichuan2 role-play model (Gradio).
+"""A web page to chat with a fine-tuned Baichuan2 role-play model (Gradio).
 
-Launch (from the repository root):
-
-    # a merged model directory
+A merged model directory:
     python web_demo.py --model_path runs/roleplay-merged
-
-    # a base model plus a LoRA adapter (a training checkpoint)
+A base model plus a LoRA adapter (a training checkpoint):
     python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501
+Try the page on the quickstart's tiny model (it answers in noise):
+    bash scripts/quickstart.sh && python web_demo.py --model_path runs/quickstart/merged
 
-    # try the page without real weights: a tiny random model (it answers gibberish)
-    python -m baichuan.tiny --out runs/tiny --corpus data/sample/rolebench-zh_general_train.jsonl
-    python web_demo.py --model_path runs/tiny
+then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no share link unless
+`--host` / `--share` ask for it.
 
-    # reachable from other machines (opt-in; there is no login, so only on a trusted network)
-    python web_demo.py --model_path runs/roleplay-merged --host 0.0.0.0
+The radio offers the roles the model was trained on, with their trained system prompts (the
+model's roleplay.json; --roles_file plays other roles). Switching role starts a new conversation.
+The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
+Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
 
-then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no public share
-link unless `--host` / `--share` ask for it.
-
-The page: pick a role (switching role starts a new conversation), type a message, and the reply
-streams in token by token. Earlier turns go into the prompt; when the context is full the oldest
-whole rounds are dropped. The sliders are the settings generation uses (temperature 0 = greedy).
-
-At most `--concurrency` replies are generated at once and `--max_queue` more wait in line;
-beyond that Gradio turns requests away and the page shows "This application is currently busy.
-Please try again." (API clients get gradio_client's QueueError "Queue is full! Please try again.").
-
-API (gradio_client), the same endpoint the page uses:
+At most `--concurrency` replies are generated at once and `--max_queue` more wait for a slot;
+beyond that a request is turned away with "busy". gradio_client can use the page's endpoint:
 
     from gradio_client import Client
-    client = Client("http://127.0.0.1:9090")
-    job = client.submit("你好", [], "张飞", 128, 0.8, 0.8, api_name="/chat")
-    for text_box, history in job:   # history grows as the reply streams
+    job = Client("http://127.0.0.1:9090").submit("你好", [], "张飞", 128, 0.8, 0.8, api_name="/chat")
+    for text_box, history in job:   # history grows as the reply streams; pass it back for the next turn
         ...
-    # history: [{"role": "user", "content": [{"type": "text", "text": "你好"}]}, {"role": "assistant", ...}]
-    # pass it back as the second argument for the next turn
-
-An empty or too long message, an unknown role or a bad setting is refused before it joins the
-queue: gradio_client raises ValidationError with the reason, the page shows it by the input.
 """
 
 import argparse
 import logging
 import threading
 
-import gradio as gr
-
-from predict import (
-    add_model_args,
-    DEFAULT_ROLE,
-    DEFAULT_ROLES_FILE,
-    check_max_new_tokens,
-    check_role,
-    check_settings,
-    check_temperature,
-    check_top_p,
-    load_roles_file,
-    reply_stream,
-    role_messages,
-)
-from utils import UserError, exit_on_user_error, load_for_inference, quiet_third_party
+from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.chat import add_generation_args, add_model_args
 
 logger = logging.getLogger("web_demo")
 
 EMPTY_REPLY = "（没有生成内容 / the model produced no text）"
+BUSY = "busy: every generation slot and waiting place is taken; try again in a moment"
 
 
 def content_text(content) -> str:
-    """Chat message content as plain text.
-
-    Gradio 6 hands a message's content back either as a string or as a list of blocks
-    {"type": "text", "text": ...}; files and other components carry no text for the prompt.
-    """
+    """Chat message content as plain text. Gradio 6 hands content back as a string or as a list of
+    blocks {"type": "text", "text": ...}; files and other components carry no text for the prompt."""
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
         content = [content]
     if isinstance(content, list):
-        return "".join(
-            block.get("text", "") for block in content if isinstance(block, dict) and block.get("type") == "text"
-        )
+        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
     return ""
 
 
-def refuse(error: UserError) -> gr.Error:
-    """A bad request, shown to the user; no traceback in the server log, as nothing broke."""
-    return gr.Error(str(error), print_exception=False)
+class _Turn:
+    """A running reply: its stop event, and the chat to show once stopped (None: keep the reply)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.restart = None
 
 
 class RolePlayChat:
-    """The page's handlers, kept apart from the layout so that tests can call them directly."""
+    """The page's handlers, kept apart from the layout so that tests can call them directly.
 
-    def __init__(self, model, tokenizer, roles: dict[str, str], max_message_chars: int = 2000):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.roles = roles
+    Each running reply has a stop event, filed under its browser session: Stop, Clear and a role
+    switch set the session's events, and each of its replies then ends at once, yielding nothing
+    more, which frees its slot.
+    """
+
+    def __init__(self, model, tokenizer, roles, slots, max_message_chars: int = 2000):
+        self.model, self.tokenizer, self.roles, self.slots = model, tokenizer, roles, slots
         self.max_message_chars = max_message_chars
         self.model_max_length = model.config.model_max_length
-        # room for a prompt: a reply may use at most half of the context
-        self.max_new_tokens_limit = max(1, self.model_max_length // 2)
-
-    # ------------------------------------------------------------ checks
-
-    def check_message(self, text: str) -> None:
-        if not text.strip():
-            raise UserError("the message is empty: type something first")
-        if len(text) > self.max_message_chars:
-            raise UserError(
-                f"the message is too long ({len(text)} characters; at most {self.max_message_chars}): shorten it"
-            )
+        self.max_new_tokens_limit = max(1, self.model_max_length // 2)  # a reply may use half the context
+        self._stops: dict[str, set[_Turn]] = {}
+        self._stops_lock = threading.Lock()
 
     def clean_history(self, history) -> list[dict]:
-        """The conversation as {"role", "content": str} dicts, checked, and cut to what can matter.
+        """The conversation from the browser or an API client as {"role", "content": str} dicts,
+        checked like any input, and cut to the newest messages that could fit in the context."""
+        from utils.chat import newest_history
 
-        History comes from the browser or an API client, so it is checked like any input. Only
-        the newest messages that could fit in the context are kept (a token covers at most 16
-        characters with Baichuan2's tokenizer), so a huge history costs no tokenizing time.
-        """
         if history is None:
-            history = []
+            return []
         if not isinstance(history, list):
-            raise UserError("the history must be a list of {role, content} messages")
+            raise UserError("the history must be a list of messages")
         messages = []
         for message in history:
             if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
                 raise UserError("the history may only hold messages with role 'user' or 'assistant'")
             messages.append({"role": message["role"], "content": content_text(message.get("content"))})
-        budget = 16 * self.model_max_length
-        kept, total = [], 0
-        for message in reversed(messages):
-            total += len(message["content"])
-            if kept and total > budget:
-                break
-            kept.insert(0, message)
-        while len(kept) > 1 and kept[0]["role"] != "user":  # start on a whole round
-            kept.pop(0)
-        return kept
+        return newest_history(messages, self.model_max_length)
 
-    def validate(self, message, history, role, max_new_tokens, top_p, temperature) -> list[dict]:
+    def check(self, message, history, role, max_new_tokens, top_p, temperature):
+        """Every check of one turn's input, in the order of the inputs; returns the cleaned history."""
+        from utils.chat import check_message, check_settings
+        from utils.prompts import check_role
+
+        check_message(message, self.max_message_chars)
+        history = self.clean_history(history)
+        check_role(self.roles, role)
+        check_settings(max_new_tokens, top_p, temperature, self.max_new_tokens_limit)
+        return history
+
+    def validate(self, message, history, role, max_new_tokens, top_p, temperature) -> list:
         """Gradio validator of chat(): runs before a request joins the queue, so bad input never
-        waits in line. The page shows each problem next to its input without touching the chat;
-        gradio_client raises ValidationError with the reasons."""
+        waits in line; each problem shows next to its input (gradio_client: ValidationError)."""
+        import gradio as gr
+
+        from utils.chat import check_max_new_tokens, check_message, check_temperature, check_top_p
+        from utils.prompts import check_role
 
         def verdict(check, *args):
             try:
@@ -150,7 +116,7 @@ class RolePlayChat:
             return gr.validate(True, "")
 
         return [
-            verdict(self.check_message, message if isinstance(message, str) else ""),
+            verdict(check_message, message, self.max_message_chars),
             verdict(self.clean_history, history),
             verdict(check_role, self.roles, role),
             verdict(check_max_new_tokens, max_new_tokens, self.max_new_tokens_limit),
@@ -158,156 +124,215 @@ class RolePlayChat:
             verdict(check_temperature, temperature),
         ]
 
-    # ------------------------------------------------------------ handlers
+    def stop(self, request=None, restart: list | None = None) -> None:
+        """End this session's running replies, if any. With `restart`, each reply's last update shows
+        that chat instead of what was shown: updates of one reply reach the page in order, so an
+        update already on its way cannot bring the reply back after a Clear."""
+        with self._stops_lock:
+            for turn in self._stops.get(getattr(request, "session_hash", None), ()):
+                turn.restart = restart
+                turn.stop.set()
 
-    def chat(self, message: str, history, role: str, max_new_tokens, top_p, temperature):
-        """One turn: show the message, then stream the reply into the chat. Yields (text box, chat).
+    def chat(self, message, history, role, max_new_tokens, top_p, temperature, request=None):
+        """One turn: show the message, then stream the reply into the chat. Yields (text box, chat)."""
+        import gradio as gr
 
-        validate() has refused bad input already; the checks are repeated here for callers that
-        bypass it (tests, other Blocks), and raise gr.Error before anything changes.
-        """
+        from utils.chat import Busy, Cancelled, Sampling, role_messages, start_reply
+
         try:
-            check_role(self.roles, role)
-            check_settings(max_new_tokens, top_p, temperature, self.max_new_tokens_limit)
-            self.check_message(message if isinstance(message, str) else "")
-            history = self.clean_history(history)
+            history = self.check(message, history, role, max_new_tokens, top_p, temperature)
         except UserError as error:
-            raise refuse(error) from None
+            raise gr.Error(str(error), print_exception=False) from None
+        session, turn = getattr(request, "session_hash", None), _Turn()
+        with self._stops_lock:
+            self._stops.setdefault(session, set()).add(turn)
         history.append({"role": "user", "content": message})
-        messages = role_messages(self.roles, role, history)
+        messages = role_messages(self.roles[role], history)
         reply = ""
-        yield "", [*history, {"role": "assistant", "content": reply}]
-        stop = threading.Event()
         try:
-            for reply in reply_stream(self.model, self.tokenizer, messages, max_new_tokens, top_p, temperature,
-                                      stop=stop):
-                # the text box is left alone while streaming: the user may be typing the next message
-                yield gr.skip(), [*history, {"role": "assistant", "content": reply}]
+            with self.slots.place() as slot:
+                yield "", [*history, {"role": "assistant", "content": reply}]
+                with slot(turn.stop):
+                    for reply in start_reply(self.model, self.tokenizer, messages,
+                                             Sampling(max_new_tokens, top_p, temperature), turn.stop):
+                        if turn.stop.is_set():
+                            break
+                        # the text box is left alone while streaming: the user may be typing the next message
+                        yield gr.skip(), [*history, {"role": "assistant", "content": reply}]
+        except Busy:
+            raise gr.Error(BUSY, print_exception=False) from None
+        except Cancelled:
+            pass
         except UserError as error:
-            raise refuse(error) from None
+            raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:
-            # show the failure in the page instead of a bare "Error" badge
-            logger.exception("generation failed")
+            logger.exception("generation failed")  # shown in the page instead of a bare "Error" badge
             raise gr.Error(f"generation failed: {type(error).__name__}: {error}", print_exception=False) from None
         finally:
-            # Clear, a new role or a closed tab cancels this generator: stop the model thread too
-            stop.set()
-        if not reply.strip():
+            with self._stops_lock:
+                self._stops[session].discard(turn)
+                if not self._stops[session]:
+                    del self._stops[session]
+        if turn.stop.is_set():
+            if turn.restart is not None:
+                yield gr.skip(), turn.restart
+        elif not reply.strip():
             yield gr.skip(), [*history, {"role": "assistant", "content": EMPTY_REPLY}]
 
+    def greeting(self, role) -> list[dict]:
+        """The chat a role starts with: its greeting, when it has one."""
+        greeting = self.roles[role].greeting if role in self.roles else None
+        return [{"role": "assistant", "content": greeting}] if greeting else []
 
-def build_demo(
-    model,
-    tokenizer,
-    roles: dict[str, str],
-    default_role: str | None = None,
-    max_new_tokens: int = 512,
-    top_p: float = 0.8,
-    temperature: float = 0.8,
-    max_message_chars: int = 2000,
-    concurrency: int = 1,
-    max_queue: int = 16,
-) -> gr.Blocks:
-    """The chat page for one loaded model, with its queue set up; launch it with demo.launch()."""
-    chat = RolePlayChat(model, tokenizer, roles, max_message_chars)
-    default_role = check_role(roles, default_role or (DEFAULT_ROLE if DEFAULT_ROLE in roles else next(iter(roles))))
-    check_settings(max_new_tokens, top_p, temperature)
+
+def build_demo(chat: RolePlayChat, default_role: str, sampling):
+    """The chat page (a small gr.Blocks, as Gradio's chatbot_streaming demo)."""
+    import gradio as gr
 
     # analytics off: a local demo should not report its use to Gradio's servers
     with gr.Blocks(title="Baichuan2 角色扮演 role-play", analytics_enabled=False) as demo:
         gr.Markdown("## Baichuan2 角色扮演 · role-play chat")
         with gr.Row():
             with gr.Column(scale=4):
-                # sanitize_html strips scripts and event handlers; allow_tags=False also drops
-                # custom tags, so neither a message nor a model reply can inject markup
-                chatbot = gr.Chatbot(
-                    label="对话 Chat", elem_id="chatbot", height=480, sanitize_html=True, allow_tags=False,
-                    buttons=["copy", "copy_all"], feedback_options=None,
-                )
-                msg = gr.Textbox(
-                    label="消息 Message", elem_id="message", lines=1, max_lines=6,
-                    placeholder="输入消息，按 Enter 发送 (type a message, Enter sends)",
-                )
+                # sanitize_html strips scripts and event handlers; allow_tags=False also drops custom
+                # tags, so neither a message nor a model reply can inject markup
+                chatbot = gr.Chatbot(chat.greeting(default_role), label="对话 Chat", elem_id="chatbot", height=480,
+                                     sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                                     feedback_options=None)
+                msg = gr.Textbox(label="消息 Message", elem_id="message", lines=1, max_lines=6,
+                                 placeholder="输入消息，按 Enter 发送 (type a message, Enter sends)")
                 with gr.Row():
                     submit = gr.Button("发送 Submit", variant="primary", elem_id="submit")
+                    stop = gr.Button("停止 Stop", elem_id="stop")
                     clear = gr.Button("清空 Clear", elem_id="clear")
             with gr.Column(scale=1):
-                role = gr.Radio(list(roles), value=default_role, label="角色 Role (switching starts a new chat)",
-                                elem_id="role")
+                role = gr.Radio(list(chat.roles), value=default_role, elem_id="role",
+                                label="角色 Role (switching starts a new chat)")
                 limit = chat.max_new_tokens_limit
-                new_tokens = gr.Slider(1, limit, value=min(max_new_tokens, limit), step=1,
+                new_tokens = gr.Slider(1, limit, value=min(sampling.max_new_tokens, limit), step=1,
                                        label="max new tokens", elem_id="max_new_tokens")
-                nucleus = gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="top_p", elem_id="top_p")
-                heat = gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="temperature (0 = greedy)",
+                nucleus = gr.Slider(0.05, 1.0, value=sampling.top_p, step=0.05, label="top_p", elem_id="top_p")
+                heat = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="temperature (0 = greedy)",
                                  elem_id="temperature")
 
-        # Enter and Submit run the same queued, streaming handler (api_name "chat" for clients);
-        # its progress and errors show on the chat only, never hiding the message being typed.
-        # A request beyond the queue bound is turned away by Gradio with "This application is
-        # currently busy. Please try again."; the message stays in the box to be sent again.
-        turn = gr.on([msg.submit, submit.click], chat.chat, [msg, chatbot, role, new_tokens, nucleus, heat],
+        # Gradio hands a handler the request (and so the browser session) through this annotation
+        def respond(message, history, role, max_new_tokens, top_p, temperature, request: gr.Request):
+            yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request)
+
+        def stop_reply(request: gr.Request):
+            chat.stop(request)
+
+        def start_over(role, request: gr.Request):
+            chat.stop(request, restart=chat.greeting(role))
+            return chat.greeting(role)
+
+        def clear_chat(role, request: gr.Request):
+            return start_over(role, request), ""
+
+        # Enter and Submit run the same streaming handler (api_name "chat" for clients); its progress
+        # and errors show on the chat only, never hiding the message being typed.
+        gr.on([msg.submit, submit.click], respond, [msg, chatbot, role, new_tokens, nucleus, heat],
                      [msg, chatbot], api_name="chat", validator=chat.validate, preprocess=False,
                      show_progress_on=chatbot)
-        # Clear (the button or the chat's trash icon) and a new role start over, keeping a draft
-        # message on a role switch; all of them stop a reply still streaming
-        clear.click(lambda: ([], ""), None, [chatbot, msg], queue=False, cancels=[turn], api_visibility="private")
-        chatbot.clear(lambda: None, None, None, queue=False, cancels=[turn], api_visibility="private")
-        role.change(lambda: [], None, chatbot, queue=False, cancels=[turn], api_visibility="private")
-
-    demo.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+        # Stop keeps what was shown; Clear (the button or the chat's trash icon) and a new role start
+        # over, keeping a draft message on a role switch. Each ends the running reply at once (its
+        # stop event), and the reply's own last update shows the new start.
+        private = {"queue": False, "api_visibility": "private"}
+        stop.click(stop_reply, None, None, **private)
+        clear.click(clear_chat, role, [chatbot, msg], **private)
+        chatbot.clear(start_over, role, chatbot, **private)
+        role.change(start_over, role, chatbot, **private)
+    # the bound on concurrent replies is chat.slots, shared with the API: Gradio only runs the handlers
+    demo.queue(default_concurrency_limit=None, max_size=None)
     return demo
 
 
+def build_app(demo, chat: RolePlayChat):
+    """The page (and, at the same address, anything else served beside it) as one FastAPI app."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    return gr.mount_gradio_app(app, demo, path="")
+
+
+def listen(host: str, port: int):
+    """A socket bound to host:port (port 0: a free one), or a one-line UserError."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def make_server(app):
+    """A uvicorn server for `app`; `.run(sockets=[listen(...)])` serves until Ctrl-C."""
+    import uvicorn
+
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none"))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)
-
-    group = parser.add_argument_group("roles")
-    group.add_argument("--roles_file", default=DEFAULT_ROLES_FILE,
-                       help="JSON object role name -> description (default: data/roles.json)")
-    group.add_argument("--default_role", help=f"role selected when the page opens (default: {DEFAULT_ROLE})")
-
-    group = parser.add_argument_group("generation (the sliders' starting values)")
-    group.add_argument("--max_new_tokens", type=int, default=512, help="longest reply in tokens (default: %(default)s)")
-    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.8,
-                       help="sampling temperature, 0 = greedy (default: %(default)s)")
-    group.add_argument("--max_message_chars", type=int, default=2000,
-                       help="longer messages are refused (default: %(default)s)")
-
+    parser.add_argument_group("model").add_argument(
+        "--default_role", help="role selected when the page opens (default: the model's first role)")
+    add_generation_args(parser, "generation (the sliders' starting values)").add_argument(
+        "--max_message_chars", type=int, default=2000, help="longer messages are refused")
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on; 0.0.0.0 opens the page to the network (default: %(default)s)")
-    group.add_argument("--port", type=int, default=9090, help="port to listen on (default: %(default)s)")
+                       help="address to listen on; 0.0.0.0 opens the page to the network")
+    group.add_argument("--port", type=int, default=9090, help="port to listen on")
     group.add_argument("--share", action="store_true",
                        help="also make a public gradio.live link (off unless asked: anyone with the link can use it)")
-    group.add_argument("--concurrency", type=int, default=1,
-                       help="replies generated at the same time (default: %(default)s)")
+    group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
-                       help="requests waiting in line; more are told the page is busy (default: %(default)s)")
+                       help="requests waiting for a generation slot; more are told the server is busy")
     return parser.parse_args(argv)
+
+
+def validate_args(args) -> list[str]:
+    from utils.chat import check_settings
+
+    problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
+                for name in ("max_message_chars", "concurrency", "max_queue") if getattr(args, name) < 1]
+    if not 0 < args.port < 65536:
+        problems.append(f"--port must be in 1..65535, got {args.port}")
+    try:
+        check_settings(args.max_new_tokens, args.top_p, args.temperature)
+    except UserError as error:
+        problems.append(str(error))
+    return problems
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    exit_on_problems(validate_args(args))
+
+    from utils import quiet_third_party
+
     quiet_third_party()
-    for name in ("max_message_chars", "concurrency", "max_queue"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    check_settings(args.max_new_tokens, args.top_p, args.temperature)
-    roles = load_roles_file(args.roles_file)
-    if args.default_role is not None:
-        check_role(roles, args.default_role)
+    from utils.chat import GenerationSlots, Sampling
+    from utils.models import load_for_inference
+    from utils.prompts import check_role, load_prompts
+
+    prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
+    default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
     model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
-    demo = build_demo(
-        model, tokenizer, roles, args.default_role, args.max_new_tokens, args.top_p, args.temperature,
-        args.max_message_chars, args.concurrency, args.max_queue,
-    )
-    try:
+    chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
+                        args.max_message_chars)
+    demo = build_demo(chat, default_role, Sampling(args.max_new_tokens, args.top_p, args.temperature))
+    if args.share:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share)
-    except OSError as error:  # e.g. the port is taken
-        raise UserError(f"cannot serve on {args.host}:{args.port}: {error}") from None
+        return
+    sock = listen(args.host, args.port)
+    print(f"serving on http://{args.host}:{args.port}", flush=True)
+    make_server(build_app(demo, chat)).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ Layout of one prompt, as token ids:
 """
 
 from collections.abc import Iterator
-from threading import Thread
+from threading import Event, Thread
 
 import torch
-from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 
 def chat_token_ids(generation_config: GenerationConfig) -> tuple[int, int]:
@@ -100,45 +100,100 @@ def chat_template(tokenizer, generation_config: GenerationConfig) -> str:
     )
 
 
-def stream_chat(
-    model,
-    tokenizer,
-    messages: list[dict],
-    max_new_tokens: int | None = None,
-    timeout: float | None = None,
-    **generate_kwargs,
-) -> Iterator[str]:
-    """Yield the reply to `messages` as it grows, one decoded piece at a time.
+class _CountingStreamer(TextIteratorStreamer):
+    """A text streamer that also keeps the generated ids (the first `put` is the prompt)."""
 
-    Generation runs in a thread; an error there is raised here once the stream stops.
-    `generate_kwargs` (temperature, top_p, do_sample, ...) override the generation config.
+    def __init__(self, tokenizer, **kwargs):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
+        self.generated: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.generated.extend(value.reshape(-1).tolist())
+        self._prompt_seen = True
+        super().put(value)
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once `event` is set (Stop, Clear, a closed request)."""
+
+    def __init__(self, event: Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ChatStream:
+    """The reply to `messages`, generated in a thread: iterating yields the whole reply so far,
+    each time it grows. Generation stops early when `stop` is set; an error in the thread is raised
+    here once the stream ends. After the stream, `prompt_tokens`, `completion_tokens` and
+    `finish_reason` ("stop": eos, or stopped by `stop`; "length": max_new_tokens reached) are set.
+    A `seed` is set on torch's global generator as generation starts, which makes the reply
+    reproducible when one reply is generated at a time. `generate_kwargs` (temperature, top_p, do_sample, ...) override the generation config.
     """
-    generation_config = model.generation_config
-    max_new_tokens = max_new_tokens or generation_config.max_new_tokens
-    ids = build_chat_input(tokenizer, messages, generation_config, model.config.model_max_length, max_new_tokens)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=timeout)
-    failure: list[BaseException] = []
 
-    def generate():
+    def __init__(self, model, tokenizer, messages: list[dict], max_new_tokens: int | None = None,
+                 stop: Event | None = None, timeout: float | None = None, seed: int | None = None,
+                 **generate_kwargs):
+        generation_config = model.generation_config
+        self.max_new_tokens = max_new_tokens or generation_config.max_new_tokens
+        self.ids = build_chat_input(tokenizer, messages, generation_config, model.config.model_max_length,
+                                    self.max_new_tokens)
+        self.prompt_tokens = len(self.ids)
+        self.stop = stop if stop is not None else Event()
+        self.completion_tokens = 0
+        self.finish_reason = None
+        self._seed = seed
+        self._model, self._streamer = model, _CountingStreamer(tokenizer, timeout=timeout)
+        criteria = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), _StopOnEvent(self.stop)])
+        self._generate_kwargs = {**generate_kwargs, "stopping_criteria": criteria}
+        eos = generation_config.eos_token_id
+        self._eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+
+    def _generate(self, failure: list):
+        device = self._model.device
         try:
-            model.generate(
-                inputs=torch.tensor([ids], device=model.device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-                streamer=streamer,
-                max_new_tokens=max_new_tokens,
-                **generate_kwargs,
+            if self._seed is not None:
+                torch.manual_seed(self._seed)
+            self._model.generate(
+                inputs=torch.tensor([self.ids], device=device),
+                attention_mask=torch.ones(1, len(self.ids), dtype=torch.long, device=device),
+                streamer=self._streamer,
+                max_new_tokens=self.max_new_tokens,
+                **self._generate_kwargs,
             )
         except BaseException as error:  # noqa: BLE001 - handed to the consumer thread
             failure.append(error)
-            streamer.end()
+            self._streamer.end()
 
-    thread = Thread(target=generate, daemon=True)
-    thread.start()
-    reply = ""
-    for piece in streamer:
-        if piece:  # the streamer ends with an empty flush: do not repeat the last reply
-            reply += piece
-            yield reply
-    thread.join()
-    if failure:
-        raise failure[0]
+    def __iter__(self) -> Iterator[str]:
+        failure: list[BaseException] = []
+        thread = Thread(target=self._generate, args=(failure,), daemon=True)
+        thread.start()
+        reply = ""
+        try:
+            for piece in self._streamer:
+                if piece:  # the streamer ends with an empty flush: do not repeat the last reply
+                    reply += piece
+                    yield reply
+        except BaseException:  # the consumer went away (a closed request): do not leave the model generating
+            self.stop.set()
+            thread.join()
+            raise
+        thread.join()
+        if failure:
+            raise failure[0]
+        generated = self._streamer.generated
+        self.completion_tokens = len(generated)
+        ended = bool(generated) and generated[-1] in self._eos
+        self.completion_tokens -= ended  # the eos is not part of the reply
+        self.finish_reason = "stop" if ended or self.stop.is_set() or len(generated) < self.max_new_tokens \
+            else "length"
+
+
+def stream_chat(model, tokenizer, messages: list[dict], max_new_tokens: int | None = None, timeout: float | None = None,
+                **generate_kwargs) -> ChatStream:
+    """The reply to `messages` as it grows (a ChatStream), like the official `model.chat(stream=True)`."""
+    return ChatStream(model, tokenizer, messages, max_new_tokens, timeout=timeout, **generate_kwargs)

@@ -10,7 +10,7 @@ No download: the model is built from `BaichuanConfig()` (Baichuan2-7B: 32 layers
 `Linear4bit` whose random bf16 weight is drawn on the GPU and quantised there (NF4, double
 quantisation) one layer at a time, so no full-precision copy of the model ever exists.
 Embeddings, norms and lm_head get random bf16 weights directly on the GPU. The model goes
-through `train.load_model` itself (its `from_pretrained` call answered by this builder, with the
+through `utils.models.load_for_training` itself (its `from_pretrained` call answered by this builder, with the
 BitsAndBytesConfig train.py passes), so freezing, gradient checkpointing and LoRA are exactly
 train.py's: its defaults r=8, alpha 30, dropout 0.1, every linear layer but lm_head.
 
@@ -24,7 +24,7 @@ then F.cross_entropy on their fp32 copy. With `--compare_packing N`, N random sa
 RoleBench-zh's (one 150-token role prompt, a short question and reply) are trained on as one padded
 batch and as train.py's --packing rows (utils.pack_examples and collate), and samples/s compared.
 With `--deepspeed`, the same steps once more through
-the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by train.fill_ds_config;
+the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by utils.training.fill_ds_config;
 torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's gradient bucket buffers; their
 size is printed. Goal: <= 8 GB peak for the chunked loss (the book measured 13 GB).
 
@@ -32,7 +32,6 @@ Without a CUDA device it stops with an error (exit status 2) unless `--device cp
 """
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -169,9 +168,11 @@ def build_4bit(config, device: torch.device, dtype: torch.dtype, quantization, s
 
 
 def load_like_train_py(config, args, device, dtype):
-    """The model as `train.load_model` makes it, with its from_pretrained answered by build_4bit."""
-    import train
+    """The model as `utils.models.load_for_training` makes it, with its from_pretrained answered by build_4bit."""
     from transformers import AutoModelForCausalLM
+
+    import train
+    from utils.models import load_for_training
 
     argv = ["--model_name_or_path", "random-weights"]
     if not args.no_gradient_checkpointing:
@@ -189,14 +190,14 @@ def load_like_train_py(config, args, device, dtype):
     own = AutoModelForCausalLM.__dict__.get("from_pretrained")  # None: inherited from the base class
     AutoModelForCausalLM.from_pretrained = staticmethod(from_pretrained)
     try:
-        model = train.load_model(train_args, device, dtype)
+        model = load_for_training(train_args, device, dtype)
     finally:
         if own is None:
             del AutoModelForCausalLM.from_pretrained
         else:
             AutoModelForCausalLM.from_pretrained = own
     if seen.get("quantization_config") is None:
-        raise RuntimeError("train.load_model asked for no 4-bit quantisation")
+        raise RuntimeError("utils.models.load_for_training asked for no 4-bit quantisation")
     return model, train_args
 
 
@@ -246,19 +247,11 @@ def deepspeed_engine(model, train_args, device, dtype, total_steps):
     """The DeepSpeed engine train.py makes: ds_config.json with its 'auto' values filled in."""
     import deepspeed
 
-    import train
-    from utils import quiet_deepspeed
+    from utils.training import fill_ds_config, read_ds_config, setup_distributed
 
-    train.setup_distributed(train_args)  # a one-process group, as a bare `python train.py` makes
-    quiet_deepspeed()
-    config = train.read_ds_config(os.path.join(ROOT, "ds_config.json"))
-    fill_kwargs = {"world_size": 1, "dtype": dtype, "total_steps": total_steps}
-    if "device" in inspect.signature(train.fill_ds_config).parameters:  # older train.py
-        fill_kwargs["device"] = device
-    config = train.fill_ds_config(config, train_args, **fill_kwargs)
-    # torch's AdamW instead of FusedAdam, which DeepSpeed would first compile with nvcc (minutes, or
-    # an error where no CUDA toolkit is installed); the optimizer state is the same size.
-    config["optimizer"].setdefault("params", {})["torch_adam"] = True
+    setup_distributed(train_args.local_rank)  # a one-process group, as a bare `python train.py` makes
+    config = read_ds_config(os.path.join(ROOT, "ds_config.json"))
+    config = fill_ds_config(config, train_args, world_size=1, dtype=dtype, total_steps=total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
     )
@@ -331,7 +324,7 @@ def roleplay_batches(config, samples: int, max_len: int, seed: int) -> tuple[dic
     the same padded batch, and the same samples packed behind one copy of their role prompt."""
     import random
 
-    from utils import collate, pack_examples
+    from utils.data import collate, pack_examples
 
     user, assistant = 195, 196  # Baichuan2-Chat's <reserved_106> and <reserved_107>
     rng = random.Random(seed)
@@ -385,7 +378,9 @@ def main(argv=None) -> int:
         print("error: --deepspeed runs on cuda:LOCAL_RANK (cuda:0); select the GPU with CUDA_VISIBLE_DEVICES", file=sys.stderr)
         return 2
 
-    from utils import pick_device_dtype, print_trainable_parameters, quiet_third_party
+    from utils import quiet_third_party
+    from utils.models import pick_device_dtype
+    from utils.training import print_trainable_parameters
 
     quiet_third_party()
     device, dtype = pick_device_dtype(str(device))  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs

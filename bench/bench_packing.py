@@ -3,7 +3,7 @@
     python bench/bench_packing.py [--samples 192] [--reps 3]
 
 Builds a tiny Baichuan2 with the real 125,696-token vocabulary (../shared/baichuan2, else a
-corpus-trained one), loads it through train.load_model (NF4 base, LoRA r=8 on every linear layer
+corpus-trained one), loads it through utils.models.load_for_training (NF4 base, LoRA r=8 on every linear layer
 but lm_head, gradient checkpointing), and times forward + backward + AdamW over the same samples
 (RoleBench-zh train via data_helper.py when ../shared/rolebench exists, else data/sample), once as
 length-grouped batches of 4 samples and once as packed rows of 4, interleaved over `--reps` rounds.
@@ -48,7 +48,9 @@ def main():
     import train
     from baichuan.generation_utils import chat_token_ids
     from transformers import GenerationConfig
-    from utils import PackedDataset, RolePlayDataset, collate, length_grouped_batches, load_tokenizer, quiet_third_party
+    from utils import quiet_third_party
+    from utils.data import PackedDataset, RolePlayDataset, collate, length_grouped_batches
+    from utils.models import load_for_training, load_tokenizer
 
     quiet_third_party()
     torch.manual_seed(0)
@@ -59,11 +61,11 @@ def main():
         dataset = RolePlayDataset(data, tokenizer, user_id, assistant_id, cli.max_len, 256)
         dataset.examples = random.Random(0).sample(dataset.examples, min(cli.samples, len(dataset.examples)))
         args = train.parse_args(["--model_name_or_path", model_dir, "--gradient_checkpointing"])
-        model = train.load_model(args, torch.device("cpu"), torch.float32)
+        model = load_for_training(args, torch.device("cpu"), torch.float32)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         lengths = dataset.lengths()
-        plain = [[dataset[i] for i in b] for b in length_grouped_batches(lengths, cli.batch, 0, 0, group=50)]
+        plain = [[dataset[i] for i in b] for b in length_grouped_batches(lengths, cli.batch, 0, 0)]
         packed_rows = PackedDataset(dataset, cli.max_len).rows
         packed = [packed_rows[i : i + cli.batch] for i in range(0, len(packed_rows), cli.batch)]
         sides = {"plain batches": plain, "--packing": packed}

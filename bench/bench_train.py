@@ -130,7 +130,8 @@ def load_dataset(model_dir, train_path, max_len, max_src_len):
     from transformers import GenerationConfig
 
     from baichuan.generation_utils import chat_token_ids
-    from utils import RolePlayDataset, load_tokenizer
+    from utils.data import RolePlayDataset
+    from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(model_dir))
@@ -148,7 +149,7 @@ def row_stats(dataset) -> dict[str, list[int]]:
     """Per row: samples, their tokens (a packed row's shared prompt counted once per sample, as
     train.py's tokens/s counts them), tokens computed, and positions with a loss (label != -100,
     shifted)."""
-    from utils import samples_of
+    from utils.data import samples_of
 
     rows = [samples_of(dataset[i]) for i in range(len(dataset))]
     labelled = lambda e: sum(1 for x in e["labels"][1:] if x != -100)  # noqa: E731
@@ -200,7 +201,8 @@ def hf_child(args) -> None:
 
     import baichuan  # noqa: F401  (registers the Auto classes)
     from baichuan.generation_utils import chat_token_ids
-    from utils import encode_sample, find_all_linear_names, load_tokenizer, read_samples
+    from utils.data import encode_sample, read_samples
+    from utils.models import load_tokenizer
 
     gc_on = not args.no_gradient_checkpointing
     # The same samples as train.py's (utils.encode_sample), kept as the Python lists it returns, the way a
@@ -232,7 +234,7 @@ def hf_child(args) -> None:
         r=8,
         lora_alpha=30,
         lora_dropout=0.1,
-        target_modules=find_all_linear_names(model),
+        target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
@@ -480,7 +482,7 @@ def main(argv=None) -> None:
         return
     import torch
 
-    from utils import PackedDataset, length_grouped_batches
+    from utils.data import PackedDataset, length_grouped_batches
 
     keep = bool(args.workdir)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-")

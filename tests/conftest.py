@@ -9,6 +9,7 @@ Everything is session-scoped and built in well under a second; treat the outputs
 """
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,20 @@ HAVE_REAL_TOKENIZER = REAL_TOKENIZER.is_file()
 requires_real_tokenizer = pytest.mark.skipif(not HAVE_REAL_TOKENIZER, reason=f"{REAL_TOKENIZER} is missing")
 
 TINY_VOCAB_SIZE = 1200
+
+
+def normal_file_mode() -> int:
+    """The mode a file created with the process's umask gets (0o644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def assert_normal_permissions(directory) -> None:
+    """Every file under `directory` has the umask's normal mode (no 0600 left from a temp file)."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == normal_file_mode(), (path, oct(path.stat().st_mode & 0o777))
 
 
 def sample_texts() -> list[str]:

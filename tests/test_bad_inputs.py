@@ -55,7 +55,7 @@ TRAIN_CASES = [
     ("zero LoRA rank", {"extra": ["--lora_dim", "0"]}, ["--lora_dim"]),
     ("negative learning rate", {"extra": ["--learning_rate", "-1"]}, ["--learning_rate"]),
     ("warmup ratio of 1", {"extra": ["--warmup_ratio", "1"]}, ["--warmup_ratio"]),
-    ("unreadable DeepSpeed config", {"extra": ["--ds_file", str(BAD)]}, ["--ds_file", "cannot read"]),
+    ("unreadable DeepSpeed config", {"extra": ["--ds_file", str(BAD)]}, ["--ds_file", "is a directory"]),
     ("missing DeepSpeed config", {"extra": ["--ds_file", "/nonexistent/ds.json"]}, ["--ds_file", "/nonexistent"]),
     ("truncated DeepSpeed config", {"extra": ["--ds_file", str(BAD / "ds_truncated.json")]}, ["ds_truncated.json", "JSON"]),
     ("DeepSpeed config not an object", {"extra": ["--ds_file", str(BAD / "ds_not_an_object.json")]}, ["ds_not_an_object.json"]),

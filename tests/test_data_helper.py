@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_normal_permissions
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "data_helper.py"
 SAMPLE = ROOT / "data" / "sample"
@@ -20,6 +22,9 @@ BAD = Path(__file__).resolve().parent / "bad_inputs" / "data_helper"
 
 sys.path.insert(0, str(ROOT))
 import data_helper  # noqa: E402
+from utils import UserError  # noqa: E402
+from utils.prompts import SYSTEM_TEMPLATE, build_system_prompt, load_roles  # noqa: E402
+from utils.rolebench import strip_addressee  # noqa: E402
 
 GT, GS = "rolebench-zh_general_train.jsonl", "rolebench-zh_role_specific_train.jsonl"
 TG, TS = "rolebench-zh_general_test.jsonl", "rolebench-zh_role_specific_test.jsonl"
@@ -78,14 +83,18 @@ def test_sample_counts_and_fields(out):
     assert counts["李白"] == (30, 42, 8, 11)
     train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
     assert (len(train), len(test)) == (121, 32)
-    roles = data_helper.load_roles(ROLES_FILE)
+    roles = load_roles(ROLES_FILE)
     for sample in train + test:
         assert set(sample) == {"instruction", "input", "output", "role"}
         assert sample["role"] in DEFAULT_ROLES
-        assert sample["instruction"] == data_helper.build_system_prompt(
+        assert sample["instruction"] == build_system_prompt(
             sample["role"], roles[sample["role"]])
         assert sample["input"] and sample["output"]
-    assert sorted(os.listdir(out)) == ["test.jsonl", "train.jsonl"]
+    assert sorted(os.listdir(out)) == ["prompts.json", "test.jsonl", "train.jsonl"]
+    side = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
+    assert side["system_template"] == SYSTEM_TEMPLATE
+    assert side["roles"] == {s["role"]: {"system": s["instruction"], "greeting": None} for s in train}
+    assert_normal_permissions(out)
 
 
 def test_default_paths_are_documented_defaults():
@@ -107,9 +116,9 @@ def test_prefix_stripped_other_commas_kept(out):
 
 
 def test_strip_addressee_only_touches_the_leading_role_name():
-    assert data_helper.strip_addressee("张飞，你好，张飞，再见", "张飞") == "你好，张飞，再见"
-    assert data_helper.strip_addressee("张将军，你好", "张飞") == "张将军，你好"
-    assert data_helper.strip_addressee("你好，张飞", "张飞") == "你好，张飞"
+    assert strip_addressee("张飞，你好，张飞，再见", "张飞") == "你好，张飞，再见"
+    assert strip_addressee("张将军，你好", "张飞") == "张将军，你好"
+    assert strip_addressee("你好，张飞", "张飞") == "你好，张飞"
 
 
 def test_same_seed_same_output_other_seed_differs(tmp_path):
@@ -156,7 +165,7 @@ def test_other_roles_are_skipped_and_selectable(out, tmp_path):
 
     # a roles file without 皇帝/华妃: their rows are skipped, not an error
     three = tmp_path / "three.json"
-    roles = data_helper.load_roles(ROLES_FILE)
+    roles = load_roles(ROLES_FILE)
     three.write_text(json.dumps({k: roles[k] for k in DEFAULT_ROLES}, ensure_ascii=False),
                      encoding="utf-8")
     result = run("--data_dir", SAMPLE, "--roles_file", three, *outputs(out))
@@ -168,7 +177,7 @@ def test_system_template_option(out):
     result = run("--data_dir", SAMPLE, *outputs(out), "--system_template", "扮演{role}：{description}")
     assert result.returncode == 0, result.stderr
     sample = read_jsonl(out / "test.jsonl")[0]
-    roles = data_helper.load_roles(ROLES_FILE)
+    roles = load_roles(ROLES_FILE)
     assert sample["instruction"] == f"扮演{sample['role']}：{roles[sample['role']]}"
 
 
@@ -183,7 +192,7 @@ def test_inputs_never_modified_and_existing_output_kept_on_error(data_dir, out):
     result = run("--data_dir", data_dir, *outputs(out))
     assert result.returncode == 1
     assert (out / "train.jsonl").read_text(encoding="utf-8") == "old\n"
-    assert sorted(os.listdir(out)) == ["test.jsonl", "train.jsonl"]
+    assert sorted(os.listdir(out)) == ["prompts.json", "test.jsonl", "train.jsonl"]
 
 
 def test_output_may_not_overwrite_an_input(data_dir, out):
@@ -207,23 +216,23 @@ def test_all_argument_problems_reported_at_once(out):
 # ---------------------------------------------------------------- helpers
 
 def test_load_roles_and_build_system_prompt():
-    roles = data_helper.load_roles(ROLES_FILE)
+    roles = load_roles(ROLES_FILE)
     assert list(roles) == ["孙悟空", "张飞", "李白", "皇帝", "华妃"]
     assert all(len(d) > 50 for d in roles.values())
-    prompt = data_helper.build_system_prompt("张飞", roles["张飞"])
+    prompt = build_system_prompt("张飞", roles["张飞"])
     assert prompt.startswith("你现在要扮演张飞。")
     assert roles["张飞"] in prompt
     assert "人工智能" in prompt and "简洁" in prompt
-    assert "{role}" in data_helper.SYSTEM_TEMPLATE and "{description}" in data_helper.SYSTEM_TEMPLATE
-    assert data_helper.build_system_prompt("甲", " 乙 ", "{role}/{description}") == "甲/乙"
+    assert "{role}" in SYSTEM_TEMPLATE and "{description}" in SYSTEM_TEMPLATE
+    assert build_system_prompt("甲", " 乙 ", "{role}/{description}") == "甲/乙"
 
 
 def test_load_roles_errors_name_the_file(tmp_path):
     missing = tmp_path / "none.json"
-    with pytest.raises(data_helper.DataError, match="none.json: roles file not found"):
-        data_helper.load_roles(missing)
-    with pytest.raises(data_helper.DataError, match=r"roles_bad_json.json:4: not valid JSON"):
-        data_helper.load_roles(BAD / "roles_bad_json.json")
+    with pytest.raises(UserError, match="none.json: roles file not found"):
+        load_roles(missing)
+    with pytest.raises(UserError, match=r"roles_bad_json.json:4: not valid JSON"):
+        load_roles(BAD / "roles_bad_json.json")
 
 
 # ---------------------------------------------------------------- real RoleBench-zh files

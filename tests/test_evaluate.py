@@ -171,7 +171,7 @@ def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_pat
 
 
 def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny_model):
-    from utils import load_for_inference
+    from utils.models import load_for_inference
 
     model, tokenizer = load_for_inference(str(tiny_model), device="cpu")
     tokenizer.padding_side = "left"

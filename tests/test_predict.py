@@ -1,7 +1,6 @@
 """Tests of predict.py with the tiny random model: one-shot and interactive chat as a subprocess,
 the multi-turn prompt in-process, and the one-line errors. Nothing depends on what the model says."""
 
-import argparse
 import io
 import subprocess
 import sys
@@ -11,10 +10,13 @@ import pytest
 
 import predict
 from baichuan.generation_utils import build_chat_input
-from utils import UserError, exit_on_user_error, load_for_inference
+from utils import UserError, exit_on_user_error
+from utils.chat import Sampling, role_messages
+from utils.models import load_for_inference
+from utils.prompts import roles_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = predict.load_roles_file(str(ROOT / "data" / "roles.json"))
+ROLES = roles_from_file(str(ROOT / "data" / "roles.json"))
 
 
 def run(*args, stdin=None):
@@ -52,6 +54,9 @@ def test_interactive_ends_at_end_of_input(tiny_model_dir):
     result = run("--model_path", tiny_model_dir, "--greedy", "--max_new_tokens", "4", stdin="你好\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("孙悟空> ")
+    # the tiny model records no prompts: the page says so in one line and plays data/roles.json
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "carries no roleplay.json" in notes[0] and "data/roles.json" in notes[0]
 
 
 def test_missing_model_dir_is_a_one_line_error(tmp_path):
@@ -78,9 +83,8 @@ def test_interactive_prompt_holds_earlier_turns_and_settings(tiny_model_dir, mon
     torch.manual_seed(0)  # sampled replies, but the same ones every run
     model, tokenizer = load_for_inference(str(tiny_model_dir), device="cpu")
     recording = Recording(model)
-    args = argparse.Namespace(max_new_tokens=5, top_p=0.7, temperature=0.9, greedy=False)
     monkeypatch.setattr(sys, "stdin", io.StringIO("第一问\n第二问\n/role 张飞\n第三问\n"))
-    predict.interactive(recording, tokenizer, ROLES, "李白", args)
+    predict.interactive(recording, tokenizer, ROLES, ROLES["李白"], Sampling(5, 0.7, 0.9))
 
     first, second, third = recording.calls
     assert (second["max_new_tokens"], second["top_p"], second["temperature"], second["do_sample"]) == (5, 0.7, 0.9, True)
@@ -93,34 +97,34 @@ def test_interactive_prompt_holds_earlier_turns_and_settings(tiny_model_dir, mon
     assert len(second_ids) > len(first_ids) + len(question)  # the reply sits in between
     assert capsys.readouterr().out.count("李白> ") == 2
     # a new role starts a new conversation
-    alone = predict.role_messages(ROLES, "张飞", [{"role": "user", "content": "第三问"}])
+    alone = role_messages(ROLES["张飞"], [{"role": "user", "content": "第三问"}])
     assert third["inputs"][0].tolist() == build_chat_input(tokenizer, alone, model.generation_config,
                                                            model.config.model_max_length, 5)
 
 
-def test_greedy_flag_turns_sampling_off():
-    assert predict.sampling_kwargs(0.8, 0.8, greedy=True) == {"do_sample": False}
-    assert predict.sampling_kwargs(0.8, 0.0) == {"do_sample": False}
-    assert predict.sampling_kwargs(0.5, 0.7) == {"do_sample": True, "top_p": 0.5, "temperature": 0.7}
+def test_temperature_zero_is_greedy():
+    assert Sampling(8, 0.8, 0).generate_kwargs() == {"do_sample": False}
+    assert Sampling(8, 0.5, 0.7).generate_kwargs() == {"do_sample": True, "top_p": 0.5, "temperature": 0.7}
+    assert predict.parse_args(["--model_path", "m", "--greedy"]).greedy is True
 
 
 @pytest.mark.parametrize(
-    ("extra", "fragments"),
+    ("extra", "code", "fragments"),
     [
-        (["--role", "关羽", "你好"], ["unknown role '关羽'", "李白"]),
-        (["--adapter", ".", "你好"], ["adapter directory", "adapter_config.json"]),
-        (["--roles_file", "no-such-roles.json", "你好"], ["roles file not found"]),
-        (["--roles_file", "predict.py", "你好"], ["predict.py:1: not valid JSON"]),
-        (["--top_p", "0", "你好"], ["top_p"]),
-        (["--max_new_tokens", "1000", "你好"], ["leaves no room"]),
-        (["   "], ["the question is empty"]),
+        (["--role", "关羽", "你好"], 1, ["unknown role '关羽'", "李白"]),
+        (["--adapter", ".", "你好"], 1, ["adapter directory", "adapter_config.json"]),
+        (["--roles_file", "no-such-roles.json", "你好"], 1, ["roles file not found"]),
+        (["--roles_file", "predict.py", "你好"], 1, ["predict.py:1: not valid JSON"]),
+        (["--top_p", "0", "你好"], 2, ["top_p"]),
+        (["--max_new_tokens", "1000", "你好"], 1, ["leaves no room"]),
+        (["   "], 2, ["the question is empty"]),
     ],
 )
-def test_bad_input_is_a_one_line_error(tiny_model_dir, capsys, extra, fragments):
+def test_bad_input_is_a_one_line_error(tiny_model_dir, capsys, extra, code, fragments):
     # in-process, exactly as `python predict.py` runs main (saves a subprocess per case)
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_user_error(lambda: predict.main(["--model_path", str(tiny_model_dir), "--greedy", *extra]))
-    assert exit_info.value.code == 1
+        exit_on_user_error(predict.main, ["--model_path", str(tiny_model_dir), "--greedy", *extra])
+    assert exit_info.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ")
     for fragment in fragments:

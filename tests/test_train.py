@@ -92,7 +92,8 @@ def test_every_flag_has_help():
 def test_trained_tokens_are_exactly_reply_and_eos(tiny_model_dir):
     from transformers import GenerationConfig
 
-    from utils import encode_sample, load_tokenizer
+    from utils.data import encode_sample
+    from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     config = GenerationConfig.from_pretrained(tiny_model_dir)
@@ -109,7 +110,8 @@ def test_trained_tokens_are_exactly_reply_and_eos(tiny_model_dir):
 
 
 def test_truncation_cuts_question_then_reply(tiny_model_dir):
-    from utils import encode_sample, load_tokenizer
+    from utils.data import encode_sample
+    from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     row = {"instruction": "系统", "input": "问题" * 40, "output": "回答" * 40}
@@ -120,7 +122,7 @@ def test_truncation_cuts_question_then_reply(tiny_model_dir):
 
 
 def test_packing_keeps_every_sample_and_fits():
-    from utils import PackedDataset, collate, sample_counts
+    from utils.data import PackedDataset, collate, sample_counts
 
     # Two system prompts (ids 90.. and 80..), six samples: prompt + own tokens.
     examples = [
@@ -155,7 +157,8 @@ def test_packed_rows_give_the_same_loss_and_gradients(tiny_model_dir, position_e
     from transformers import GenerationConfig
 
     from baichuan import BaichuanForCausalLM
-    from utils import PackedDataset, collate, encode_sample, load_tokenizer
+    from utils.data import PackedDataset, collate, encode_sample
+    from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     config = GenerationConfig.from_pretrained(tiny_model_dir)
@@ -188,27 +191,28 @@ def test_packed_rows_give_the_same_loss_and_gradients(tiny_model_dir, position_e
 
 
 def test_length_grouped_batches_are_reproducible_and_disjoint():
-    from utils import length_grouped_batches
+    from utils.data import length_grouped_batches
 
     lengths = [(i * 37) % 101 for i in range(200)]
-    a = length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=0, group=5)
-    b = length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=1, group=5)
-    assert a == length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=0, group=5)
-    assert a != length_grouped_batches(lengths, 4, seed=1, epoch=1, world_size=2, rank=0, group=5)
+    a = length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=0)
+    b = length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=1)
+    assert a == length_grouped_batches(lengths, 4, seed=1, epoch=0, world_size=2, rank=0)
+    assert a != length_grouped_batches(lengths, 4, seed=1, epoch=1, world_size=2, rank=0)
     seen = [i for batch in a + b for i in batch]
     assert len(seen) == len(set(seen)) == 200
     spread = sum(max(lengths[i] for i in batch) - min(lengths[i] for i in batch) for batch in a) / len(a)
-    assert spread < 25  # sorted within groups of 20; random batches of 4 would spread about 60
+    assert spread < 25  # sorted within mega-batches of 48; random batches of 4 would spread about 60
 
 
 def test_gradients_after_an_eval_pass_equal_gradients_without(tiny_model_dir):
     """bitsandbytes repacks 4-bit weights after a no-grad eval forward on AVX512-BF16 CPUs;
-    train.load_model must keep the LoRA gradients right all the same."""
+    load_for_training must keep the LoRA gradients right all the same."""
     import train
+    from utils.models import load_for_training
 
     args = train.parse_args(["--model_name_or_path", str(tiny_model_dir), "--lora_dropout", "0"])
     torch.manual_seed(0)
-    model = train.load_model(args, torch.device("cpu"), torch.float32)
+    model = load_for_training(args, torch.device("cpu"), torch.float32)
     ids = torch.randint(3, 1000, (2, 24))
     labels = ids.clone()
     labels[:, :8] = -100
@@ -240,7 +244,7 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     assert names == ["epoch-1-step-12", "epoch-1-step-4", "epoch-1-step-8", "tensorboard"]
     checkpoint = out / "epoch-1-step-12"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json",
-                 "train_args.json", "prompt_template.json", "trainer_state.json", "optimizer-rank0.safetensors"):
+                 "train_args.json", "roleplay.json", "trainer_state.json", "optimizer-rank0.safetensors"):
         assert (checkpoint / name).is_file(), name  # fmt: skip
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and math.isclose(state["ppl"], math.exp(state["eval_loss"]), rel_tol=1e-6)
@@ -261,7 +265,7 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
 
 
 def test_checkpoint_loads_on_its_own_and_merge_matches_base_plus_adapter(trained, tiny_model_dir, tmp_path):
-    from utils import load_for_inference
+    from utils.models import load_for_inference
 
     out, _ = trained
     adapter = out / "epoch-1-step-12"
@@ -328,7 +332,7 @@ def kill_at(command, point: str, timeout=300) -> str:
     ids=["during-a-step", "during-evaluation", "while-writing-a-checkpoint"],
 )
 def test_sigkill_then_resume_reaches_the_same_losses(trained, tiny_model_dir, samples, tmp_path, point, newest_complete):
-    from utils import list_checkpoints
+    from utils.training import list_checkpoints
 
     _, reference_output = trained
     reference = losses(reference_output)

@@ -1,0 +1,88 @@
+"""Helpers that several test files share: waiting for an event, a model that records and can hold
+its generate() calls, and serving an app on a free loopback port for the length of a block."""
+
+import contextlib
+import threading
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+
+def wait_for(condition, timeout=30.0, what="condition"):
+    """Poll `condition` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class _Sleep(StoppingCriteria):
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __call__(self, input_ids, scores, **kwargs):
+        time.sleep(self.seconds)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class RecordingModel:
+    """The real tiny model behind a thin wrapper: every generate() call's kwargs and output are
+    recorded, `running` says whether one is under way, `gate` can hold generation back (to fill
+    the bound) and `delay` slows each new token (to watch a reply stream). Everything else is
+    the model's own."""
+
+    def __init__(self, model):
+        self.model = model
+        self.calls: list[dict] = []
+        self.outputs: list = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.delay = 0.0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._running > 0
+
+    def generate(self, **kwargs):
+        with self._lock:
+            self._running += 1
+            self.calls.append(kwargs)
+        try:
+            if not self.gate.wait(60):
+                raise TimeoutError("the test never opened the gate")
+            if self.delay:
+                slow = _Sleep(self.delay)
+                kwargs = {**kwargs, "stopping_criteria": StoppingCriteriaList([*kwargs.get("stopping_criteria", []),
+                                                                               slow])}
+            output = self.model.generate(**kwargs)
+            self.outputs.append(output)
+            return output
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@contextlib.contextmanager
+def serve(app):
+    """Serve a FastAPI app (web_demo.build_app) on a free 127.0.0.1 port; yields its URL."""
+    import web_demo
+
+    sock = web_demo.listen("127.0.0.1", 0)
+    server = web_demo.make_server(app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=60, what="the server to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -1,0 +1,177 @@
+"""The chat core that every front end shares (predict.py, web_demo.py and its API): the model
+flags, the checks of what a user sends, the sampling settings, the messages of a turn, the
+streamed reply with its stop event, and the one bound on concurrent generation.
+
+Nothing heavy is imported here at module level, so that the scripts' `--help` stays instant.
+"""
+
+import argparse
+import contextlib
+import threading
+from dataclasses import dataclass
+
+from utils import UserError
+from utils.prompts import Role
+
+MAX_MESSAGE_CHARS = 2000
+# A Baichuan2 token covers at most 16 characters: a history longer than 16 x the context is cut
+# before tokenising, so a huge request costs no tokenising time.
+CHARS_PER_TOKEN_BOUND = 16
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags of the scripts that chat with a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_path", required=True,
+                       help="merged model directory (or hub id), or the base model with --adapter")
+    group.add_argument("--adapter", help="LoRA adapter directory (a training checkpoint) to put on --model_path")
+    group.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
+    group.add_argument("--trust_remote_code", action="store_true",
+                       help="let transformers run code shipped in the model directory (off unless asked)")
+    group.add_argument("--roles_file", help="JSON object role name -> description, to play other roles than the "
+                                            "model's own (default: the roles recorded in the model)")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, title: str = "generation"):
+    """The sampling flags; returns their group, for a script's own additions."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--max_new_tokens", type=int, default=512, help="longest reply in tokens")
+    group.add_argument("--top_p", type=float, default=0.8, help="nucleus sampling mass")
+    group.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy")
+    return group
+
+
+# ---------------------------------------------------------------- checks of what a user sends
+
+
+def check_max_new_tokens(max_new_tokens, limit: int | None = None) -> None:
+    top = limit or float("inf")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | float) \
+            or not 1 <= max_new_tokens <= top or max_new_tokens % 1:
+        bound = f" and {limit}" if limit else ""
+        raise UserError(f"max_new_tokens must be a whole number between 1{bound}, got {max_new_tokens!r}")
+
+
+def check_top_p(top_p) -> None:
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_temperature(temperature) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise UserError(f"temperature must be in [0, 2] (0 = greedy), got {temperature!r}")
+
+
+def check_settings(max_new_tokens, top_p, temperature, max_new_tokens_limit: int | None = None) -> None:
+    """Refuse settings that generate() would reject with an obscure message, or misuse."""
+    check_max_new_tokens(max_new_tokens, max_new_tokens_limit)
+    check_top_p(top_p)
+    check_temperature(temperature)
+
+
+def check_message(text, max_chars: int = MAX_MESSAGE_CHARS) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise UserError("the message is empty: type something first")
+    if len(text) > max_chars:
+        raise UserError(f"the message is too long ({len(text)} characters; at most {max_chars}): shorten it")
+
+
+def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
+    """The newest messages that could fit in the context, starting on a whole round."""
+    budget = CHARS_PER_TOKEN_BOUND * model_max_length
+    kept, total = [], 0
+    for message in reversed(messages):
+        total += len(message["content"])
+        if kept and total > budget:
+            break
+        kept.insert(0, message)
+    while len(kept) > 1 and kept[0]["role"] != "user":
+        kept.pop(0)
+    return kept
+
+
+# ---------------------------------------------------------------- one turn
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 512
+    top_p: float = 0.8
+    temperature: float = 0.8  # 0 = greedy, as in most chat front ends
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "top_p": float(self.top_p), "temperature": float(self.temperature)}
+
+
+def role_messages(role: Role, history: list[dict]) -> list[dict]:
+    """The system prompt of `role` followed by the conversation (user/assistant dicts)."""
+    return [{"role": "system", "content": role.system}, *history]
+
+
+def start_reply(model, tokenizer, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None):
+    """A ChatStream of the reply to `messages` (iterate it for the text so far).
+
+    A seed makes the reply reproducible when one reply is generated at a time (torch has one
+    global generator, which concurrent replies share).
+    """
+    from baichuan.generation_utils import ChatStream
+
+    try:
+        return ChatStream(model, tokenizer, messages, int(sampling.max_new_tokens), stop=stop, seed=sampling.seed,
+                          **sampling.generate_kwargs())
+    except ValueError as error:  # build_chat_input: the prompt leaves no room for the reply
+        raise UserError(str(error)) from None
+
+
+# ---------------------------------------------------------------- the bound on concurrent generation
+
+
+class Busy(Exception):
+    """Every generation slot and every waiting place is taken."""
+
+
+class Cancelled(Exception):
+    """The request was stopped while it waited for a slot."""
+
+
+class GenerationSlots:
+    """At most `running` replies are generated at once and `waiting` more wait for a slot; a request
+    beyond that is turned away at once (Busy). The page and the API share one of these."""
+
+    def __init__(self, running: int, waiting: int):
+        self.running, self.waiting = running, waiting
+        self._slots = threading.Semaphore(running)
+        self._lock = threading.Lock()
+        self._inside = 0
+
+    @property
+    def inside(self) -> int:
+        """Requests generating or waiting."""
+        return self._inside
+
+    @contextlib.contextmanager
+    def place(self):
+        """Claim a waiting place, or raise Busy. Yields `turn`, a context manager that waits for a
+        generation slot and holds it; setting its `stop` event while waiting gives up (Cancelled)."""
+        with self._lock:
+            if self._inside >= self.running + self.waiting:
+                raise Busy(f"all {self.running} generation slots and {self.waiting} waiting places are taken")
+            self._inside += 1
+        try:
+            yield self._turn
+        finally:
+            with self._lock:
+                self._inside -= 1
+
+    @contextlib.contextmanager
+    def _turn(self, stop: threading.Event | None = None):
+        while not self._slots.acquire(timeout=0.05):
+            if stop is not None and stop.is_set():
+                raise Cancelled()
+        try:
+            yield
+        finally:
+            self._slots.release()

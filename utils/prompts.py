@@ -1,0 +1,156 @@
+"""The prompt contract: how a role becomes a system prompt, and the record a model carries of it.
+
+A role is a name and a description (a roles file: a JSON object name -> description, as
+data/roles.json and RoleBench's profiles-zh_desc.json). `build_system_prompt` puts them into
+SYSTEM_TEMPLATE (or the template given to data_helper.py), and every training sample of the role
+starts with that exact text.
+
+What a model was trained on travels with it. `train.py` writes `roleplay.json` into every
+checkpoint and `merge_params.py` copies it into the merged directory:
+
+    {"format": 1,
+     "system_template": "... {role} ... {description} ...",   # how new roles get their prompt
+     "layout": LAYOUT,                                          # the chat layout, in words
+     "user_token_id": 195, "assistant_token_id": 196,
+     "chat_template": "...",                                    # the same layout as Jinja
+     "roles": {"李白": {"system": "<the exact system prompt trained on>", "greeting": null}, ...}}
+
+`predict.py`, `web_demo.py` and `evaluate.py` read it back (`load_prompts`), so a model is served
+with exactly the prompts it saw, and only the roles it was trained on. `--roles_file` overrides
+the record; a directory without a record falls back to data/roles.json, and says so.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+from utils import UserError, read_json, write_json
+
+SYSTEM_TEMPLATE = (
+    "你现在要扮演{role}。以下是{role}的人物设定：{description}\n"
+    "请始终以{role}的身份、性格和口吻说话，不要跳出角色，"
+    "也绝不要透露自己是人工智能、语言模型或助手。"
+    "回答要简洁、口语化，像平常聊天一样随意自然。"
+)
+LAYOUT = (
+    "system + (<user> + message + <assistant> + reply) per round; history rounds carry no eos, the reply "
+    "being written ends with eos; training labels each reply and the eos after the last one"
+)
+RECORD_FILE = "roleplay.json"
+PROMPTS_FILE = "prompts.json"  # data_helper.py's side file of the template and roles of its samples
+RECORD_FORMAT = 1
+# next to the scripts, so that they work from any directory
+DEFAULT_ROLES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "roles.json")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    system: str
+    greeting: str | None = None
+
+
+def check_template(template: str) -> str | None:
+    """The problem with a system template, or None."""
+    try:
+        template.format(role="x", description="y")
+    except (KeyError, IndexError, ValueError) as error:
+        return f"not a valid template ({type(error).__name__}: {error})"
+    missing = [field for field in ("{role}", "{description}") if field not in template]
+    return f"missing the {' and '.join(missing)} placeholder" if missing else None
+
+
+def build_system_prompt(role: str, description: str, template: str = SYSTEM_TEMPLATE) -> str:
+    """The system prompt of one role."""
+    return template.format(role=role, description=description.strip())
+
+
+def load_roles(path: str) -> dict[str, str]:
+    """A roles file: a JSON object role name -> description. A bad file is a UserError naming it."""
+    roles = read_json(path, "roles file")
+    if not isinstance(roles, dict) or not roles:
+        raise UserError(f"{path}: expected a non-empty JSON object of role name -> description")
+    for name, description in roles.items():
+        if not name.strip():
+            raise UserError(f"{path}: empty role name")
+        if not isinstance(description, str) or not description.strip():
+            raise UserError(f"{path}: description of {name!r} must be a non-empty string")
+    return roles
+
+
+def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE) -> dict[str, Role]:
+    return {name: Role(name, build_system_prompt(name, description, template))
+            for name, description in load_roles(path).items()}
+
+
+# ---------------------------------------------------------------- the record a model carries
+
+
+def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str) -> dict:
+    return {
+        "format": RECORD_FORMAT,
+        "system_template": template,
+        "layout": LAYOUT,
+        "user_token_id": user_id,
+        "assistant_token_id": assistant_id,
+        "chat_template": chat_template,
+        "roles": {name: {"system": role.system, "greeting": role.greeting} for name, role in roles.items()},
+    }
+
+
+def write_record(directory: str, record: dict) -> None:
+    write_json(os.path.join(directory, RECORD_FILE), record)
+
+
+def read_record(directory: str) -> dict | None:
+    """The prompt record of a model or checkpoint directory, None when it has none."""
+    path = os.path.join(directory, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    record = read_json(path, "prompt record")
+    roles = record.get("roles") if isinstance(record, dict) else None
+    if not isinstance(roles, dict) or not roles or record.get("format") != RECORD_FORMAT:
+        raise UserError(f"{path}: not a prompt record of format {RECORD_FORMAT} with at least one role")
+    for name, role in roles.items():
+        if not isinstance(role, dict) or not isinstance(role.get("system"), str):
+            raise UserError(f"{path}: role {name!r} has no system prompt")
+    return record
+
+
+def record_roles(record: dict) -> dict[str, Role]:
+    return {name: Role(name, role["system"], role.get("greeting")) for name, role in record["roles"].items()}
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The roles a front end offers, and the template that built them."""
+
+    roles: dict[str, Role]
+    template: str
+    source: str  # where they came from, for messages
+
+
+def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None) -> Prompts:
+    """The roles to serve a model with: `roles_file` when given (its prompts built with the model's
+    own template), else the model's record (the adapter's first), else data/roles.json with a note."""
+    record, where = None, None
+    for directory in (adapter_path, model_path):
+        if directory and os.path.isdir(directory):
+            record = read_record(directory)
+            if record is not None:
+                where = os.path.join(directory, RECORD_FILE)
+                break
+    template = record["system_template"] if record and record.get("system_template") else SYSTEM_TEMPLATE
+    if roles_file is not None:
+        return Prompts(roles_from_file(roles_file, template), template, roles_file)
+    if record is not None:
+        return Prompts(record_roles(record), template, where)
+    print(f"note: {adapter_path or model_path} carries no {RECORD_FILE} (a base model, or one trained before "
+          f"prompt records): using the roles of {os.path.relpath(DEFAULT_ROLES_FILE)}", file=sys.stderr)
+    return Prompts(roles_from_file(DEFAULT_ROLES_FILE), SYSTEM_TEMPLATE, DEFAULT_ROLES_FILE)
+
+
+def check_role(roles: dict[str, Role], name) -> Role:
+    if not isinstance(name, str) or name not in roles:
+        raise UserError(f"unknown role {name!r}; choose one of: {', '.join(roles)}")
+    return roles[name]
