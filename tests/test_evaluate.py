@@ -17,6 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+from utils.report import ResultStore, read_curves, score_answer, table_columns, word_tokens  # noqa: E402
 
 
 def run(*args):
@@ -77,22 +78,27 @@ def tiny_adapter(tiny_model, tmp_path_factory):
 # ---------------------------------------------------------------- ROUGE-L
 
 
+def char_f1(answer, reference):
+    return score_answer(answer, {"references": [reference]})["char_first"]
+
+
 def test_rouge_l_hand_checked_chinese():
-    chars = evaluate.char_tokens
-    assert evaluate.rouge_l(chars("俺老孙来也"), chars("俺老孙来也")) == 1.0
-    assert evaluate.rouge_l(chars("俺老孙来也"), chars("喝酒吟诗")) == 0.0
+    assert char_f1("俺老孙来也", "俺老孙来也") == 1.0
+    assert char_f1("俺老孙来也", "喝酒吟诗") == 0.0
     # "我爱北京天安门" (7 chars) vs "我爱上海" (4): LCS = "我爱" = 2, P = 2/7, R = 2/4,
     # F1 = 2PR / (P + R) = (2/7) / (11/14) = 4/11 = 0.3636...
-    assert evaluate.rouge_l(chars("我爱北京天安门"), chars("我爱上海")) == pytest.approx(4 / 11)
+    assert char_f1("我爱北京天安门", "我爱上海") == pytest.approx(4 / 11)
     # "俺老孙去也" (5) vs "俺去了" (3): LCS = "俺去" = 2, F1 = 2 * 2 / (5 + 3) = 0.5
-    assert evaluate.rouge_l(chars("俺老孙去也"), chars("俺去了")) == pytest.approx(0.5)
+    assert char_f1("俺老孙去也", "俺去了") == pytest.approx(0.5)
     # whitespace does not count, punctuation does: "你 好！" vs "你好" -> 3 vs 2 chars, LCS 2 -> 0.8
-    assert evaluate.rouge_l(chars("你 好！"), chars("你好")) == pytest.approx(0.8)
-    assert evaluate.rouge_l([], chars("你好")) == 0.0
-    assert evaluate.rouge_l(chars("你好"), []) == 0.0
+    assert char_f1("你 好！", "你好") == pytest.approx(0.8)
+    assert char_f1("", "你好") == 0.0
+    assert char_f1("你好", "") == 0.0
 
 
-def test_lcs_matches_textbook_dynamic_programming():
+def test_rouge_l_is_the_beta_1_f1_of_the_textbook_lcs():
+    """rouge-score's F-measure equals 2 LCS / (len(answer) + len(reference)) on random strings, and
+    score_multi keeps the best reference by it (the `rouge` package's beta = P / R would not)."""
     def lcs_dp(a, b):
         table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
         for i, x in enumerate(a):
@@ -101,21 +107,22 @@ def test_lcs_matches_textbook_dynamic_programming():
         return table[-1][-1]
 
     rng = random.Random(0)
-    for _ in range(200):  # short and long (> 64 tokens: several machine words of bits), few symbols
-        a = [rng.choice("俺老孙来也酒") for _ in range(rng.randint(0, 150))]
-        b = [rng.choice("俺老孙去了酒") for _ in range(rng.randint(0, 150))]
-        assert evaluate.lcs_length(a, b) == lcs_dp(a, b)
+    for _ in range(100):
+        answer = "".join(rng.choice("俺老孙来也酒") for _ in range(rng.randint(1, 120)))
+        references = ["".join(rng.choice("俺老孙去了酒") for _ in range(rng.randint(1, 120))) for _ in range(3)]
+        f1 = [2 * lcs_dp(answer, r) / (len(answer) + len(r)) for r in references]
+        scores = score_answer(answer, {"references": references})
+        assert scores["char_first"] == pytest.approx(f1[0])
+        assert scores["char_best"] == pytest.approx(max(f1))
 
 
 def test_word_variant_uses_jieba_words():
     # jieba: "我爱北京天安门" -> 我/爱/北京/天安门, "我爱上海" -> 我/爱/上海: LCS 2 words,
     # F1 = 2 * 2 / (4 + 3) = 4/7, while on characters it is 4/11 (previous test).
-    assert evaluate.word_tokens("我爱北京天安门") == ["我", "爱", "北京", "天安门"]
-    words = evaluate.word_tokens
-    assert evaluate.rouge_l(words("我爱北京天安门"), words("我爱上海")) == pytest.approx(4 / 7)
+    assert word_tokens("我爱北京天安门") == ["我", "爱", "北京", "天安门"]
+    assert score_answer("我爱北京天安门", {"references": ["我爱上海"]})["word_first"] == pytest.approx(4 / 7)
     # "北京大学" is one jieba word, "北京的大学" three: no common word, but 4 common characters.
-    question = {"references": ["北京的大学", "北京大学"]}
-    scores = evaluate.score_answer("北京大学", question)
+    scores = score_answer("北京大学", {"references": ["北京的大学", "北京大学"]})
     assert scores["word_first"] == 0.0
     assert scores["char_first"] == pytest.approx(8 / 9)
     assert scores["word_best"] == scores["char_best"] == 1.0  # the second reference is identical
@@ -125,14 +132,13 @@ def test_word_variant_uses_jieba_words():
 
 
 def test_questions_keep_split_and_all_references():
-    roles = json.loads((ROOT / "data" / "roles.json").read_text(encoding="utf-8"))
-    questions = evaluate.questions_from_data_dir(str(SAMPLE), roles, ["孙悟空", "张飞", "李白"])
+    questions = evaluate.questions_from_data_dir(str(SAMPLE), ["孙悟空", "张飞", "李白"])
     first = questions[0]
     assert (first["split"], first["role"], first["question"]) == ("general", "孙悟空", "你觉得什么样的人值得信任？")
     assert len(first["references"]) == 3  # every reply kept, not data_helper's two
     specific = [q for q in questions if q["split"] == "role_specific"]
     assert specific and all(not q["question"].startswith(q["role"] + "，") for q in specific)
-    assert "你现在要扮演孙悟空" in first["instruction"]
+    assert first["instruction"] is None  # each model brings its own system prompt
 
     picked = evaluate.limit_questions(questions, 2)
     assert [(q["split"], q["role"]) for q in picked] == [
@@ -147,23 +153,24 @@ def test_test_file_rows_are_grouped_into_questions(tmp_path):
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     questions = evaluate.questions_from_test_file(str(path), None)
-    assert [(q["split"], q["role"], q["references"]) for q in questions] == [
-        ("unknown", "张飞", ["喝！", "天天喝！"]), ("general", "李白", ["但愿长醉不复醒。"])]
+    assert [(q["split"], q["role"], q["references"], q["instruction"]) for q in questions] == [
+        ("unknown", "张飞", ["喝！", "天天喝！"], "扮演张飞"), ("general", "李白", ["但愿长醉不复醒。"], "扮演李白")]
 
 
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
-    question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "instruction": "扮演张飞",
-                "references": ["喝！"]}
-    settings = evaluate.run_settings(evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([]))
-    store = evaluate.ResultStore(str(tmp_path / "samples.jsonl"))
+    question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "references": ["喝！"]}
+    spec, args = evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([])
+    settings = evaluate.run_settings(spec, args, ["扮演张飞", question["references"]])
+    store = ResultStore(str(tmp_path / "samples.jsonl"))
     store.add({"model": "m", "split": "general", "role": "张飞", "question": "你喝酒吗？", "answer": "喝！",
-               "settings": settings, "digest": evaluate.prompt_digest(question)})
+               "settings": settings})
     store.close()
-    store = evaluate.ResultStore(str(tmp_path / "samples.jsonl"))
+    store = ResultStore(str(tmp_path / "samples.jsonl"))
     assert store.get("m", question, settings)["answer"] == "喝！"
     assert store.get("other", question, settings) is None
     assert store.get("m", question, {**settings, "max_new_tokens": 7}) is None
-    assert store.get("m", {**question, "references": ["不喝。"]}, settings) is None
+    assert store.get("m", question, evaluate.run_settings(spec, args, ["扮演张飞", ["不喝。"]])) is None
+    assert store.get("m", question, evaluate.run_settings(spec, args, ["你是张飞", question["references"]])) is None
     store.close()
 
 
@@ -173,8 +180,9 @@ def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_pat
 def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny_model):
     from utils.models import load_for_inference
 
+    from baichuan.generation_utils import build_chat_input
+
     model, tokenizer = load_for_inference(str(tiny_model), device="cpu")
-    tokenizer.padding_side = "left"
     args = evaluate.parse_args(["--max_new_tokens", "6"])
     config = evaluate.generation_config_for(model, args)
     # very different prompt lengths, so the batch really is padded
@@ -183,14 +191,18 @@ def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny
                      ("", "你好", ["好啊。"]),
                      ("扮演李白。", "月亮", ["举杯邀明月，对影成三人。", "床前明月光。"]),
                      ("你现在要扮演孙悟空。" * 5, "你的金箍棒是从哪里得来的？", ["东海龙宫里借的。"] * 3))]
-    batched = evaluate.generate_answers(model, tokenizer, questions, config)
-    single = [evaluate.generate_answers(model, tokenizer, [q], config)[0] for q in questions]
+    messages = [[{"role": "system", "content": q["instruction"]}, {"role": "user", "content": q["question"]}]
+                for q in questions]
+    prompts = [build_chat_input(tokenizer, m, model.generation_config, model.config.model_max_length, 6)
+               for m in messages]
+    batched = evaluate.generate_answers(model, tokenizer, prompts, config)
+    single = [evaluate.generate_answers(model, tokenizer, [p], config)[0] for p in prompts]
     assert batched == single
     assert len(set(single)) > 1  # the prompts matter, so the comparison means something
 
-    for question in questions:
-        total_1, count_1 = evaluate.reference_nll(model, tokenizer, question, batch_size=1)
-        total_n, count_n = evaluate.reference_nll(model, tokenizer, question, batch_size=8)
+    for question, m in zip(questions, messages):
+        total_1, count_1 = evaluate.reference_nll(model, tokenizer, m, question["references"], batch_size=1)
+        total_n, count_n = evaluate.reference_nll(model, tokenizer, m, question["references"], batch_size=8)
         assert count_1 == count_n == sum(len(tokenizer.encode(r, add_special_tokens=False)) + 1
                                          for r in question["references"])
         assert total_n == pytest.approx(total_1, rel=1e-4)
@@ -263,8 +275,7 @@ def test_baseline_row_from_rolegpt_shaped_file(tmp_path, capsys):
     # RoleGPT shape: role, question (role-specific ones still addressed "<role>，..."), generated: [answer].
     # The answers copy the first reference, so every first-reference score of the row must be 1.
     questions = evaluate.limit_questions(
-        evaluate.questions_from_data_dir(str(SAMPLE), {r: "x" for r in ("孙悟空", "张飞", "李白")},
-                                         ["孙悟空", "张飞", "李白"]), 2)
+        evaluate.questions_from_data_dir(str(SAMPLE), ["孙悟空", "张飞", "李白"]), 2)
     baseline = tmp_path / "rolegpt_baseline.jsonl"
     with open(baseline, "w", encoding="utf-8") as f:
         for q in questions:
@@ -277,7 +288,7 @@ def test_baseline_row_from_rolegpt_shaped_file(tmp_path, capsys):
              "--out_dir", out)
     rows = table_rows((out / "results.md").read_text(encoding="utf-8"))
     assert list(rows) == ["RoleGPT"]
-    columns = [c[2] for c in evaluate.table_columns(["general", "role_specific"])]
+    columns = [c[2] for c in table_columns(["general", "role_specific"])]
     for column, cell in zip(columns, rows["RoleGPT"]):
         assert cell == ("–" if column == "ppl" else "1.0000"), column
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -299,7 +310,7 @@ def test_training_curves_from_tensorboard_events(tmp_path, capsys):
             writer.add_scalar("ppl", 400.0 / step, step)
             writer.add_scalar("eval_loss", math.log(400.0 / step), step)
     writer.close()
-    series = evaluate.read_curves([str(run_dir)])
+    series = read_curves([str(run_dir)])
     assert list(series) == ["run/tb"]
     assert [s for s, _ in series["run/tb"]["ppl"]] == [5, 10, 15, 20]
     assert series["run/tb"]["train_loss"][0] == (1, pytest.approx(6.0))
@@ -311,5 +322,7 @@ def test_training_curves_from_tensorboard_events(tmp_path, capsys):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(evaluate.UserError, match="no TensorBoard event files"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--plot_run", str(empty), "--out_dir", str(out)])
+    assert exit_info.value.code == 2 and "no TensorBoard event files" in capsys.readouterr().err
