@@ -3,11 +3,18 @@
     python merge_params.py --ori_model_dir baichuan-inc/Baichuan2-7B-Chat \
         --model_dir runs/roleplay/epoch-1-step-500 --save_model_dir runs/roleplay-merged --device 0
     python merge_params.py ... --device -1        # on the CPU (fp32)
+    python merge_params.py ... --format llama     # a plain Llama checkpoint (Baichuan2-7B only)
 
 The base is loaded in bf16/fp16 on a GPU (fp32 on the CPU), never in 4-bit: rounding the merged
 weights back to 4 bits would throw most of the adapter away. The result holds safetensors
 shards, the tokenizer, the generation config and the model code files, and is written under a
-temporary name that is renamed into place when complete.
+temporary name that is renamed into place when complete. The head is stored L2-normalised,
+which leaves the logits unchanged (NormHead normalises at use, and unit rows stay unit rows).
+
+`--format llama` writes a `LlamaForCausalLM` instead (q/k/v split out of W_pack, the head
+normalised, a tokenizers-backed tokenizer with the chat template): it loads without remote
+code and converts with llama.cpp's `convert_hf_to_gguf.py`. Baichuan2-13B (ALiBi) has no
+Llama form and is refused.
 """
 
 import argparse
@@ -33,6 +40,13 @@ def parse_args(argv=None):
     parser.add_argument("--save_model_dir", required=True, help="where to write the merged model (must not exist)")
     parser.add_argument("--device", default="-1", help="-1 for the CPU, N for cuda:N, or 'auto'")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard")
+    parser.add_argument(
+        "--format",
+        choices=["baichuan", "llama"],
+        default="baichuan",
+        help="baichuan: our model code travels along (load with trust_remote_code); llama: a plain "
+        "LlamaForCausalLM for vLLM / llama.cpp / Ollama, rotary (7B) models only (default: %(default)s)",
+    )
     parser.add_argument(
         "--trust_remote_code", action="store_true", help="let transformers run code from the model directory"
     )
@@ -77,8 +91,15 @@ def main():
 
     import baichuan  # noqa: F401
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from baichuan.convert_llama import check_convertible, normalize_head_, save_as_llama
+
+    if args.format == "llama":  # before minutes of loading weights
+        try:
+            check_convertible(AutoConfig.from_pretrained(args.ori_model_dir, trust_remote_code=args.trust_remote_code))
+        except ValueError as error:
+            raise UserError(f"--format llama: {error}") from None
     device, dtype = pick_device_dtype(args.device)
     print_rank_0(f"loading {args.ori_model_dir} in {dtype} on {device}")
     base = AutoModelForCausalLM.from_pretrained(
@@ -96,10 +117,14 @@ def main():
     parent = os.path.dirname(os.path.abspath(args.save_model_dir))
     tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(args.save_model_dir))}")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
-    tokenizer.save_pretrained(tmp)
+    if args.format == "llama":
+        save_as_llama(merged, tokenizer, tmp, max_shard_size=args.max_shard_size)
+    else:
+        normalize_head_(merged)
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        tokenizer.save_pretrained(tmp)
     os.replace(tmp, args.save_model_dir)
-    print_rank_0(f"saved the merged model to {args.save_model_dir}")
+    print_rank_0(f"saved the merged model ({args.format} format) to {args.save_model_dir}")
 
 
 if __name__ == "__main__":
