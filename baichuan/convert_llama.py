@@ -19,7 +19,7 @@ import os
 
 import torch
 from sentencepiece import sentencepiece_model_pb2
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AddedToken, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter
 
 from .generation_utils import chat_template
@@ -118,7 +118,7 @@ def llama_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     proto.ParseFromString(tokenizer.sp_model.serialized_model_proto())
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto=proto, vocab=vocab, legacy=False)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
@@ -127,21 +127,37 @@ def llama_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
         model_max_length=tokenizer.model_max_length,
         clean_up_tokenization_spaces=False,
     )
+    # The user-defined pieces (the chat tokens, "...", "<br>", ...) as added tokens at their own
+    # ids: the backend already keeps them whole, but llama.cpp's converter learns that they are
+    # to be matched whole only from the added tokens in tokenizer_config.json.
+    user_defined = [piece.piece for piece in proto.pieces if piece.type == piece.USER_DEFINED]
+    fast.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in user_defined])
+    return fast
 
 
-def save_llama_tokenizer(tokenizer, generation_config, out_dir: str) -> None:
+def save_llama_tokenizer(tokenizer, generation_config, out_dir: str, model_max_length: int) -> None:
     """tokenizer.json, tokenizer_config.json (with the Baichuan2 chat template) and a copy of
     tokenizer.model (llama.cpp's converter reads the sentencepiece model)."""
     fast = llama_tokenizer(tokenizer)
     fast.chat_template = chat_template(tokenizer, generation_config)
+    fast.model_max_length = model_max_length
     # The template inside tokenizer_config.json, where transformers 4.x and vLLM read it too.
     fast.save_pretrained(out_dir, save_jinja_files=False)
     config_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    # 5.24 writes its own class name, which transformers 4.x does not know; both map
-    # PreTrainedTokenizerFast to a tokenizer read from tokenizer.json as it is.
-    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+    # 5.24 writes its own class name, which transformers 4.x does not know; both read
+    # PreTrainedTokenizerFast from tokenizer.json as it is. 5.24 keeps the added tokens in
+    # tokenizer.json only, llama.cpp's converter looks for them here. add_prefix_space: read by
+    # that converter too (its sentencepiece tokenizer prepends a space unless told not to); the
+    # tokenizers backend has no dummy prefix either way.
+    config.update(
+        tokenizer_class="PreTrainedTokenizerFast",
+        add_bos_token=False,
+        add_eos_token=False,
+        add_prefix_space=False,
+        added_tokens_decoder={str(i): token.__getstate__() for i, token in fast.added_tokens_decoder.items()},
+    )
     tmp = config_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(config, f, ensure_ascii=False, indent=2)
@@ -165,4 +181,5 @@ def save_as_llama(model, tokenizer, out_dir: str, max_shard_size: str = "2GB") -
     llama.load_state_dict(llama_state_dict(model), strict=True, assign=True)
     llama.generation_config = copy.deepcopy(model.generation_config)
     llama.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    save_llama_tokenizer(tokenizer, model.generation_config, out_dir)
+    max_length = getattr(model.config, "model_max_length", None) or config.max_position_embeddings
+    save_llama_tokenizer(tokenizer, model.generation_config, out_dir, max_length)
