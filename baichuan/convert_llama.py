@@ -74,7 +74,8 @@ def llama_config(config, dtype: torch.dtype) -> LlamaConfig:
         hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        # the official 7B code has no such field and rotates with base 10000
+        rope_parameters={"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 10000.0)},
         initializer_range=config.initializer_range,
         tie_word_embeddings=False,
         bos_token_id=config.bos_token_id,
@@ -107,12 +108,13 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
 def llama_tokenizer(tokenizer) -> PreTrainedTokenizerFast:
     """A tokenizers-backed copy of the Baichuan2 sentencepiece tokenizer with the same ids.
 
-    Why not `LlamaTokenizer`: transformers 5.24 builds its BPE merges in piece-id order, while
-    sentencepiece merges by piece score. Baichuan2 appended pieces (ids >= 99968) whose scores
-    rank them far earlier than their ids, so `LlamaTokenizer` splits e.g. " 一读" differently
-    (24 of RoleBench's 45,487 texts). `SpmConverter.build_tokenizer_from_spm_proto` follows the
-    sentencepiece model's own settings: score-ranked merges, no dummy prefix, identity
-    normalisation, byte fallback, user-defined pieces kept whole.
+    Why a tokenizer.json of our own: from tokenizer.model alone, transformers 5.24's
+    `LlamaTokenizer` builds its BPE merges in piece-id order, while sentencepiece merges by piece
+    score. Baichuan2 appended pieces (ids >= 99968) whose scores rank them far earlier than
+    their ids, so it splits e.g. " 一读" differently (24 of RoleBench's 45,487 texts).
+    `SpmConverter.build_tokenizer_from_spm_proto` follows the sentencepiece model's own
+    settings: score-ranked merges, no dummy prefix, identity normalisation, byte fallback,
+    user-defined pieces kept whole.
     """
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(tokenizer.sp_model.serialized_model_proto())
@@ -146,8 +148,8 @@ def save_llama_tokenizer(tokenizer, generation_config, out_dir: str, model_max_l
     config_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    # 5.24 writes its own class name, which transformers 4.x does not know; both read
-    # PreTrainedTokenizerFast from tokenizer.json as it is. 5.24 keeps the added tokens in
+    # 5.24 writes its own class name, which transformers 4.x does not know; both (4.57 and 5.24
+    # tried) read PreTrainedTokenizerFast from tokenizer.json as it is. 5.24 keeps the added tokens in
     # tokenizer.json only, llama.cpp's converter looks for them here. add_prefix_space: read by
     # that converter too (its sentencepiece tokenizer prepends a space unless told not to); the
     # tokenizers backend has no dummy prefix either way.
@@ -170,8 +172,8 @@ def save_as_llama(model, tokenizer, out_dir: str, max_shard_size: str = "2GB") -
     """Write `model` (a BaichuanForCausalLM with rotary positions) as a Llama checkpoint into
     `out_dir`, which may exist: files already there that are not written here are kept.
 
-    Weights are stored in the model's dtype. Besides the model, this holds a copy of q/k/v and
-    of the head at a time (about 4.3 GiB for Baichuan2-7B in bf16).
+    Weights are stored in the model's dtype. Until they are saved, copies of q/k/v and of the
+    normalised head are held besides the model (about 4 GiB for Baichuan2-7B in bf16).
     """
     check_convertible(model.config)
     dtype = model.lm_head.weight.dtype

@@ -76,7 +76,7 @@ def parse_args():
 
 def run(command, env=None, timeout=900):
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}): {' '.join(command)}\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -246,9 +246,14 @@ def main():
     prompts, ours, replies = reference_outputs(reference, tokenizer, args.new_tokens)
     paths, seconds = make_ggufs(args, merged, work)
 
+    import numpy as np
+
+    top2 = np.sort(np.concatenate(ours), axis=-1)[:, -2:]  # (positions, 2)
     print(f"tiny model: hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, "
           f"vocab {reference.config.vocab_size}; merge_params.py --format llama: {merge_s:.1f} s; "
-          f"prompts {[len(p) for p in prompts]} tokens, {args.new_tokens} greedy tokens each")  # fmt: skip
+          f"prompts {[len(p) for p in prompts]} tokens, {args.new_tokens} greedy tokens each; our logits: "
+          f"max |x| {np.abs(np.concatenate(ours)).max():.2f}, median top-1 - top-2 gap "
+          f"{np.median(top2[:, 1] - top2[:, 0]):.3f}")  # fmt: skip
     print("\n| GGUF | KV cache | size, MiB | made in, s | max abs logit diff | argmax agreement "
           "| greedy replies equal | chat template ids |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")

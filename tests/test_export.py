@@ -40,7 +40,7 @@ SPECIAL_TEXTS = ["<reserved_106>你好<reserved_107>", "你好</s>", "<s>x<unk>"
 
 
 def run(args, cwd=REPO_ROOT, env=None, timeout=300):
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def make_adapter(base_dir, out_dir, seed=0):
@@ -119,9 +119,10 @@ print(json.dumps({"model": type(model).__name__, "tokenizer_eos": tokenizer.eos_
 
 def test_llama_export_loads_alone_and_gives_our_logits(merged, reference, tiny_tokenizer, tmp_path):
     export = merged["llama"]
-    names = sorted(os.listdir(export))
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer.model", "tokenizer_config.json"]  # fmt: skip
+    names = set(os.listdir(export))
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json"} <= names  # fmt: skip
+    assert all(name.endswith((".json", ".safetensors", ".model")) for name in names), names  # no .bin, no code
     assert "auto_map" not in (export / "config.json").read_text()
     ids = [tiny_tokenizer.encode(text) for text in ("俺老孙来也！你是谁？", "Hello, how are you?")]
     width = min(map(len, ids))
@@ -173,7 +174,7 @@ def test_llama_export_chat_template_and_greedy_reply_equal_ours(merged, referenc
     expected_prompt = build_chat_input(tiny_tokenizer, messages, reference.generation_config, 1024, 24)
     assert prompt == expected_prompt
     ids = torch.tensor([prompt])
-    greedy = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=24)  # the rest from the configs
+    greedy = {"attention_mask": torch.ones_like(ids), "do_sample": False, "max_new_tokens": 24}  # the rest: the configs
     with torch.no_grad():
         got = llama.generate(ids, **greedy)[0, len(prompt) :].tolist()
         expected = reference.generate(ids, **greedy)[0, len(prompt) :].tolist()
