@@ -123,6 +123,11 @@ def main():
         normalize_head_(merged)
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
         tokenizer.save_pretrained(tmp)
+    # safetensors 0.8 creates its files 0600; give every file the permissions the umask allows
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     os.replace(tmp, args.save_model_dir)
     print_rank_0(f"saved the merged model ({args.format} format) to {args.save_model_dir}")
 

@@ -123,6 +123,10 @@ def test_llama_export_loads_alone_and_gives_our_logits(merged, reference, tiny_t
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer.model",
             "tokenizer_config.json"} <= names  # fmt: skip
     assert all(name.endswith((".json", ".safetensors", ".model")) for name in names), names  # no .bin, no code
+    umask = os.umask(0)
+    os.umask(umask)
+    for fmt in ("llama", "baichuan"):  # safetensors alone would make its files 0600
+        assert {oct(os.stat(p).st_mode & 0o777) for p in merged[fmt].iterdir()} == {oct(0o666 & ~umask)}, fmt
     assert "auto_map" not in (export / "config.json").read_text()
     ids = [tiny_tokenizer.encode(text) for text in ("俺老孙来也！你是谁？", "Hello, how are you?")]
     width = min(map(len, ids))
