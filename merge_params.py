@@ -5,11 +5,20 @@ On a GPU (bf16, or fp16 where bf16 is missing):
         --model_dir runs/roleplay/epoch-1-step-501 --save_model_dir runs/roleplay-merged --device 0
 On the CPU (fp32):
     python merge_params.py ...same flags... --device -1
+As a plain Llama checkpoint, for vLLM, llama.cpp and Ollama (Baichuan2-7B only):
+    python merge_params.py ...same flags... --format llama
 
 The base is never loaded in 4-bit: rounding the merged weights back to 4 bits would throw most of
 the adapter away. The result holds safetensors shards, the tokenizer, the generation config, the
 model code files and the adapter's prompt record (roleplay.json), and is written under a
-temporary name that is renamed into place when complete.
+temporary name that is renamed into place when complete. The head is stored L2-normalised,
+which leaves the logits unchanged (NormHead normalises at use, and unit rows stay unit rows)
+and lets tools that skip the normalisation get it right.
+
+`--format llama` writes a `LlamaForCausalLM` instead (q/k/v split out of W_pack, the head
+normalised, a tokenizers-backed tokenizer with the chat template): it loads without remote
+code and converts with llama.cpp's `convert_hf_to_gguf.py`. Baichuan2-13B (ALiBi) has no
+Llama form and is refused.
 """
 
 import argparse
@@ -26,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--save_model_dir", required=True, help="where to write the merged model (must not exist)")
     parser.add_argument("--device", default="-1", help="-1 for the CPU, N for cuda:N, or 'auto'")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors shard")
+    parser.add_argument("--format", choices=["baichuan", "llama"], default="baichuan",
+                        help="baichuan: our model code travels along; llama: a plain LlamaForCausalLM for vLLM, "
+                             "llama.cpp and Ollama, rotary (7B) models only")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="let transformers run code from the model directory")
     return parser.parse_args(argv)
@@ -69,12 +81,18 @@ def main():
 
     quiet_third_party()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import baichuan  # noqa: F401
+    from baichuan.convert_llama import check_convertible, normalize_head_, save_as_llama
     from utils.models import cannot_load, load_tokenizer_for, pick_device_dtype
     from utils.prompts import read_record, write_record
 
+    if args.format == "llama":  # before minutes of loading weights
+        try:
+            check_convertible(AutoConfig.from_pretrained(args.ori_model_dir, trust_remote_code=args.trust_remote_code))
+        except (OSError, ValueError) as error:
+            raise UserError(f"--format llama: {error}") from None
     device, dtype = pick_device_dtype(args.device)
     print(f"loading {args.ori_model_dir} in {dtype} on {device}", flush=True)
     try:
@@ -93,11 +111,15 @@ def main():
     record = read_record(args.model_dir)
 
     with atomic_directory(args.save_model_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        if args.format == "llama":
+            save_as_llama(merged, tokenizer, tmp, max_shard_size=args.max_shard_size)
+        else:
+            normalize_head_(merged)
+            merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+            tokenizer.save_pretrained(tmp)
         if record is not None:
             write_record(tmp, record)
-    print(f"saved the merged model to {args.save_model_dir}", flush=True)
+    print(f"saved the merged model ({args.format} format) to {args.save_model_dir}", flush=True)
 
 
 if __name__ == "__main__":

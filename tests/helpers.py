@@ -1,7 +1,9 @@
-"""Helpers that several test files share: waiting for an event, a model that records and can hold
-its generate() calls, and serving an app on a free loopback port for the length of a block."""
+"""Helpers that several test files share: waiting for an event, checking a one-line error, a model
+that records and can hold its generate() calls, and serving an app on a free loopback port for the
+length of a block."""
 
 import contextlib
+import re
 import threading
 import time
 
@@ -17,6 +19,17 @@ def wait_for(condition, timeout=30.0, what="condition"):
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_one_line_error(proc, *needles):
+    """stderr holds one `error:` line and nothing else but progress bars (loading weights)."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if not re.search(r"\d+%\|", line)]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
 
 
 class _Sleep(StoppingCriteria):

@@ -4,7 +4,6 @@ test_data_helper.py, the web demo's and predict.py's in their own test files.)""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
+from helpers import assert_one_line_error
 
 BAD = REPO_ROOT / "tests" / "bad_inputs" / "train"
 
@@ -20,17 +20,6 @@ BAD = REPO_ROOT / "tests" / "bad_inputs" / "train"
 def run(args, timeout=300):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc, *needles):
-    """stderr holds one `error:` line and nothing else but progress bars (loading weights)."""
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if not re.search(r"\d+%\|", line)]
-    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
 
 
 @pytest.fixture(scope="module")
