@@ -21,6 +21,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 from transformers import AddedToken, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import SpmConverter
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .generation_utils import chat_template
 from .modeling_baichuan import row_inv_norm
@@ -62,8 +63,9 @@ def normalize_head_(model) -> None:
     model.lm_head.weight.copy_(normalized_head(model.lm_head.weight))
 
 
-def llama_config(config, dtype: torch.dtype) -> LlamaConfig:
+def llama_config(config, dtype: torch.dtype, attn_implementation: str = "sdpa") -> LlamaConfig:
     return LlamaConfig(
+        attn_implementation=attn_implementation,
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -168,6 +170,21 @@ def save_llama_tokenizer(tokenizer, generation_config, out_dir: str, model_max_l
         f.write(tokenizer.sp_model.serialized_model_proto())
 
 
+def to_llama(model, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """The `LlamaForCausalLM` with the same function as `model` (a rotary BaichuanForCausalLM), in its
+    dtype and on its device. It holds copies of q/k/v and of the normalised head; the other
+    tensors are shared with `model`."""
+    check_convertible(model.config)
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(llama_config(model.config, model.lm_head.weight.dtype, attn_implementation))
+    llama.load_state_dict(llama_state_dict(model), strict=True, assign=True)
+    # the rotary frequencies are a buffer outside the state dict, still on the meta device
+    with model.lm_head.weight.device:
+        llama.model.rotary_emb = LlamaRotaryEmbedding(llama.config)
+    llama.generation_config = copy.deepcopy(model.generation_config)
+    return llama.eval()
+
+
 def save_as_llama(model, tokenizer, out_dir: str, max_shard_size: str = "2GB") -> None:
     """Write `model` (a BaichuanForCausalLM with rotary positions) as a Llama checkpoint into
     `out_dir`, which may exist: files already there that are not written here are kept.
@@ -175,13 +192,8 @@ def save_as_llama(model, tokenizer, out_dir: str, max_shard_size: str = "2GB") -
     Weights are stored in the model's dtype. Until they are saved, copies of q/k/v and of the
     normalised head are held besides the model (about 4 GiB for Baichuan2-7B in bf16).
     """
-    check_convertible(model.config)
-    dtype = model.lm_head.weight.dtype
-    config = llama_config(model.config, dtype)
-    with torch.device("meta"):
-        llama = LlamaForCausalLM(config)
-    llama.load_state_dict(llama_state_dict(model), strict=True, assign=True)
-    llama.generation_config = copy.deepcopy(model.generation_config)
+    llama = to_llama(model)
+    config = llama.config
     llama.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
     max_length = getattr(model.config, "model_max_length", None) or config.max_position_embeddings
     save_llama_tokenizer(tokenizer, model.generation_config, out_dir, max_length)

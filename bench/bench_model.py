@@ -20,6 +20,7 @@ Before timing, both models are checked to give the same loss and the same genera
 """
 
 import argparse
+import copy
 import ctypes
 import datetime
 import gc
@@ -32,10 +33,11 @@ import sys
 import time
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from baichuan import BaichuanConfig, BaichuanForCausalLM  # noqa: E402
+from baichuan.convert_llama import llama_config, to_llama  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -66,42 +68,6 @@ def baichuan_config(args) -> BaichuanConfig:
         max_position_embeddings=4096,
         position_embedding="rope",
     )
-
-
-def llama_config(config: BaichuanConfig) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
-        tie_word_embeddings=False,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        attn_implementation="sdpa",
-    )
-
-
-def llama_twin(model: BaichuanForCausalLM) -> LlamaForCausalLM:
-    """A Llama with the same function: W_pack split into q/k/v, head rows L2-normalised."""
-    llama = LlamaForCausalLM(llama_config(model.config))
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("W_pack.weight"):
-            prefix = name[: -len("W_pack.weight")]
-            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                state[prefix + part + ".weight"] = chunk.clone()
-        elif name == "lm_head.weight":
-            state[name] = tensor / tensor.norm(dim=-1, keepdim=True)
-        else:
-            state[name] = tensor.clone()
-    llama.load_state_dict(state, strict=True)
-    return llama
 
 
 def train_batch(args, seed=0):
@@ -166,7 +132,7 @@ def memory_child(args) -> None:
     torch.manual_seed(0)
     config = baichuan_config(args)
     if args.memory_child == "llama":
-        model = LlamaForCausalLM(llama_config(config))
+        model = LlamaForCausalLM(llama_config(config, torch.float32))
     else:
         model = BaichuanForCausalLM(config)
     step = backbone_step if args.memory_child == "backbone" else train_step
@@ -206,7 +172,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(0)
     baichuan = BaichuanForCausalLM(baichuan_config(args)).train()
-    llama = llama_twin(baichuan).train()
+    llama = to_llama(copy.deepcopy(baichuan)).train()  # its own weights: both sides train
     models = {"baichuan": baichuan, "llama": llama}
     ids, labels = train_batch(args)
     prompt = torch.randint(3, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))

@@ -18,10 +18,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
 from baichuan import BaichuanConfig, BaichuanForCausalLM, BaichuanTokenizer
 from baichuan import modeling_baichuan
+from baichuan.convert_llama import to_llama
 from baichuan.modeling_baichuan import alibi_slopes
 
 VOCAB = 1000
@@ -71,38 +72,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def llama_twin(model: BaichuanForCausalLM, attn_implementation: str) -> LlamaForCausalLM:
-    config = model.config
-    llama_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads,
-        hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=10000.0,
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=False,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        attn_implementation=attn_implementation,
-    )
-    llama = LlamaForCausalLM(llama_config).eval()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("self_attn.W_pack.weight"):
-            prefix = name[: -len("W_pack.weight")]
-            q, k, v = tensor.chunk(3, dim=0)  # rows are [q; k; v]
-            state[prefix + "q_proj.weight"], state[prefix + "k_proj.weight"], state[prefix + "v_proj.weight"] = q, k, v
-        elif name == "lm_head.weight":
-            state[name] = tensor / tensor.norm(dim=-1, keepdim=True)
-        else:
-            state[name] = tensor
-    llama.load_state_dict(state, strict=True)
+    """transformers' own Llama with the same weights (baichuan.convert_llama: W_pack split into
+    q/k/v, head rows L2-normalised), in fp32 on the CPU like `model`."""
+    llama = to_llama(model, attn_implementation)
     assert llama.config._attn_implementation == attn_implementation
     return llama
 
