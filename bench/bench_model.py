@@ -162,6 +162,64 @@ def measure_memory(args, variant: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def time_interleaved(models, args, ids, labels, prompt, gen_config):
+    """Train-step and generation times of each model, the order flipped every rep."""
+    step_times = {name: [] for name in models}
+    gen_times = {name: [] for name in models}
+    for rep in range(args.reps):
+        order = list(models) if rep % 2 == 0 else list(reversed(models))
+        for name in order:
+            model = models[name].train()
+            model.zero_grad(set_to_none=False)
+            step_times[name].append(timed(lambda: train_step(model, ids, labels)))
+        for name in order:
+            model = models[name].eval()
+            gen_times[name].append(timed(lambda: generate(model, prompt, gen_config)))
+    return step_times, gen_times
+
+
+def print_report(args, loss, step_times, gen_times, memory) -> None:
+    def summary(times, pick):
+        return {name: pick(w for w, _ in t) for name, t in times.items()}
+
+    step, step_best = summary(step_times, statistics.median), summary(step_times, min)
+    gen, gen_best = summary(gen_times, statistics.median), summary(gen_times, min)
+    peak = {name: statistics.median(m) for name, m in memory.items()}
+    head = {name: peak[name] - peak["backbone"] for name in ("baichuan", "llama")}
+    logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
+    print(f"config: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+          f"intermediate {args.intermediate}; train batch {args.batch} x {args.seq} (half labelled); "
+          f"generation 1 x {args.prompt} + {args.new_tokens} greedy; {args.reps} interleaved reps; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    print(f"loss (both models): {loss:.4f}; full fp32 logits of the batch: {logits_mib:.0f} MiB\n")
+    print(f"| {'measure':<40} | {'Baichuan':>9} | {'Llama':>9} | {'ratio':>6} |")
+    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
+    tokens = args.new_tokens
+    rows = [  # (label, Baichuan, Llama, format, ratio = Baichuan speed / Llama speed, or memory ratio)
+        ("train step, s, median", step["baichuan"], step["llama"], "{:.3f}", step["llama"] / step["baichuan"]),
+        ("train step, s, best", step_best["baichuan"], step_best["llama"], "{:.3f}",
+         step_best["llama"] / step_best["baichuan"]),
+        ("greedy generation, tokens/s, median", tokens / gen["baichuan"], tokens / gen["llama"], "{:.1f}",
+         gen["llama"] / gen["baichuan"]),
+        ("greedy generation, tokens/s, best", tokens / gen_best["baichuan"], tokens / gen_best["llama"], "{:.1f}",
+         gen_best["llama"] / gen_best["baichuan"]),
+        ("train step peak memory rise, MiB", peak["baichuan"], peak["llama"], "{:.0f}", peak["baichuan"] / peak["llama"]),
+        ("  of which output head + loss, MiB", head["baichuan"], head["llama"], "{:.0f}", head["baichuan"] / head["llama"]),
+    ]
+    for label, ours, theirs, fmt, ratio in rows:
+        print(f"| {label:<40} | {fmt.format(ours):>9} | {fmt.format(theirs):>9} | {ratio:>6.2f} |")
+    print(f"\nratio: Baichuan speed / Llama speed for times (goal >= 0.95), Baichuan / Llama for memory. "
+          f"Head + loss memory vs the full fp32 logits ({logits_mib:.0f} MiB): Baichuan "
+          f"{head['baichuan'] / logits_mib:.2f}x, Llama {head['llama'] / logits_mib:.2f}x; "
+          f"decoder stack alone: {peak['backbone']:.0f} MiB")
+    for what, values in (("train step times, wall s", {k: [round(w, 3) for w, _ in v] for k, v in step_times.items()}),
+                         ("generation times, wall s", {k: [round(w, 3) for w, _ in v] for k, v in gen_times.items()}),
+                         ("memory rises, MiB", {k: [round(m) for m in v] for k, v in memory.items()})):
+        print(f"raw {what}: {json.dumps(values)}")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -186,69 +244,12 @@ def main(argv=None) -> None:
     if not torch.equal(outputs["baichuan"], outputs["llama"]):
         raise SystemExit("the models disagree: greedy outputs differ")
 
-    step_times = {name: [] for name in models}
-    gen_times = {name: [] for name in models}
-    for rep in range(args.reps):
-        order = list(models) if rep % 2 == 0 else list(reversed(models))
-        for name in order:
-            model = models[name].train()
-            model.zero_grad(set_to_none=False)
-            step_times[name].append(timed(lambda: train_step(model, ids, labels)))
-        for name in order:
-            model = models[name].eval()
-            gen_times[name].append(timed(lambda: generate(model, prompt, gen_config)))
-
+    step_times, gen_times = time_interleaved(models, args, ids, labels, prompt, gen_config)
     memory = {name: [] for name in ("baichuan", "llama", "backbone")}
-    for _ in range(args.memory_reps):
-        for name in memory:
-            memory[name].append(measure_memory(args, name))
-
-    def summary(times, pick):
-        return {name: pick(w for w, _ in t) for name, t in times.items()}
-
-    step, step_best = summary(step_times, statistics.median), summary(step_times, min)
-    gen, gen_best = summary(gen_times, statistics.median), summary(gen_times, min)
-    peak = {name: statistics.median(m) for name, m in memory.items()}
-    logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
-
-    print(
-        f"config: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
-        f"intermediate {args.intermediate}; train batch {args.batch} x {args.seq} (half labelled); "
-        f"generation 1 x {args.prompt} + {args.new_tokens} greedy; {args.reps} interleaved reps; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}"
-    )
-    print(f"loss (both models): {losses['baichuan']:.4f}; full fp32 logits of the batch: {logits_mib:.0f} MiB")
-    print()
-    print(f"| {'measure':<40} | {'Baichuan':>9} | {'Llama':>9} | {'ratio':>6} |")
-    print(f"|{'-' * 42}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
-    rows = [
-        # (label, Baichuan, Llama, format, ratio = Baichuan speed / Llama speed or memory ratio)
-        ("train step, s, median", step["baichuan"], step["llama"], "{:.3f}", step["llama"] / step["baichuan"]),
-        ("train step, s, best", step_best["baichuan"], step_best["llama"], "{:.3f}",
-         step_best["llama"] / step_best["baichuan"]),
-        ("greedy generation, tokens/s, median", args.new_tokens / gen["baichuan"], args.new_tokens / gen["llama"],
-         "{:.1f}", gen["llama"] / gen["baichuan"]),
-        ("greedy generation, tokens/s, best", args.new_tokens / gen_best["baichuan"],
-         args.new_tokens / gen_best["llama"], "{:.1f}", gen_best["llama"] / gen_best["baichuan"]),
-        ("train step peak memory rise, MiB", peak["baichuan"], peak["llama"], "{:.0f}",
-         peak["baichuan"] / peak["llama"]),
-        ("  of which output head + loss, MiB", peak["baichuan"] - peak["backbone"], peak["llama"] - peak["backbone"],
-         "{:.0f}", (peak["baichuan"] - peak["backbone"]) / (peak["llama"] - peak["backbone"])),
-    ]
-    for label, ours, theirs, fmt, ratio in rows:
-        print(f"| {label:<40} | {fmt.format(ours):>9} | {fmt.format(theirs):>9} | {ratio:>6.2f} |")
-    print()
-    print(
-        "ratio: Baichuan speed / Llama speed for times (goal >= 0.95), Baichuan / Llama for memory. "
-        f"Head + loss memory vs the full fp32 logits ({logits_mib:.0f} MiB): Baichuan "
-        f"{(peak['baichuan'] - peak['backbone']) / logits_mib:.2f}x, Llama {(peak['llama'] - peak['backbone']) / logits_mib:.2f}x; "
-        f"decoder stack alone: {peak['backbone']:.0f} MiB"
-    )
-    print("raw train step times, wall s: " + json.dumps({k: [round(w, 3) for w, _ in v] for k, v in step_times.items()}))
-    print("raw generation times, wall s: " + json.dumps({k: [round(w, 3) for w, _ in v] for k, v in gen_times.items()}))
-    print("raw memory rises, MiB: " + json.dumps({k: [round(m) for m in v] for k, v in memory.items()}))
-    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-    print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
+    for _ in range(args.memory_reps):  # interleaved, like the timings
+        for name, values in memory.items():
+            values.append(measure_memory(args, name))
+    print_report(args, losses["baichuan"], step_times, gen_times, memory)
 
 
 if __name__ == "__main__":
