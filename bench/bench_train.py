@@ -96,16 +96,11 @@ def parse_args(argv=None):
     parser.add_argument("--num_layers", type=int, default=4, help="tiny model layers")
     parser.add_argument("--num_heads", type=int, default=4, help="tiny model heads")
     parser.add_argument("--intermediate_size", type=int, default=688, help="tiny model MLP width")
-    parser.add_argument(
-        "--tokenizer",
-        default=os.path.join(SHARED, "baichuan2", "tokenizer.model"),
-        help="Baichuan2 tokenizer.model (real 125,696 vocabulary); if missing, one is trained on the sample data",
-    )
-    parser.add_argument(
-        "--rolebench_dir",
-        default=os.path.join(SHARED, "rolebench"),
-        help="RoleBench-zh files for data_helper.py; if missing, data/sample is used",
-    )
+    parser.add_argument("--tokenizer", default=os.path.join(SHARED, "baichuan2", "tokenizer.model"),
+                        help="Baichuan2 tokenizer.model (real 125,696 vocabulary); if missing, one is trained on the "
+                             "sample data")
+    parser.add_argument("--rolebench_dir", default=os.path.join(SHARED, "rolebench"),
+                        help="RoleBench-zh files for data_helper.py; if missing, data/sample is used")
     parser.add_argument("--model_dir", help="use this model directory instead of making a tiny one")
     parser.add_argument("--train_path", help="use this train jsonl instead of running data_helper.py")
     parser.add_argument("--workdir", help="keep the model, data and logs here (default: a temporary directory)")
@@ -179,6 +174,83 @@ def random_batches(n, batch, seed):
 # ---------------------------------------------------------------------------------- hf child
 
 
+def hf_rows(args) -> list[dict]:
+    """The same samples as train.py's (utils.data.encode_sample), kept as the Python lists it returns,
+    the way a list-of-dicts dataset for the Trainer holds them (train.py stores int32 arrays)."""
+    from transformers import GenerationConfig
+
+    from baichuan.generation_utils import chat_token_ids
+    from utils.data import encode_sample, read_samples
+    from utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model_dir)
+    user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(args.model_dir))
+    rows = []
+    for sample in read_samples(args.train_path):
+        ids, labels, _ = encode_sample(tokenizer, sample, user_id, assistant_id, args.max_len, args.max_src_len)
+        if ids is not None:
+            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows, tokenizer
+
+
+def hf_model(args):
+    """The base in NF4, prepared and wrapped the way the PEFT docs do it."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import baichuan  # noqa: F401  (registers the Auto classes)
+
+    dtype = torch.float32  # what train.py computes in on the CPU (utils.models.pick_device_dtype)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, quantization_config=quantization,
+                                                 device_map={"": "cpu"})
+    model.config.use_cache = False
+    # freeze, upcast, and (by default) turn on gradient checkpointing
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_gradient_checkpointing)
+    lora = LoraConfig(r=8, lora_alpha=30, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def hf_training_args(args):
+    """The Trainer's settings as close to train.py's as it has them."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=os.path.join(args.workdir, "hf-out"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, weight_decay=0.1,
+        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, lr_scheduler_type="cosine",
+        warmup_steps=0.1, optim="adamw_torch", seed=1234, use_cpu=True, bf16=False, fp16=False,
+        logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def counting_trainer(full_logits: bool, seen: list):
+    """A Trainer that records (real tokens, positions, labelled positions, rows) of every micro-batch,
+    and with `full_logits` computes an ordinary model's loss: every position's logits in fp32."""
+    import torch
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            mask = inputs["attention_mask"]
+            seen.append((int(mask.sum()), mask.numel(), int((inputs["labels"][:, 1:] != -100).sum()), len(mask)))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not full_logits:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+            return (loss, outputs) if return_outputs else loss
+
+    return CountingTrainer
+
+
 def hf_child(args) -> None:
     """One run of the plain Hugging Face route; writes its measurements as JSON to --child_out."""
     import logging
@@ -188,59 +260,11 @@ def hf_child(args) -> None:
     warnings.filterwarnings("ignore")
     import psutil
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (
-        AutoModelForCausalLM,
-        BitsAndBytesConfig,
-        DataCollatorForSeq2Seq,
-        GenerationConfig,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
-    import baichuan  # noqa: F401  (registers the Auto classes)
-    from baichuan.generation_utils import chat_token_ids
-    from utils.data import encode_sample, read_samples
-    from utils.models import load_tokenizer
-
-    gc_on = not args.no_gradient_checkpointing
-    # The same samples as train.py's (utils.encode_sample), kept as the Python lists it returns, the way a
-    # list-of-dicts dataset for the Trainer holds them (train.py stores them as int32 arrays)
-    tokenizer = load_tokenizer(args.model_dir)
-    user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(args.model_dir))
-    rows = []
-    for sample in read_samples(args.train_path):
-        ids, labels, _ = encode_sample(tokenizer, sample, user_id, assistant_id, args.max_len, args.max_src_len)
-        if ids is not None:
-            rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-
-    dtype = torch.float32  # what train.py computes in on the CPU (utils.pick_device_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        dtype=dtype,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        ),
-        device_map={"": "cpu"},
-    )
-    model.config.use_cache = False
-    # As the PEFT docs do: freeze, upcast, and (by default) turn on gradient checkpointing.
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc_on)
-    lora = LoraConfig(
-        r=8,
-        lora_alpha=30,
-        lora_dropout=0.1,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
-
-    marks = []  # (step, wall, cpu, rss) at the end of every optimizer step
-    seen = []  # (real tokens, positions, labelled positions) of every micro-batch, in training order
+    rows, tokenizer = hf_rows(args)
+    model = hf_model(args)
+    marks, seen = [], []  # (step, wall, cpu, rss) at every optimizer step's end; micro-batch counts
     process = psutil.Process()
 
     class Timer(TrainerCallback):
@@ -248,65 +272,15 @@ def hf_child(args) -> None:
             cpu = process.cpu_times()
             marks.append((state.global_step, time.perf_counter(), cpu.user + cpu.system, process.memory_info().rss))
 
-    class CountingTrainer(Trainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            mask = inputs["attention_mask"]
-            seen.append((int(mask.sum()), mask.numel(), int((inputs["labels"][:, 1:] != -100).sum()), len(mask)))
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if args.child != "hf_full":
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # A standard model's loss (transformers' ForCausalLMLoss): every position's logits in fp32.
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            logits = outputs.logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-            return (loss, outputs) if return_outputs else loss
-
-    targs = TrainingArguments(
-        output_dir=os.path.join(args.workdir, "hf-out"),
-        per_device_train_batch_size=args.batch,
-        gradient_accumulation_steps=1,
-        max_steps=args.steps,
-        learning_rate=args.lr,
-        weight_decay=0.1,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_epsilon=1e-8,
-        max_grad_norm=1.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.1,
-        optim="adamw_torch",
-        seed=1234,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    trainer = CountingTrainer(
-        model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[Timer()]
-    )
+    trainer = counting_trainer(args.child == "hf_full", seen)(
+        model=model, args=hf_training_args(args), train_dataset=rows, data_collator=collator, callbacks=[Timer()])
     trainer.train()
+    result = {"marks": marks, "seen": seen, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              "gc_kwargs": getattr(model.base_model.model, "_gradient_checkpointing_kwargs", None),
+              "passes_num_items_in_batch": trainer.model_accepts_loss_kwargs, "torch_threads": torch.get_num_threads()}
     with open(args.child_out, "w") as f:
-        json.dump(
-            {
-                "marks": marks,
-                "seen": seen,
-                "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                "gc_kwargs": getattr(model.base_model.model, "_gradient_checkpointing_kwargs", None),
-                "passes_num_items_in_batch": trainer.model_accepts_loss_kwargs,
-                "torch_threads": torch.get_num_threads(),
-            },
-            f,
-        )
+        json.dump(result, f)
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -475,13 +449,47 @@ def machine() -> str:
 # ---------------------------------------------------------------------------------- main
 
 
+def run_rounds(args, steps_by_side: dict) -> dict:
+    """Every side once a round, the order flipped every round; the measurements per side."""
+    results = {side: [] for side in args.sides}
+    for r in range(args.rounds):
+        for side in args.sides if r % 2 == 0 else args.sides[::-1]:
+            log = os.path.join(args.workdir, f"{side}-round{r + 1}.log")
+            if side in ("hf", "hf_full"):
+                res = run_hf(args, log, side)
+            else:
+                res = run_train_py(args, log, side == "packing", steps_by_side[side == "packing"])
+            res.update(tok_s=res["tokens"] / res["wall"], tok_cpu_s=res["tokens"] / res["cpu"],
+                       samples_s=res["samples"] / res["wall"])
+            results[side].append(res)
+            print(f"round {r + 1} {side:8s} {res['tok_s']:8.1f} tokens/s  {res['tok_cpu_s']:8.1f} tokens/CPU-s  "
+                  f"{res['samples_s']:6.2f} samples/s  peak RSS {res['maxrss_mib']:7.0f} MiB  "
+                  f"pad {1 - res['computed'] / res['positions']:.1%}  (process {res['process_wall']:.0f} s)", flush=True)
+    return results
+
+
+def print_header(args, notes, config, stats, packed_stats) -> None:
+    import torch
+
+    lengths, labelled, packed_lengths = stats["computed"], stats["labelled"], packed_stats["computed"]
+    print(f"# bench_train  {datetime.date.today()}  {machine()}  torch {torch.__version__}", flush=True)
+    for note in notes:
+        print(f"# {note}")
+    print(f"# model: {config['hidden_size']} wide, {config['num_hidden_layers']} layers, vocab {config['vocab_size']:,}; "
+          f"{len(lengths):,} samples (mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens, "
+          f"{statistics.mean(labelled):.0f} of them labelled on average), "
+          f"{len(packed_lengths):,} packed rows ({len(lengths) / len(packed_lengths):.1f} samples a row); "
+          f"batch {args.batch} samples, {args.packing_batch} rows with --packing; max_len {args.max_len}, "
+          f"{args.steps} steps of which the first {args.warmup} untimed; gradient checkpointing "
+          f"{'off' if args.no_gradient_checkpointing else 'on'} on both sides; "
+          f"{'OMP_NUM_THREADS=' + str(args.threads) if args.threads else 'torch default threads'}", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         hf_child(args)
         return
-    import torch
-
     from utils.data import PackedDataset, length_grouped_batches
 
     keep = bool(args.workdir)
@@ -492,9 +500,7 @@ def main(argv=None) -> None:
         config = json.load(open(os.path.join(args.model_dir, "config.json")))
         dataset = load_dataset(args.model_dir, args.train_path, args.max_len, args.max_src_len)
         stats = row_stats(dataset)
-        lengths, labelled = stats["computed"], stats["labelled"]
         packed_stats = row_stats(PackedDataset(dataset, args.max_len))  # the same samples, tokenised once
-        packed_lengths = packed_stats["computed"]
 
         # The batches train.py will take (epoch 0, seed 1234, one process), step by step.
         def steps_of(stats, batch):
@@ -505,49 +511,15 @@ def main(argv=None) -> None:
         packed_steps, packed_epoch = steps_of(packed_stats, args.packing_batch)
         if len(packed_steps) < args.steps:
             raise SystemExit(f"--packing_batch {args.packing_batch}: only {len(packed_steps)} steps in an epoch")
+        lengths, packed_lengths = stats["computed"], packed_stats["computed"]
         waste = {
             "hf (random batches)": statistics.mean(
-                1 - t / p for t, p in (padding_share(random_batches(len(lengths), args.batch, s), lengths) for s in range(5))
-            ),
+                1 - t / p for t, p in (padding_share(random_batches(len(lengths), args.batch, s), lengths) for s in range(5))),
             "ours (length-grouped)": 1 - (lambda t, p: t / p)(*padding_share(ours_epoch, lengths)),
             "packing": 1 - (lambda t, p: t / p)(*padding_share(packed_epoch, packed_lengths)),
         }
-
-        print(f"# bench_train  {datetime.date.today()}  {machine()}  torch {torch.__version__}", flush=True)
-        for note in notes:
-            print(f"# {note}")
-        print(
-            f"# model: {config['hidden_size']} wide, {config['num_hidden_layers']} layers, vocab {config['vocab_size']:,}; "
-            f"{len(lengths):,} samples (mean {statistics.mean(lengths):.0f}, max {max(lengths)} tokens, "
-            f"{statistics.mean(labelled):.0f} of them labelled on average), "
-            f"{len(packed_lengths):,} packed rows ({len(lengths) / len(packed_lengths):.1f} samples a row); "
-            f"batch {args.batch} samples, {args.packing_batch} rows with --packing; max_len {args.max_len}, "
-            f"{args.steps} steps of which the first {args.warmup} untimed; gradient checkpointing "
-            f"{'off' if args.no_gradient_checkpointing else 'on'} on both sides; "
-            f"{'OMP_NUM_THREADS=' + str(args.threads) if args.threads else 'torch default threads'}",
-            flush=True,
-        )
-
-        results = {side: [] for side in args.sides}
-        for r in range(args.rounds):
-            order = args.sides if r % 2 == 0 else args.sides[::-1]
-            for side in order:
-                log = os.path.join(args.workdir, f"{side}-round{r + 1}.log")
-                if side in ("hf", "hf_full"):
-                    res = run_hf(args, log, side)
-                else:
-                    res = run_train_py(args, log, side == "packing", packed_steps if side == "packing" else ours_steps)
-                res["tok_s"] = res["tokens"] / res["wall"]
-                res["tok_cpu_s"] = res["tokens"] / res["cpu"]
-                res["samples_s"] = res["samples"] / res["wall"]
-                results[side].append(res)
-                print(
-                    f"round {r + 1} {side:8s} {res['tok_s']:8.1f} tokens/s  {res['tok_cpu_s']:8.1f} tokens/CPU-s  "
-                    f"{res['samples_s']:6.2f} samples/s  "
-                    f"peak RSS {res['maxrss_mib']:7.0f} MiB  pad {1 - res['computed'] / res['positions']:.1%}  "
-                    f"(process {res['process_wall']:.0f} s)",
-                    flush=True,
-                )
+        print_header(args, notes, config, stats, packed_stats)
+        results = run_rounds(args, {False: ours_steps, True: packed_steps})
         report(args, results, waste)
         if args.json_out:
             with open(args.json_out, "w") as f:
