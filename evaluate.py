@@ -108,6 +108,9 @@ def parse_args(argv=None):
                        help="cpu, cuda, cuda:N or auto (CUDA when present) (default: %(default)s)")
     group.add_argument("--trust_remote_code", action="store_true",
                        help="load model code from the model directory instead of the local baichuan package")
+    group.add_argument("--quantization_bit", type=int, choices=(4, 8), default=None,
+                       help="load every model's linear layers in 4 bits (NF4, double quantisation) or 8 bits "
+                            "(bitsandbytes int8); an adapter stays unquantised on top (default: unquantised)")
 
     group = parser.add_argument_group("test questions")
     group.add_argument(
@@ -499,7 +502,9 @@ def run_settings(spec, args):
     """What a saved result must have been made with to be reused."""
     return {**spec.settings_key(), "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
             "temperature": args.temperature, "top_p": args.top_p,
-            "repetition_penalty": args.repetition_penalty, "seed": args.seed if args.do_sample else None}
+            "repetition_penalty": args.repetition_penalty, "seed": args.seed if args.do_sample else None,
+            # only when set, so that unquantised results saved before the flag existed are still reused
+            **({"quantization_bit": args.quantization_bit} if args.quantization_bit else {})}
 
 
 # ---------------------------------------------------------------- generation and perplexity
@@ -607,7 +612,8 @@ def evaluate_model(spec, questions, store, args):
     from utils.models import load_for_inference
 
     hf_logging.disable_progress_bar()
-    model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code,
+                                          args.quantization_bit)
     tokenizer.padding_side = "left"
     config = generation_config_for(model, args)
     torch.manual_seed(args.seed)
