@@ -23,8 +23,7 @@ from baichuan.generation_utils import build_chat_input  # noqa: E402
 from helpers import RecordingModel, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
-from utils.models import load_for_inference  # noqa: E402
-from utils.prompts import Role, roles_from_file  # noqa: E402
+from utils.prompts import Role  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -74,16 +73,6 @@ def hold_and_fill(chat, model, client, running: int, waiting: int) -> list:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_for_inference(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def roles():
-    return roles_from_file(str(ROOT / "data" / "roles.json"))
 
 
 @pytest.fixture
