@@ -111,11 +111,14 @@ def test_whole_and_streamed_greedy_answers_agree(client, api_server, roles):
 
 
 def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles):
+    """A front end's conversation opens with the character's greeting; it stays in the prompt."""
     _, model, chat = api_server
-    first = ask(client, [user("你喜欢喝酒吗？")], max_tokens=6).choices[0].message.content
-    history = [user("你喜欢喝酒吗？"), {"role": "assistant", "content": first}, user("那写首诗吧。")]
+    greeting = {"role": "assistant", "content": "举杯邀明月，你也来喝一杯？"}
+    first = ask(client, [greeting, user("你喜欢喝酒吗？")], max_tokens=6).choices[0].message.content
+    history = [greeting, user("你喜欢喝酒吗？"), {"role": "assistant", "content": first}, user("那写首诗吧。")]
     ask(client, history, max_tokens=6)
     assert model.calls[-1]["inputs"][0].tolist() == prompt_ids(chat, role_messages(roles["李白"], history), 6)
+    assert "举杯邀明月" in chat.tokenizer.decode(model.calls[-1]["inputs"][0].tolist())
 
     card = [{"role": "system", "content": "你是嫦娥，"}, {"role": "system", "content": "住在月宫。"}, *history]
     prompts = []
@@ -126,8 +129,8 @@ def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles)
     assert prompts == [prompt_ids(chat, own, 6)] * 2
 
     with pytest.raises(openai.BadRequestError) as error:
-        ask(client, [*history[:2], {"role": "system", "content": "换个角色"}, history[2]])
-    assert error.value.body["param"] == "messages[2].role"
+        ask(client, [*history[:3], {"role": "system", "content": "换个角色"}, history[3]])
+    assert error.value.body["param"] == "messages[3].role"
 
 
 @pytest.mark.parametrize(

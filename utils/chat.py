@@ -81,7 +81,8 @@ def check_message(text, max_chars: int = MAX_MESSAGE_CHARS) -> None:
 
 
 def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
-    """The newest messages that could fit in the context, starting on a whole round."""
+    """The newest messages that could fit in the context; when older ones are cut, starting on a
+    whole round (a conversation that opens with the role's greeting keeps it while it fits)."""
     budget = CHARS_PER_TOKEN_BOUND * model_max_length
     kept, total = [], 0
     for message in reversed(messages):
@@ -89,7 +90,7 @@ def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
         if kept and total > budget:
             break
         kept.insert(0, message)
-    while len(kept) > 1 and kept[0]["role"] != "user":
+    while len(kept) < len(messages) and len(kept) > 1 and kept[0]["role"] != "user":
         kept.pop(0)
     return kept
 
