@@ -334,7 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          f"its password); the environment variable {API_KEY_ENV} keeps it out of "
                                          f"the process list (default: ${API_KEY_ENV}, else no key)")
     group.add_argument("--no_api_key", action="store_true",
-                       help="serve a non-loopback --host or --share without a key, knowing anyone reaching it can use it")
+                       help="serve a non-loopback --host or --share without a key, knowing that anyone who "
+                            "reaches it can use it")
     group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
                        help="requests waiting for a generation slot; more are told the server is busy")

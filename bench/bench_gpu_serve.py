@@ -150,7 +150,8 @@ def report(results: list[dict], cuda: bool) -> None:
     four = next((r for r in results if r["bits"] == 4), None)
     if cuda and four:
         verdict = "met" if four["peak_reserved_gib"] <= GOAL_4BIT_GIB else "missed"
-        print(f"goal <= {GOAL_4BIT_GIB:g} GiB reserved for 4-bit inference: {verdict} ({four['peak_reserved_gib']:.2f})")
+        print(f"goal <= {GOAL_4BIT_GIB:g} GiB reserved for 4-bit inference: {verdict} "
+              f"({four['peak_reserved_gib']:.2f} GiB)")
 
 
 def main(argv=None) -> int:

@@ -99,17 +99,16 @@ def client_for(url: str):
     return Client(url, verbose=False, analytics_enabled=False, download_files=False)
 
 
-def run_sessions(url: str, clients: int, turns: int, max_new_tokens: int, timeout: float,
+def run_sessions(new_client, chat, clients: int, turns: int, timeout: float,
                  roles=("孙悟空", "张飞", "李白")) -> list[list[Outcome]]:
-    """`clients` threads, each its own client, each chatting `turns` turns; outcomes per client."""
+    """`clients` threads, each with its own `new_client()`, each chatting `turns` turns through
+    `chat(client, message, history, role)`; outcomes per client."""
     results: list[list[Outcome]] = [[] for _ in range(clients)]
 
     def session(i: int) -> None:
-        client = client_for(url)
-        history: list = []
+        client, history = new_client(), []
         for turn in range(turns):
-            outcome = chat_once(client, f"第{turn + 1}个问题：你好，你是谁？", history, roles[i % len(roles)],
-                                max_new_tokens, timeout)
+            outcome = chat(client, f"第{turn + 1}个问题：你好，你是谁？", history, roles[i % len(roles)])
             results[i].append(outcome)
             if outcome.status != "ok":
                 return
@@ -170,29 +169,6 @@ def api_chat_once(client, message: str, history: list, role: str, max_new_tokens
     latency = time.monotonic() - start
     return Outcome("ok", first if first is not None else latency, latency,
                    [*messages, {"role": "assistant", "content": reply}])
-
-
-def run_api_sessions(url: str, clients: int, turns: int, max_new_tokens: int, timeout: float,
-                     roles=("孙悟空", "张飞", "李白")) -> list[list[Outcome]]:
-    """`clients` threads, each its own `openai` client, each chatting `turns` streamed turns."""
-    results: list[list[Outcome]] = [[] for _ in range(clients)]
-
-    def session(i: int) -> None:
-        client, history = api_client(url, timeout), []
-        for turn in range(turns):
-            outcome = api_chat_once(client, f"第{turn + 1}个问题：你好，你是谁？", history, roles[i % len(roles)],
-                                    max_new_tokens)
-            results[i].append(outcome)
-            if outcome.status != "ok":
-                return
-            history = outcome.history
-
-    threads = [threading.Thread(target=session, args=(i,), daemon=True) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout * turns + 30)
-    return results
 
 
 def run_api_burst(url: str, requests: int, max_new_tokens: int, timeout: float) -> list[Outcome]:
@@ -316,15 +292,20 @@ def report_ratios(page: dict, api: dict) -> None:
 def run_checks(url: str, args) -> bool:
     """Both sides' sessions, then both bursts, then one more chat; printed as they finish."""
     good, figures = True, {}
+    sides = {  # (a new client, one turn with it)
+        "page": (lambda: client_for(url),
+                 lambda client, *turn: chat_once(client, *turn, args.max_new_tokens, args.timeout)),
+        "api": (lambda: api_client(url, args.timeout),
+                lambda client, *turn: api_chat_once(client, *turn, args.max_new_tokens)),
+    }
     # one untimed turn on each side first, so that neither pays for the server's first generation
-    warm = [chat_once(client_for(url), "你好", [], "李白", args.max_new_tokens, args.timeout),
-            api_chat_once(api_client(url, args.timeout), "你好", [], "李白", args.max_new_tokens)]
+    warm = [chat(new_client(), "你好", [], "李白") for new_client, chat in sides.values()]
     if any(o.status != "ok" for o in warm):
         print(f"warm-up failed: {[o.error for o in warm]}")
         return False
-    for side, run in (("page", run_sessions), ("api", run_api_sessions)):
+    for side, (new_client, chat) in sides.items():
         start = time.monotonic()
-        sessions = run(url, args.clients, args.turns, args.max_new_tokens, args.timeout)
+        sessions = run_sessions(new_client, chat, args.clients, args.turns, args.timeout)
         passed, figures[side] = report_sessions(side, sessions, args, time.monotonic() - start)
         good &= passed
     report_ratios(figures["page"], figures["api"])

@@ -362,8 +362,8 @@ def test_a_network_listener_needs_a_key(monkeypatch, argv, env_key, problem):
 
 def test_open_host_without_key_exits_with_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != web_demo.API_KEY_ENV}
-    result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tmp_path / "nope"), "--host", "0.0.0.0"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tmp_path / "nope"),
+                             "--host", "0.0.0.0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
         "error: --host 0.0.0.0 lets the network in: give a key (--api_key KEY or $ROLEPLAY_API_KEY), "

@@ -39,6 +39,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -128,7 +129,8 @@ def refuse_unsupported(body: ChatRequest) -> None:
     asked = {
         "n": body.n not in (None, 1),
         "tools": bool(body.tools), "functions": bool(body.functions),
-        "tool_choice": body.tool_choice not in (None, "none"), "function_call": body.function_call not in (None, "none"),
+        "tool_choice": body.tool_choice not in (None, "none"),
+        "function_call": body.function_call not in (None, "none"),
         "logprobs": bool(body.logprobs), "top_logprobs": bool(body.top_logprobs),
         "response_format": body.response_format not in (None, {"type": "text"}),
     }
@@ -365,8 +367,9 @@ def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
+            # the stop also after the response, for a client gone before the stream even began
             return StreamingResponse(events(reply, head, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(stream.stop.set))
         await until_done(reply, request)
         if reply.error is not None:
             raise reply.failure()

@@ -31,9 +31,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--roles_file", help="JSON object role name -> description, to play other roles than the "
                                             "model's own (default: the roles recorded in the model)")
     group.add_argument("--quantization_bit", type=int, choices=(4, 8),
-                       help="load the model's linear layers in 4 bits (NF4, double quantisation) or 8 bits (bitsandbytes "
-                            "int8) to save memory; an --adapter stays unquantised on top (default: unquantised, "
-                            "bf16 on a GPU and fp32 on the CPU)")
+                       help="load the model's linear layers in 4 bits (NF4, double quantisation) or 8 bits "
+                            "(bitsandbytes int8) to save memory; an --adapter stays unquantised on top "
+                            "(default: unquantised, bf16 on a GPU and fp32 on the CPU)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, title: str = "generation"):
