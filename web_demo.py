@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     demo = None if args.api_only else build_demo(chat, default_role, defaults)
     key = api_key(args)
     if args.share:
-        demo.launch(server_name=args.host, server_port=args.port, share=True, auth=page_login(key))
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=page_login(key))
         return
     sock = listen(args.host, args.port)
     url = f"http://{args.host}:{sock.getsockname()[1]}"
