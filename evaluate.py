@@ -67,6 +67,9 @@ def parse_args(argv=None):
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
     group.add_argument("--trust_remote_code", action="store_true",
                        help="load model code from the model directory instead of the local baichuan package")
+    group.add_argument("--quantization_bit", type=int, choices=(4, 8),
+                       help="load every model's linear layers in 4 bits (NF4, double quantisation) or 8 bits "
+                            "(bitsandbytes int8); an adapter stays unquantised on top (default: unquantised)")
     group = parser.add_argument_group("test questions")
     group.add_argument("--data_dir", default="data/sample",
                        help="folder with rolebench-zh_general_test.jsonl and rolebench-zh_role_specific_test.jsonl")
@@ -293,7 +296,7 @@ def run_settings(spec, args, system):
     digest = hashlib.sha1(json.dumps(system, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
     return {**spec.settings_key(), "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
             "temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
-            "seed": args.seed if args.do_sample else None, "digest": digest}
+            "seed": args.seed if args.do_sample else None, "quantization_bit": args.quantization_bit, "digest": digest}
 
 
 # ---------------------------------------------------------------- generation and perplexity
@@ -395,7 +398,8 @@ def evaluate_model(spec, questions, store, args):
 
     from utils.models import load_for_inference
 
-    model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code,
+                                          args.quantization_bit)
     config = generation_config_for(model, args)
     torch.manual_seed(args.seed)
     with tqdm(total=len(pending), desc=spec.name, unit="q", file=sys.stderr, dynamic_ncols=True) as bar:

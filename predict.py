@@ -110,7 +110,8 @@ def main(argv=None) -> None:
 
     prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
     role = check_role(prompts.roles, args.role or next(iter(prompts.roles)))
-    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
+                                          args.quantization_bit)
     sampling = Sampling(args.max_new_tokens, args.top_p, 0 if args.greedy else args.temperature)
     if args.question is not None:
         messages = role_messages(role, [{"role": "user", "content": args.question}])

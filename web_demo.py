@@ -1,22 +1,28 @@
-"""A web page to chat with a fine-tuned Baichuan2 role-play model (Gradio).
+"""A web page and an OpenAI-compatible API to chat with a fine-tuned Baichuan2 role-play model.
 
 A merged model directory:
     python web_demo.py --model_path runs/roleplay-merged
-A base model plus a LoRA adapter (a training checkpoint):
-    python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501
+A base model plus a LoRA adapter (a training checkpoint), the base in 4 bits (about 5-6 GB of GPU memory for 7B):
+    python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501 \
+        --quantization_bit 4
+The API alone, open to the network, with a key:
+    ROLEPLAY_API_KEY=... python web_demo.py --model_path runs/roleplay-merged --api_only --host 0.0.0.0
 Try the page on the quickstart's tiny model (it answers in noise):
     bash scripts/quickstart.sh && python web_demo.py --model_path runs/quickstart/merged
 
-then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no share link unless
-`--host` / `--share` ask for it.
+then open http://127.0.0.1:9090, or point an OpenAI client (SillyTavern, Open WebUI, `openai`) at
+http://127.0.0.1:9090/v1 (utils/api.py says what it honours). The server listens on 127.0.0.1 only
+and makes no share link unless `--host` / `--share` ask for it; those need a key (`--api_key` or
+$ROLEPLAY_API_KEY), or `--no_api_key` to go without one knowingly.
 
 The radio offers the roles the model was trained on, with their trained system prompts (the
 model's roleplay.json; --roles_file plays other roles). Switching role starts a new conversation.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
 Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
 
-At most `--concurrency` replies are generated at once and `--max_queue` more wait for a slot;
-beyond that a request is turned away with "busy". gradio_client can use the page's endpoint:
+At most `--concurrency` replies are generated at once and `--max_queue` more wait for a slot, the
+page's and the API's together; beyond that a request is turned away with "busy" (the API: 429 with
+Retry-After). gradio_client can use the page's endpoint:
 
     from gradio_client import Client
     job = Client("http://127.0.0.1:9090").submit("你好", [], "张飞", 128, 0.8, 0.8, api_name="/chat")
@@ -25,7 +31,9 @@ beyond that a request is turned away with "busy". gradio_client can use the page
 """
 
 import argparse
+import hmac
 import logging
+import os
 import threading
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
@@ -35,6 +43,7 @@ logger = logging.getLogger("web_demo")
 
 EMPTY_REPLY = "（没有生成内容 / the model produced no text）"
 BUSY = "busy: every generation slot and waiting place is taken; try again in a moment"
+API_KEY_ENV = "ROLEPLAY_API_KEY"
 
 
 def content_text(content) -> str:
@@ -247,13 +256,40 @@ def build_demo(chat: RolePlayChat, default_role: str, sampling):
     return demo
 
 
-def build_app(demo, chat: RolePlayChat):
-    """The page (and, at the same address, anything else served beside it) as one FastAPI app."""
-    import gradio as gr
+def build_app(demo, chat: RolePlayChat, defaults=None, api_key: str | None = None):
+    """The OpenAI-compatible API under /v1 and the page (None: the API alone) as one FastAPI app;
+    both answer from `chat`, within its one bound. `defaults` (a Sampling) fills the settings an
+    API request leaves out. With `api_key`, API requests need it as their bearer token, and the
+    page asks for it as the password of a login form (any user name)."""
     from fastapi import FastAPI
 
+    from utils.api import add_api
+    from utils.chat import Sampling
+
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    return gr.mount_gradio_app(app, demo, path="")
+    add_api(app, chat, defaults or Sampling(), api_key)  # first: the page's mount at the root would take /v1 too
+    if demo is None:
+        return app
+    import gradio as gr
+
+    return gr.mount_gradio_app(app, demo, path="", auth=page_login(api_key),
+                               auth_message="password: the server's API key")
+
+
+def page_login(api_key: str | None):
+    """Gradio's login check for the page: any user name, the API key as the password (None: no login)."""
+    if api_key is None:
+        return None
+    return lambda user, password: hmac.compare_digest(password.encode(), api_key.encode())
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to any address
+        return False
 
 
 def listen(host: str, port: int):
@@ -265,6 +301,7 @@ def listen(host: str, port: int):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen()  # connections wait in the backlog from now on, before the server accepts them
     except OSError as error:
         raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
     return sock
@@ -282,14 +319,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument_group("model").add_argument(
         "--default_role", help="role selected when the page opens (default: the model's first role)")
-    add_generation_args(parser, "generation (the sliders' starting values)").add_argument(
+    add_generation_args(parser, "generation (the sliders' starting values, the API's defaults)").add_argument(
         "--max_message_chars", type=int, default=2000, help="longer messages are refused")
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on; 0.0.0.0 opens the page to the network")
-    group.add_argument("--port", type=int, default=9090, help="port to listen on")
+                       help="address to listen on; 0.0.0.0 opens the page and the API to the network (needs a key)")
+    group.add_argument("--port", type=int, default=9090, help="port to listen on; 0 picks a free one (printed)")
     group.add_argument("--share", action="store_true",
-                       help="also make a public gradio.live link (off unless asked: anyone with the link can use it)")
+                       help="serve the page alone through a public gradio.live link instead (needs a key; "
+                            "anyone with the link and the key can use it)")
+    group.add_argument("--api_only", action="store_true",
+                       help="serve the OpenAI-compatible API (/v1/chat/completions, /v1/models) without the page")
+    group.add_argument("--api_key", help=f"requests must carry `Authorization: Bearer KEY` (the page asks for it as "
+                                         f"its password); the environment variable {API_KEY_ENV} keeps it out of "
+                                         f"the process list (default: ${API_KEY_ENV}, else no key)")
+    group.add_argument("--no_api_key", action="store_true",
+                       help="serve a non-loopback --host or --share without a key, knowing that anyone who "
+                            "reaches it can use it")
     group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
                        help="requests waiting for a generation slot; more are told the server is busy")
@@ -301,13 +347,28 @@ def validate_args(args) -> list[str]:
 
     problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
                 for name in ("max_message_chars", "concurrency", "max_queue") if getattr(args, name) < 1]
-    if not 0 < args.port < 65536:
-        problems.append(f"--port must be in 1..65535, got {args.port}")
+    if not 0 <= args.port < 65536:
+        problems.append(f"--port must be in 0..65535, got {args.port}")
+    key = api_key(args)
+    if key is not None and not key.strip():
+        problems.append(f"--api_key (or ${API_KEY_ENV}) is empty")
+    if key is not None and args.no_api_key:
+        problems.append("--no_api_key contradicts the key given by --api_key or $" + API_KEY_ENV)
+    exposed = "--share" if args.share else None if is_loopback(args.host) else f"--host {args.host}"
+    if exposed and key is None and not args.no_api_key:
+        problems.append(f"{exposed} lets the network in: give a key (--api_key KEY or ${API_KEY_ENV}), "
+                        f"or --no_api_key to serve without one")
+    if args.share and args.api_only:
+        problems.append("--share serves the page alone: it cannot go with --api_only")
     try:
         check_settings(args.max_new_tokens, args.top_p, args.temperature)
     except UserError as error:
         problems.append(str(error))
     return problems
+
+
+def api_key(args) -> str | None:
+    return args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
 
 
 def main(argv=None) -> None:
@@ -323,16 +384,20 @@ def main(argv=None) -> None:
 
     prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
     default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
-    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
+                                          args.quantization_bit)
     chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
                         args.max_message_chars)
-    demo = build_demo(chat, default_role, Sampling(args.max_new_tokens, args.top_p, args.temperature))
+    defaults = Sampling(args.max_new_tokens, args.top_p, args.temperature)
+    demo = None if args.api_only else build_demo(chat, default_role, defaults)
+    key = api_key(args)
     if args.share:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=page_login(key))
         return
     sock = listen(args.host, args.port)
-    print(f"serving on http://{args.host}:{args.port}", flush=True)
-    make_server(build_app(demo, chat)).run(sockets=[sock])
+    url = f"http://{args.host}:{sock.getsockname()[1]}"
+    print(f"serving on {'' if args.api_only else url + ' (page), '}{url}/v1 (OpenAI-compatible API)", flush=True)
+    make_server(build_app(demo, chat, defaults, key)).run(sockets=[sock])
 
 
 if __name__ == "__main__":

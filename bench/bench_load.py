@@ -1,5 +1,6 @@
-"""Load check of web_demo.py: concurrent gradio_client chats against one server, then a burst
-beyond the queue bound.
+"""Load check of web_demo.py: its page (gradio_client) and its OpenAI-compatible API (the `openai`
+client) in one run against one server, each with concurrent two-turn chats, then bursts beyond the
+one bound they share.
 
     python bench/bench_load.py                            # tiny random model, built in a temp dir
     python bench/bench_load.py --model_path output/merged --max_new_tokens 128
@@ -7,15 +8,17 @@ beyond the queue bound.
 Starts `web_demo.py` as a subprocess on 127.0.0.1 (a free port), then:
 
 1. `--clients` clients each stream a `--turns`-turn chat (the second turn sends the first back as
-   history); every reply must be well formed (user/assistant alternating, non-empty reply).
-2. A burst of `--burst` requests at once: those beyond `--concurrency` running plus `--max_queue`
-   waiting must be turned away with Gradio's "queue is full" (busy) error, the others complete;
-   none may hang.
+   history), first through the page's endpoint, then through /v1/chat/completions (stream=True);
+   every conversation must be well formed (user/assistant alternating, non-empty replies).
+2. A burst of `--burst` requests at once, through each: those beyond `--concurrency` running plus
+   `--max_queue` waiting must be turned away at once (the page's "busy" error, the API's 429),
+   the others complete; none may hang.
 3. One more chat, to show the server still serves.
 
-Prints completed requests, time to first token and latency (p50, p95). Every wait is bounded
-(`--timeout` per request), and the server only listens on 127.0.0.1. Exit status 1 if a check
-fails. tests/test_web_demo.py runs a smaller version of steps 1 and 2 in-process.
+Prints for each side completed requests, time to first token and latency (p50, p95), and the
+API's figures as ratios of the page's. Every wait is bounded (`--timeout` per request), and the
+server only listens on 127.0.0.1. Exit status 1 if a check fails. tests/test_web_demo.py and
+tests/test_api.py run smaller versions of steps 1 and 2 in-process.
 """
 
 import argparse
@@ -36,7 +39,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry from 
 
 @dataclass
 class Outcome:
-    """One request: 'ok', 'busy' (queue full), or 'error'; times in seconds from submit."""
+    """One request: 'ok', 'busy' (turned away at the bound), or 'error'; times in seconds from submit."""
 
     status: str
     first_token_s: float | None = None
@@ -46,10 +49,8 @@ class Outcome:
 
 
 def is_busy(error: BaseException) -> bool:
-    """gradio_client's way of saying the server's queue is full (HTTP 503 on joining)."""
-    from gradio_client.utils import QueueError
-
-    return isinstance(error, QueueError) or "queue is full" in str(error).lower()
+    """The page's error when every generation slot and waiting place is taken (web_demo.BUSY)."""
+    return str(error).startswith("busy:")
 
 
 def text_of(message: dict) -> str:
@@ -98,17 +99,16 @@ def client_for(url: str):
     return Client(url, verbose=False, analytics_enabled=False, download_files=False)
 
 
-def run_sessions(url: str, clients: int, turns: int, max_new_tokens: int, timeout: float,
+def run_sessions(new_client, chat, clients: int, turns: int, timeout: float,
                  roles=("孙悟空", "张飞", "李白")) -> list[list[Outcome]]:
-    """`clients` threads, each its own client, each chatting `turns` turns; outcomes per client."""
+    """`clients` threads, each with its own `new_client()`, each chatting `turns` turns through
+    `chat(client, message, history, role)`; outcomes per client."""
     results: list[list[Outcome]] = [[] for _ in range(clients)]
 
     def session(i: int) -> None:
-        client = client_for(url)
-        history: list = []
+        client, history = new_client(), []
         for turn in range(turns):
-            outcome = chat_once(client, f"第{turn + 1}个问题：你好，你是谁？", history, roles[i % len(roles)],
-                                max_new_tokens, timeout)
+            outcome = chat(client, f"第{turn + 1}个问题：你好，你是谁？", history, roles[i % len(roles)])
             results[i].append(outcome)
             if outcome.status != "ok":
                 return
@@ -139,6 +139,46 @@ def run_burst(url: str, requests: int, max_new_tokens: int, timeout: float) -> l
         except Exception as error:  # noqa: BLE001
             outcomes.append(Outcome("busy" if is_busy(error) else "error", error=f"{type(error).__name__}: {error}"))
     return outcomes
+
+
+def api_client(url: str, timeout: float):
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=timeout)
+
+
+def api_chat_once(client, message: str, history: list, role: str, max_new_tokens: int, stream: bool = True) -> Outcome:
+    """One turn through /v1/chat/completions, streamed unless asked; first token = first non-empty delta."""
+    import openai
+
+    start, first, reply = time.monotonic(), None, ""
+    messages = [*history, {"role": "user", "content": message}]
+    try:
+        answer = client.chat.completions.create(model=role, messages=messages, max_tokens=max_new_tokens,
+                                                temperature=0, top_p=0.8, stream=stream)
+        for chunk in answer if stream else ():
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece:
+                first = first if first is not None else time.monotonic() - start
+                reply += piece
+        reply = reply if stream else answer.choices[0].message.content
+    except openai.RateLimitError as error:
+        return Outcome("busy", error=f"429: {error.body.get('message') if error.body else error}")
+    except openai.OpenAIError as error:
+        return Outcome("error", error=f"{type(error).__name__}: {error}")
+    latency = time.monotonic() - start
+    return Outcome("ok", first if first is not None else latency, latency,
+                   [*messages, {"role": "assistant", "content": reply}])
+
+
+def run_api_burst(url: str, requests: int, max_new_tokens: int, timeout: float) -> list[Outcome]:
+    """`requests` whole (unstreamed) single-turn chats sent together, one thread each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = api_client(url, timeout)
+    with ThreadPoolExecutor(requests) as pool:
+        return list(pool.map(lambda _: api_chat_once(client, "一起来！", [], "张飞", max_new_tokens, stream=False),
+                             range(requests)))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -204,38 +244,75 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def report(sessions: list[list[Outcome]], burst: list[Outcome], after: Outcome, args, wall_s: float) -> bool:
+def report_sessions(side: str, sessions: list[list[Outcome]], args, wall_s: float) -> tuple[bool, dict]:
+    """Print one side's chats; (all completed and well formed, its figures)."""
     flat = [o for s in sessions for o in s]
     ok = [o for o in flat if o.status == "ok"]
-    ttft = [o.first_token_s for o in ok]
-    latency = [o.latency_s for o in ok]
     expected = args.clients * args.turns
-    print(f"sessions: {args.clients} clients x {args.turns} turns, max_new_tokens={args.max_new_tokens}, "
+    print(f"{side} sessions: {args.clients} clients x {args.turns} turns, max_new_tokens={args.max_new_tokens}, "
           f"concurrency={args.concurrency}, max_queue={args.max_queue}")
     print(f"  completed requests: {len(ok)}/{expected} in {wall_s:.1f} s")
+    figures = {"wall_s": wall_s}
     if ok:
-        print(f"  time to first token: p50 {percentile(ttft, 50):.3f} s, p95 {percentile(ttft, 95):.3f} s")
-        print(f"  latency:             p50 {percentile(latency, 50):.3f} s, p95 {percentile(latency, 95):.3f} s, "
+        ttft, latency = [o.first_token_s for o in ok], [o.latency_s for o in ok]
+        figures.update(ttft_p50=percentile(ttft, 50), ttft_p95=percentile(ttft, 95),
+                       latency_p50=percentile(latency, 50), latency_p95=percentile(latency, 95))
+        print(f"  time to first token: p50 {figures['ttft_p50']:.3f} s, p95 {figures['ttft_p95']:.3f} s")
+        print(f"  latency:             p50 {figures['latency_p50']:.3f} s, p95 {figures['latency_p95']:.3f} s, "
               f"mean {statistics.mean(latency):.3f} s")
-    last_turns = [s[-1] for s in sessions if s]
     formed = sum(1 for s in sessions if len(s) == args.turns and well_formed(s[-1].history, args.turns))
     print(f"  well-formed {args.turns}-turn conversations: {formed}/{args.clients}")
     for o in flat:
         if o.status != "ok":
             print(f"  failed: {o.status} {o.error}")
-    good = len(ok) == expected and formed == args.clients and len(last_turns) == args.clients
+    return len(ok) == expected and formed == args.clients, figures
+
+
+def report_burst(side: str, burst: list[Outcome], args) -> bool:
+    counts = {status: sum(1 for o in burst if o.status == status) for status in ("ok", "busy", "error")}
+    bound = args.concurrency + args.max_queue
+    print(f"{side} burst: {args.burst} requests at once (bound {bound}): {counts['ok']} completed, "
+          f"{counts['busy']} busy, {counts['error']} other errors")
+    for o in burst:
+        if o.status == "error":
+            print(f"  error: {o.error}")
+    busy_message = next((o.error for o in burst if o.status == "busy"), "")
+    if busy_message:
+        print(f"  busy message: {busy_message}")
+    return counts["error"] == 0 and counts["ok"] >= 1 and (args.burst <= bound or counts["busy"] >= 1)
+
+
+def report_ratios(page: dict, api: dict) -> None:
+    """The API's figures over the page's (below 1: the API is faster)."""
+    names = [name for name in ("ttft_p50", "ttft_p95", "latency_p50", "latency_p95", "wall_s")
+             if name in page and name in api and page[name] > 0]
+    print("api / page: " + ", ".join(f"{name} {api[name] / page[name]:.2f}x" for name in names))
+
+
+def run_checks(url: str, args) -> bool:
+    """Both sides' sessions, then both bursts, then one more chat; printed as they finish."""
+    good, figures = True, {}
+    sides = {  # (a new client, one turn with it)
+        "page": (lambda: client_for(url),
+                 lambda client, *turn: chat_once(client, *turn, args.max_new_tokens, args.timeout)),
+        "api": (lambda: api_client(url, args.timeout),
+                lambda client, *turn: api_chat_once(client, *turn, args.max_new_tokens)),
+    }
+    # one untimed turn on each side first, so that neither pays for the server's first generation
+    warm = [chat(new_client(), "你好", [], "李白") for new_client, chat in sides.values()]
+    if any(o.status != "ok" for o in warm):
+        print(f"warm-up failed: {[o.error for o in warm]}")
+        return False
+    for side, (new_client, chat) in sides.items():
+        start = time.monotonic()
+        sessions = run_sessions(new_client, chat, args.clients, args.turns, args.timeout)
+        passed, figures[side] = report_sessions(side, sessions, args, time.monotonic() - start)
+        good &= passed
+    report_ratios(figures["page"], figures["api"])
     if args.burst:
-        counts = {status: sum(1 for o in burst if o.status == status) for status in ("ok", "busy", "error")}
-        bound = args.concurrency + args.max_queue
-        print(f"burst: {args.burst} requests at once (bound {bound}): {counts['ok']} completed, "
-              f"{counts['busy']} busy, {counts['error']} other errors")
-        for o in burst:
-            if o.status == "error":
-                print(f"  error: {o.error}")
-        busy_message = next((o.error for o in burst if o.status == "busy"), "")
-        if busy_message:
-            print(f"  busy message: {busy_message}")
-        good &= counts["error"] == 0 and counts["ok"] >= 1 and (args.burst <= bound or counts["busy"] >= 1)
+        good &= report_burst("page", run_burst(url, args.burst, args.burst_tokens, args.timeout), args)
+        good &= report_burst("api", run_api_burst(url, args.burst, args.burst_tokens, args.timeout), args)
+    after = chat_once(client_for(url), "还在吗？", [], "李白", args.max_new_tokens, args.timeout)
     print(f"after: one more chat {after.status}" + (f" ({after.error})" if after.error else ""))
     good &= after.status == "ok"
     print("PASS" if good else "FAIL")
@@ -258,12 +335,7 @@ def main(argv=None) -> int:
             server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
             try:
                 wait_until_up(url, server, timeout=180)
-                start = time.monotonic()
-                sessions = run_sessions(url, args.clients, args.turns, args.max_new_tokens, args.timeout)
-                wall_s = time.monotonic() - start
-                burst = run_burst(url, args.burst, args.burst_tokens, args.timeout) if args.burst else []
-                after = chat_once(client_for(url), "还在吗？", [], "李白", args.max_new_tokens, args.timeout)
-                good = report(sessions, burst, after, args, wall_s)
+                good = run_checks(url, args)
             finally:
                 server.terminate()
                 try:

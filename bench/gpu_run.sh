@@ -19,3 +19,4 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu.txt"
 timeout 480 python3 bench/bench_gpu_qlora.py --compare_full_logits --compare_packing 14 --deepspeed \
   --json_out "$out/gpu_qlora.json" 2>&1 | tee "$out/gpu_qlora.log"
+timeout 240 python3 bench/bench_gpu_serve.py --json_out "$out/gpu_serve.json" 2>&1 | tee "$out/gpu_serve.log"

@@ -2,9 +2,11 @@
 
     tiny_tokenizer_model  bytes of a small sentencepiece BPE model trained on data/sample
     tiny_model_dir        a saved tiny checkpoint (rope, 64 wide, 2 layers) with that tokenizer
+    loaded                (model, tokenizer) of it on the CPU, for the chat front ends (module-scoped)
+    roles                 the roles of data/roles.json with their system prompts
     real_tokenizer_path   ../shared/baichuan2/tokenizer.model, or the test is skipped
 
-Everything is session-scoped and built in well under a second; treat the outputs as read-only
+Everything else is session-scoped and built in well under a second; treat the outputs as read-only
 (copy `tiny_model_dir` before changing files in it).
 """
 
@@ -68,6 +70,20 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_model) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "model"
     make_tiny(str(out), tiny_tokenizer_model)
     return out
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    from utils.models import load_for_inference
+
+    return load_for_inference(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def roles():
+    from utils.prompts import roles_from_file
+
+    return roles_from_file(str(REPO_ROOT / "data" / "roles.json"))
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,7 @@ from baichuan.generation_utils import build_chat_input  # noqa: E402
 from helpers import RecordingModel, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
-from utils.models import load_for_inference  # noqa: E402
-from utils.prompts import Role, roles_from_file  # noqa: E402
+from utils.prompts import Role  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -74,16 +73,6 @@ def hold_and_fill(chat, model, client, running: int, waiting: int) -> list:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_for_inference(str(tiny_model_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def roles():
-    return roles_from_file(str(ROOT / "data" / "roles.json"))
 
 
 @pytest.fixture
@@ -285,12 +274,18 @@ def test_api_refuses_bad_input_with_a_clear_error(client, page_server, args, rea
 
 
 def test_requests_beyond_the_bound_are_told_busy(page_server, client):
-    _, model, chat = page_server
+    """The page's requests fill the bound that the API shares: it is told so too (429)."""
+    import openai
+
+    url, model, chat = page_server
     try:
         jobs = hold_and_fill(chat, model, client, 1, 2)  # 1 generating + 2 waiting = this server's bound
         extra = submit(client, "多一个")
         wait_for(extra.done, timeout=30, what="the extra request to be turned away")
         assert "busy" in str(extra.exception())
+        api = openai.OpenAI(base_url=url + "/v1", api_key="none needed", max_retries=0, timeout=30)
+        with pytest.raises(openai.RateLimitError):
+            api.chat.completions.create(model="李白", messages=[{"role": "user", "content": "我也来"}])
     finally:
         model.gate.set()
     for job in jobs:

@@ -30,6 +30,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="let transformers run code shipped in the model directory (off unless asked)")
     group.add_argument("--roles_file", help="JSON object role name -> description, to play other roles than the "
                                             "model's own (default: the roles recorded in the model)")
+    group.add_argument("--quantization_bit", type=int, choices=(4, 8),
+                       help="load the model's linear layers in 4 bits (NF4, double quantisation) or 8 bits "
+                            "(bitsandbytes int8) to save memory; an --adapter stays unquantised on top "
+                            "(default: unquantised, bf16 on a GPU and fp32 on the CPU)")
 
 
 def add_generation_args(parser: argparse.ArgumentParser, title: str = "generation"):
@@ -77,7 +81,8 @@ def check_message(text, max_chars: int = MAX_MESSAGE_CHARS) -> None:
 
 
 def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
-    """The newest messages that could fit in the context, starting on a whole round."""
+    """The newest messages that could fit in the context; when older ones are cut, starting on a
+    whole round (a conversation that opens with the role's greeting keeps it while it fits)."""
     budget = CHARS_PER_TOKEN_BOUND * model_max_length
     kept, total = [], 0
     for message in reversed(messages):
@@ -85,7 +90,7 @@ def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
         if kept and total > budget:
             break
         kept.insert(0, message)
-    while len(kept) > 1 and kept[0]["role"] != "user":
+    while len(kept) < len(messages) and len(kept) > 1 and kept[0]["role"] != "user":
         kept.pop(0)
     return kept
 

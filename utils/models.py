@@ -72,13 +72,42 @@ def load_tokenizer_for(model_path: str, adapter_path: str | None, trust_remote_c
     return load_tokenizer(adapter_path if has_own else model_path, trust_remote_code)
 
 
+def quantization_config(bits: int | None, compute_dtype: torch.dtype):
+    """bitsandbytes settings for `bits` (4: NF4 with double quantisation, as QLoRA; 8: LLM.int8());
+    None (or 16) loads the weights unquantised."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def keep_4bit_layout(model, where=lambda module: True) -> None:
+    """Keep bitsandbytes' 4-bit layers (those `where` picks) in the layout they were loaded in.
+
+    After the first no-grad eval-mode forward on the CPU, bitsandbytes 0.50 repacks a 4-bit weight
+    for its fast CPU kernel: that breaks LoRA gradients through it, and fails (instead of falling
+    back) unless the layer's output size is a multiple of 32 and its input size one of the
+    quantisation block size (every Baichuan2 layer is; a tiny test model's are not).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu") and where(module):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_for_inference(
     model_path: str,
     adapter_path: str | None = None,
     device: str | int | None = None,
     trust_remote_code: bool = False,
+    quantization_bit: int | None = None,
 ):
-    """Model and tokenizer ready to generate: a merged directory, or a base plus a LoRA adapter."""
+    """Model and tokenizer ready to generate: a merged directory, or a base plus a LoRA adapter;
+    with `quantization_bit` 4 or 8, the base's linear layers (lm_head excepted) are quantised as
+    they load, and an adapter stays unmerged on top of them."""
     import baichuan  # noqa: F401
     from transformers import AutoModelForCausalLM
 
@@ -87,16 +116,23 @@ def load_for_inference(
         raise UserError(f"adapter directory {adapter_path!r} has no adapter_config.json")
     device, dtype = pick_device_dtype(device)
     tokenizer = load_tokenizer_for(model_path, adapter_path, trust_remote_code)
+    quantization = quantization_config(quantization_bit, dtype)
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
         if adapter_path is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path)
     except (OSError, ValueError, RuntimeError) as error:
         raise cannot_load(model_path, error, adapter_path) from None
-    model.to(device).eval()
-    return model, tokenizer
+    if quantization is None:
+        model.to(device)  # a quantised model was placed as it loaded, and cannot be moved
+    elif device.type == "cpu":
+        keep_4bit_layout(model, lambda module: module.out_features % 32 != 0
+                         or module.in_features % module.weight.quant_state.blocksize != 0)
+    return model.eval(), tokenizer
 
 
 def load_for_training(args, device, dtype):
@@ -104,16 +140,9 @@ def load_for_training(args, device, dtype):
     with LoRA on every linear layer but lm_head (PEFT's "all-linear")."""
     import baichuan  # noqa: F401
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    quantization = None
-    if args.quantization_bit == 4:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+    quantization = quantization_config(args.quantization_bit, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             args.model_name_or_path,
@@ -124,11 +153,7 @@ def load_for_training(args, device, dtype):
         )
     except (OSError, ValueError) as error:
         raise cannot_load(args.model_name_or_path, error) from None
-    for module in model.modules():
-        # bitsandbytes repacks 4-bit weights for fast CPU inference after any no-grad eval-mode
-        # forward, and the LoRA gradients are wrong from then on: keep the training layout.
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_layout(model)  # an evaluation forward would break the LoRA gradients
     model.config.use_cache = False
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
