@@ -371,8 +371,9 @@ def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
 def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict) -> str:
     """Write epoch-E-step-S under a temporary name, then rename it into place.
 
-    Each rank writes its optimizer partition; rank 0 writes the adapter, tokenizer, the json
-    `files` (name -> object: the arguments, the prompt record), and trainer_state.json last.
+    Each rank writes its optimizer partition; rank 0 writes the adapter, the tokenizer (unless None:
+    bench_gpu_qlora.py's random-weight model has none), the json `files` (name -> object: the
+    arguments, the prompt record), and trainer_state.json last.
     """
     from safetensors.torch import save_file
 
@@ -389,7 +390,8 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
     dist.barrier()
     if is_main_process():
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for file_name, obj in files.items():
             write_json(os.path.join(tmp, file_name), obj)
         stall_point("save")
