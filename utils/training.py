@@ -1,10 +1,12 @@
 """What train.py needs beside its loop: the process group, the DeepSpeed config, parameter counts,
-the memory estimate, the test-set evaluation, and checkpoints that resume exactly.
+the memory estimate, one token-weighted optimizer step and its throughput, the test-set
+evaluation, and checkpoints that resume exactly, with the newest few and the best kept.
 
 A checkpoint `output_dir/epoch-E-step-S/` holds the adapter (safetensors), the tokenizer,
 `train_args.json`, the prompt record (`roleplay.json`, utils.prompts), each rank's optimizer
-partition and RNG state (`optimizer-rankR.safetensors` + `.json`), and `trainer_state.json`,
-written last: a directory without it is incomplete and never resumed from.
+partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`), and
+`trainer_state.json`, written last: a directory without it is incomplete and never resumed from.
+`output_dir/best` links to the checkpoint with the lowest test loss.
 """
 
 import contextlib
