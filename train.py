@@ -11,6 +11,8 @@ Several GPUs:
     torchrun --nproc_per_node 2 train.py ...same flags...
 Resume after a crash or a stop (the newest complete checkpoint, or a given one):
     python train.py ...same flags... --resume_from_checkpoint latest
+Stop: Ctrl-C (SIGINT) or SIGTERM finishes the optimizer step, saves a checkpoint and prints the
+command that resumes; a second Ctrl-C stops at once, without saving.
 The size of a run, from a config.json alone (no weights, no data):
     python train.py --model_name_or_path DIR_WITH_CONFIG_JSON --dry_run --lora_dim 16
 
@@ -19,11 +21,16 @@ lm_head, and only the replies (and eos) are trained on. Every `--save_model_step
 and at each epoch's end, the test loss is computed and a self-contained checkpoint
 `output_dir/epoch-E-step-S/` is written: adapter, tokenizer, the resolved arguments, the prompt
 record (roleplay.json: the roles and exact system prompts trained on), and the state needed to
-resume exactly (utils.training).
+resume exactly (utils.training). `output_dir/best` links to the one with the lowest test loss;
+`--save_total_limit` deletes all but the newest few and that one.
+
+An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
+micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
 """
 
 import argparse
 import os
+import sys
 import time
 
 from utils import HelpFormatter, TMP_PREFIX, UserError, exit_on_problems, exit_on_user_error
@@ -74,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--show_loss_step", type=int, default=10, help="log the loss every this many optimizer steps")
     out.add_argument("--save_model_step", type=int, default=None,
                      help="evaluate and save every this many steps (default: at each epoch's end only)")
+    out.add_argument("--save_total_limit", type=int, default=None,
+                     help="keep only the newest N checkpoints, plus the best by test loss (default: keep all)")
     out.add_argument("--resume_from_checkpoint",
                      help="a checkpoint directory, or 'latest' for the newest complete one in output_dir")
     out.add_argument("--dry_run", action="store_true",
@@ -98,7 +107,8 @@ def validate_args(args) -> list[str]:
         except UserError as error:
             problems.append(f"--model_name_or_path: {error}")
     for name in ("max_len", "max_src_len", "per_device_train_batch_size", "num_train_epochs", "lora_dim",
-                 "gradient_accumulation_steps", "show_loss_step", "per_device_eval_batch_size", "save_model_step"):
+                 "gradient_accumulation_steps", "show_loss_step", "per_device_eval_batch_size", "save_model_step",
+                 "save_total_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name} must be at least 1, got {value}")
@@ -143,13 +153,13 @@ def check_ds_file(args) -> list[str]:
 
 
 def check_output_dir(output_dir: str, resume: str | None) -> list[str]:
-    from utils.training import list_checkpoints
+    from utils.training import BEST, list_checkpoints
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    ours = [n for n in os.listdir(output_dir) if n == "tensorboard" or n.startswith(("epoch-", TMP_PREFIX))]
+    ours = [n for n in os.listdir(output_dir) if n in ("tensorboard", BEST) or n.startswith(("epoch-", TMP_PREFIX))]
     foreign = sorted(set(os.listdir(output_dir)) - set(ours))
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]
@@ -226,8 +236,64 @@ def prompt_record(args, roles, tokenizer, user_id, assistant_id) -> dict:
     return make_record(roles, template, user_id, assistant_id, tokenizer.chat_template)
 
 
+def count_steps(args, train_set, world_size: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps of the whole run)."""
+    from utils.data import length_grouped_batches
+
+    gas = args.gradient_accumulation_steps
+    batches = length_grouped_batches(train_set.lengths(), args.per_device_train_batch_size, args.seed, 0, world_size)
+    steps_per_epoch = len(batches) // gas
+    if steps_per_epoch == 0:
+        raise UserError(f"{args.train_path}: {len(train_set)} rows make no full optimizer step "
+                        f"(batch {args.per_device_train_batch_size} x {world_size} processes x {gas} accumulation)")
+    total_steps = steps_per_epoch * args.num_train_epochs
+    return steps_per_epoch, min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
+
+
+def run_is_complete(args, state: dict, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether the checkpoint resumed from already ends the run (then say so)."""
+    from utils.training import print_rank_0
+
+    last_epoch_done = state["epoch"] + 1 >= args.num_train_epochs and state["step_in_epoch"] == steps_per_epoch
+    if state["global_step"] < total_steps and not last_epoch_done:
+        return False
+    print_rank_0(f"the run is complete: {args.resume_from_checkpoint} is at step {state['global_step']} of "
+                 f"{total_steps} (epoch {state['epoch'] + 1} of {args.num_train_epochs}); nothing to train")
+    return True
+
+
+def training_steps(args, train_set, state: dict, steps_per_epoch: int, world_size: int, rank: int):
+    """Yield (epoch, step in epoch, this rank's micro-batches of items) for every step left,
+    in the order an uninterrupted run takes them."""
+    from utils.data import length_grouped_batches
+
+    gas, lengths = args.gradient_accumulation_steps, train_set.lengths()
+    start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+    if start_step == steps_per_epoch:
+        start_epoch, start_step = start_epoch + 1, 0
+    for epoch in range(start_epoch, args.num_train_epochs):
+        batches = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, epoch, world_size, rank)
+        for step in range(start_step if epoch == start_epoch else 0, steps_per_epoch):
+            yield epoch, step, [[train_set[i] for i in indices] for indices in batches[step * gas : (step + 1) * gas]]
+
+
+def log_window(window, global_step: int, lr: float, progress, writer) -> None:
+    loss, samples_per_s, tokens_per_s = window.report()
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    if progress.disable:
+        return
+    progress.write(f"step={global_step} loss={loss:.8f} lr={lr:.6e} tokens/s={tokens_per_s:.1f} "
+                   f"samples/s={samples_per_s:.2f}")
+    for name, value in (("train_loss", loss), ("lr", lr), ("tokens_per_s", tokens_per_s),
+                        ("samples_per_s", samples_per_s)):
+        writer.add_scalar(name, value, global_step)
+
+
 def main():
+    from utils.signals import STOP
+
     args = parse_args()
+    STOP.install()  # before torch starts threads (utils.signals)
     exit_on_problems(validate_args(args))
 
     from utils import quiet_third_party
@@ -240,19 +306,19 @@ def main():
 
     # ---- setup
     import deepspeed
-    import torch
     import torch.distributed as dist
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
     from transformers import GenerationConfig, set_seed
 
     from baichuan.generation_utils import chat_template, chat_token_ids
-    from utils.data import collate, length_grouped_batches, sample_counts
+    from utils.data import collate, sample_counts
     from utils.models import load_for_training, load_tokenizer
     from utils.prompts import RECORD_FILE
-    from utils.training import (evaluate, list_checkpoints, load_adapter_weights, print_rank_0,
-                                print_trainable_parameters, read_ds_config, fill_ds_config, resume, save_checkpoint,
-                                setup_distributed, stall_point)
+    from utils.training import (Throughput, checkpoint_name, evaluate, keep_checkpoints, list_checkpoints,
+                                load_adapter_weights, print_rank_0, print_trainable_parameters, read_ds_config,
+                                read_trainer_state, fill_ds_config, resume, save_checkpoint, setup_distributed,
+                                start_step, stop_message, train_step)
 
     rank, world_size, device, dtype = setup_distributed(args.local_rank)
     set_seed(args.seed)
@@ -267,15 +333,12 @@ def main():
     tokenizer.chat_template = chat_template(tokenizer, generation_config)
     train_set, roles, test_batches = load_data(args, tokenizer, user_id, assistant_id, rank, world_size)
     record = prompt_record(args, roles, tokenizer, user_id, assistant_id)
-    lengths, gas = train_set.lengths(), args.gradient_accumulation_steps
-    steps_per_epoch = len(length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, 0,
-                                                 world_size)) // gas
-    if steps_per_epoch == 0:
-        raise UserError(f"{args.train_path}: {len(train_set)} rows make no full optimizer step "
-                        f"(batch {args.per_device_train_batch_size} x {world_size} processes x {gas} accumulation)")
-    total_steps = steps_per_epoch * args.num_train_epochs
-    if args.max_steps > 0:
-        total_steps = min(total_steps, args.max_steps)
+    steps_per_epoch, total_steps = count_steps(args, train_set, world_size)
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
+    if args.resume_from_checkpoint:
+        state = read_trainer_state(args.resume_from_checkpoint)
+        if run_is_complete(args, state, steps_per_epoch, total_steps):
+            return
 
     # ---- model
     model = load_for_training(args, device, dtype)
@@ -293,85 +356,78 @@ def main():
     # as transformers' schedulers do; a resumed run then loads the saved position over it.
     if scheduler is not None and getattr(scheduler, "last_batch_iteration", None) == -1:
         scheduler.step()
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume_from_checkpoint:
-        state = resume(engine, args.resume_from_checkpoint, world_size, gas)
+        state = resume(engine, args.resume_from_checkpoint, world_size, args.gradient_accumulation_steps)
         print_rank_0(f"resumed from {args.resume_from_checkpoint} at step {state['global_step']}")
+    best = {key: state.get(key) for key in ("best_model_checkpoint", "best_metric")}
     writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard")) if rank == 0 else None
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=rank != 0, dynamic_ncols=True,
+                    mininterval=0, miniters=1)  # every step updates the rate, so unpause() drops only the pauses
 
-    def checkpoint(global_step, epoch, step_in_epoch):
-        eval_loss, ppl = evaluate(engine, test_batches, device) if test_batches else (None, None)
-        if eval_loss is not None:
-            print_rank_0(f"eval step={global_step} loss={eval_loss:.8f} ppl={ppl:.4f}")
+    def checkpoint(global_step, epoch, step_in_epoch, with_eval=True):
+        """Evaluate (not when stopping: on the 7B model that takes minutes), save, keep the best."""
+        name, eval_loss, ppl = checkpoint_name(epoch, global_step), None, None
+        if test_batches and with_eval:
+            started = time.perf_counter()
+            eval_loss, ppl = evaluate(engine, test_batches, device)
+            seconds = time.perf_counter() - started
+            if rank == 0:
+                progress.write(f"eval step={global_step} loss={eval_loss:.8f} ppl={ppl:.4f} seconds={seconds:.1f}")
             if writer:
-                writer.add_scalar("ppl", ppl, global_step)
-                writer.add_scalar("eval_loss", eval_loss, global_step)
+                for tag, value in (("ppl", ppl), ("eval_loss", eval_loss), ("eval_seconds", seconds)):
+                    writer.add_scalar(tag, value, global_step)
+            if best["best_metric"] is None or eval_loss < best["best_metric"]:
+                best.update(best_model_checkpoint=name, best_metric=eval_loss)
         trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
                          "steps_per_epoch": steps_per_epoch, "world_size": world_size,
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "eval_loss": eval_loss, "ppl": ppl}
+                         "eval_loss": eval_loss, "ppl": ppl, **best}
         files = {"train_args.json": vars(args), RECORD_FILE: record}
-        print_rank_0(f"saved {save_checkpoint(args.output_dir, engine, model, tokenizer, files, trainer_state)}")
+        started = time.perf_counter()
+        path = save_checkpoint(args.output_dir, engine, model, tokenizer, files, trainer_state)
+        if rank == 0:
+            deleted = keep_checkpoints(args.output_dir, best["best_model_checkpoint"], args.save_total_limit)
+            progress.write(f"saved {path} in {time.perf_counter() - started:.1f} s"
+                           + (f"; deleted {', '.join(deleted)}" if deleted else ""))
+        return path
 
     # ---- loop
-    global_step = state["global_step"]
-    progress = tqdm(total=total_steps, initial=global_step, disable=rank != 0, dynamic_ncols=True)
-    # (loss sum, micro-batches, samples, their tokens); a shared prompt counts once per sample that
-    # uses it, so tokens/s means the same with and without --packing
-    window = torch.zeros(4, dtype=torch.float64, device=device)
-    window_start = time.perf_counter()
+    global_step, stopped_by = state["global_step"], None
+    saved, saved_step = args.resume_from_checkpoint, state["global_step"] if args.resume_from_checkpoint else None
+    window = Throughput(device)
     engine.train()
-    start_epoch, skip = state["epoch"], state["step_in_epoch"] * gas
-    if state["step_in_epoch"] == steps_per_epoch:
-        start_epoch, skip = start_epoch + 1, 0
-    for epoch in range(start_epoch, args.num_train_epochs):
-        batches = length_grouped_batches(lengths, args.per_device_train_batch_size, args.seed, epoch, world_size, rank)
-        batches = batches[: steps_per_epoch * gas]
-        for micro, indices in enumerate(batches):
-            if epoch == start_epoch and micro < skip:
-                continue
-            items = [train_set[i] for i in indices]
-            batch = {k: v.to(device) for k, v in collate(items, tokenizer.pad_token_id).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            stall_point("step")
-            lr = engine.get_lr()[0]  # the rate this step uses
-            engine.step()
-            samples, tokens = sample_counts(items)
-            counts = torch.tensor([1.0, samples, tokens], dtype=torch.float64, device=device)
-            window += torch.cat([loss.detach().double()[None], counts])
-            if (micro + 1) % gas:
-                continue
-            global_step += 1
-            progress.update(1)
-            if global_step % args.show_loss_step == 0:
-                dist.all_reduce(window)
-                seconds = time.perf_counter() - window_start
-                mean_loss = (window[0] / window[1]).item()
-                samples_per_s, tokens_per_s = window[2].item() / seconds, window[3].item() / seconds
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-                if rank == 0:
-                    progress.write(f"step={global_step} loss={mean_loss:.8f} lr={lr:.6e} tokens/s={tokens_per_s:.1f} "
-                                   f"samples/s={samples_per_s:.2f}")
-                if writer:
-                    for name, value in (("train_loss", mean_loss), ("lr", lr), ("tokens_per_s", tokens_per_s),
-                                        ("samples_per_s", samples_per_s)):
-                        writer.add_scalar(name, value, global_step)
-                window.zero_()
-                window_start = time.perf_counter()
-            done = global_step >= total_steps
-            if done or (micro + 1) == len(batches) or (args.save_model_step and global_step % args.save_model_step == 0):
-                checkpoint(global_step, epoch, (micro + 1) // gas)
-            if done:
-                break
-        if global_step >= total_steps:
+    STOP.armed = True
+    for epoch, step_in_epoch, step in training_steps(args, train_set, state, steps_per_epoch, world_size, rank):
+        window.start()
+        micro_batches = [collate(items, tokenizer.pad_token_id) for items in step]
+        step_tokens, stopped_by = start_step(micro_batches, device)
+        if stopped_by:
             break
+        lr = engine.get_lr()[0]  # the rate this step uses
+        loss_sum = train_step(engine, micro_batches, step_tokens, device)
+        window.stop(loss_sum, step_tokens, *sample_counts([item for items in step for item in items]))
+        global_step += 1
+        progress.update(1)
+        if global_step % args.show_loss_step == 0:
+            log_window(window, global_step, lr, progress, writer)
+        done = global_step >= total_steps
+        if done or step_in_epoch + 1 == steps_per_epoch or (args.save_model_step and global_step % args.save_model_step == 0):
+            saved, saved_step = checkpoint(global_step, epoch, step_in_epoch + 1), global_step
+            progress.unpause()  # the bar's rate and ETA leave out evaluation and saving
+        if done:
+            break
+    if stopped_by and saved_step != global_step:
+        saved = checkpoint(global_step, epoch, step_in_epoch, with_eval=False)
+    STOP.armed = False
 
-    # ---- save (the last checkpoint was written in the loop)
+    # ---- save (the checkpoints were written in the loop)
     progress.close()
     if writer:
         writer.close()
     dist.barrier()
+    if stopped_by:
+        print_rank_0(stop_message(stopped_by, saved, world_size), file=sys.stderr)
+        raise SystemExit(128 + stopped_by)
 
 
 if __name__ == "__main__":

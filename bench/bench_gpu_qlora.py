@@ -3,6 +3,7 @@
     python bench/bench_gpu_qlora.py                          # one CUDA GPU; meant to take 1-2 minutes on an H200 (not yet run on one)
     python bench/bench_gpu_qlora.py --compare_full_logits    # plus the same steps with a plain full-logits loss
     python bench/bench_gpu_qlora.py --compare_full_logits --deepspeed   # plus train.py's DeepSpeed engine
+    python bench/bench_gpu_qlora.py --dtype fp16 --deepspeed_only --check_resume   # train.py's route in fp16, and a resume
     python bench/bench_gpu_qlora.py --device cpu --tiny      # the same code on a small config, on the CPU
 
 No download: the model is built from `BaichuanConfig()` (Baichuan2-7B: 32 layers, 4096 wide,
@@ -26,7 +27,14 @@ batch and as train.py's --packing rows (utils.pack_examples and collate), and sa
 With `--deepspeed`, the same steps once more through
 the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by utils.training.fill_ds_config;
 torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's gradient bucket buffers; their
-size is printed. Goal: <= 8 GB peak for the chunked loss (the book measured 13 GB).
+size is printed. The engine takes train.py's own steps (utils.training.start_step and train_step:
+token-weighted, as train.py). With `--check_resume`, it then writes a checkpoint with
+utils.training.save_checkpoint (size and seconds printed), takes 2 more steps, restores the
+checkpoint into the engine with utils.training.resume (adapter, optimizer, scheduler, RNG and, in
+fp16, the dynamic loss scale) and takes the same 2 steps again: their losses must agree.
+`--dtype fp16` trains in fp16 as train.py does on GPUs without bf16 (T4, V100), with DeepSpeed's
+dynamic loss scale; `--deepspeed_only` skips the plain-loop phases. Goal: <= 8 GB peak for the
+chunked loss (the book measured 13 GB).
 
 Without a CUDA device it stops with an error (exit status 2) unless `--device cpu` is given.
 """
@@ -68,6 +76,18 @@ def parse_args(argv=None):
         action="store_true",
         help="also run the steps through the DeepSpeed engine train.py builds from ds_config.json (ZeRO-2 buckets)",
     )
+    parser.add_argument("--deepspeed_only", action="store_true", help="with --deepspeed: skip the plain-loop phases")
+    parser.add_argument(
+        "--check_resume",
+        action="store_true",
+        help="with --deepspeed: save a checkpoint, take 2 steps, restore it, take them again, compare the losses",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp16"],
+        default="auto",
+        help="compute dtype: auto is train.py's choice (bf16 where the GPU has it, else fp16; fp32 on the CPU)",
+    )
     parser.add_argument(
         "--compare_packing",
         type=int,
@@ -83,6 +103,8 @@ def parse_args(argv=None):
         parser.error("need --batch >= 1 and 0 <= --prompt_len < --max_len - 1")
     if args.steps < 1 or args.warmup < 0:
         parser.error("need --steps >= 1 and --warmup >= 0")
+    if (args.deepspeed_only or args.check_resume) and not args.deepspeed:
+        parser.error("--deepspeed_only and --check_resume need --deepspeed")
     return args
 
 
@@ -278,11 +300,35 @@ def watch_zero_buckets(engine, seen: dict) -> None:
 
 
 def deepspeed_step(engine, batch):
-    """One step as train.py's loop takes it (no autocast: the engine holds the model in bf16)."""
-    loss = engine(**batch).loss
-    engine.backward(loss)
-    engine.step()
-    return loss
+    """One step as train.py's loop takes it (no autocast: the engine holds the model in bf16 or fp16)."""
+    from utils.training import start_step, train_step
+
+    step_tokens, _ = start_step([batch], batch["input_ids"].device)
+    return train_step(engine, [batch], step_tokens, batch["input_ids"].device) / step_tokens
+
+
+def check_resume(engine, model, batch, workdir: str) -> dict:
+    """Save, take 2 steps, restore, take the same 2 steps: how far apart their losses are."""
+    from utils.training import load_adapter_weights, optimizer_state, resume, save_checkpoint
+
+    state = {"global_step": engine.global_steps, "epoch": 0, "step_in_epoch": engine.global_steps, "world_size": 1,
+             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+    started = time.perf_counter()
+    path = save_checkpoint(workdir, engine, model, None, {}, state)
+    save_s = time.perf_counter() - started
+    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+    def two_steps():
+        losses = [deepspeed_step(engine, batch).item() for _ in range(2)]
+        return losses, optimizer_state(engine)[1].get("loss_scaler")
+
+    first = two_steps()
+    load_adapter_weights(model, path)
+    resume(engine, path, 1, 1)
+    second = two_steps()
+    return {"checkpoint_mib": size / 2**20, "save_s": save_s, "losses": first[0], "resumed_losses": second[0],
+            "max_loss_difference": max(abs(a - b) for a, b in zip(first[0], second[0])),
+            "loss_scaler": first[1], "resumed_loss_scaler": second[1]}
 
 
 def run_steps(step, batch, device, steps, warmup) -> dict:
@@ -384,6 +430,8 @@ def main(argv=None) -> int:
 
     quiet_third_party()
     device, dtype = pick_device_dtype(str(device))  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs
+    if args.dtype != "auto":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -450,6 +498,35 @@ def main(argv=None) -> int:
                "gradient_checkpointing": train_args.gradient_checkpointing}  # fmt: skip
     if device.type == "cuda":
         results["model_gib"] = model_gib
+    layouts = {}
+    if args.compare_packing:
+        plain, packed = roleplay_batches(config, args.compare_packing, args.max_len, args.seed + 2)
+        layouts = {"padded": {k: v.to(device) for k, v in plain.items()},
+                   "packed": {k: v.to(device) for k, v in packed.items()}}  # fmt: skip
+    if not args.deepspeed_only:
+        plain_phases(results, model, optimizer, batch, layouts, dtype, device, args)
+    if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
+        del optimizer
+        model.zero_grad(set_to_none=True)
+        train_args.per_device_train_batch_size = args.batch
+        train_args.learning_rate = args.lr
+        try:
+            deepspeed_phases(results, model, train_args, batch, layouts, dtype, device, args)
+        except Exception as error:  # report what was measured before, and this failure
+            import traceback
+
+            traceback.print_exc()
+            results["deepspeed_error"] = f"{type(error).__name__}: {error}"
+            print(f"\nthe --deepspeed phase failed: {results['deepspeed_error']}", flush=True)
+    report(results, args, device, trainable)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def plain_phases(results, model, optimizer, batch, layouts, dtype, device, args) -> None:
+    """The plain AdamW loop: the model's chunked loss, a full-logits loss, padded against packed rows."""
     results["chunked"] = run_steps(
         lambda: plain_step(model, optimizer, batch, dtype), batch, device, args.steps, args.warmup
     )
@@ -457,36 +534,38 @@ def main(argv=None) -> int:
         results["full_logits"] = run_steps(
             lambda: plain_step(model, optimizer, batch, dtype, full_logits=True), batch, device, args.steps, args.warmup
         )
-    if args.compare_packing:
-        plain, packed = roleplay_batches(config, args.compare_packing, args.max_len, args.seed + 2)
-        for name, layout in (("padded", plain), ("packed", packed)):
-            layout = {k: v.to(device) for k, v in layout.items()}
-            results[name] = run_steps(
-                lambda layout=layout: plain_step(model, optimizer, layout, dtype), layout, device, args.steps, args.warmup
-            )
-            results[name]["shape"] = list(layout["input_ids"].shape)
-            results[name]["samples_per_s"] = args.compare_packing / results[name]["step_s"]
-    if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
-        del optimizer
-        model.zero_grad(set_to_none=True)
-        train_args.per_device_train_batch_size = args.batch
-        train_args.learning_rate = args.lr
-        try:
-            engine, ds_config = deepspeed_engine(model, train_args, device, dtype, args.warmup + args.steps)
-            seen = {}
-            watch_zero_buckets(engine, seen)
-            results["deepspeed"] = run_steps(
-                lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup
-            )
-            results["deepspeed"]["zero_bucket_gib"] = seen.get("bucket_bytes", 0) / GIB
-            results["deepspeed_zero"] = ds_config.get("zero_optimization", {})
-        except Exception as error:  # report what was measured before, and this failure
-            import traceback
+    for name, layout in layouts.items():
+        results[name] = run_steps(
+            lambda layout=layout: plain_step(model, optimizer, layout, dtype), layout, device, args.steps, args.warmup
+        )
+        results[name]["shape"] = list(layout["input_ids"].shape)
+        results[name]["samples_per_s"] = args.compare_packing / results[name]["step_s"]
 
-            traceback.print_exc()
-            results["deepspeed_error"] = f"{type(error).__name__}: {error}"
-            print(f"\nthe --deepspeed phase failed: {results['deepspeed_error']}", flush=True)
 
+def deepspeed_phases(results, model, train_args, batch, layouts, dtype, device, args) -> None:
+    """train.py's route: its DeepSpeed engine and its steps, on the batch and the packing layouts;
+    then, with --check_resume, a save and restore."""
+    import tempfile
+
+    phases = 1 + len(layouts)
+    engine, ds_config = deepspeed_engine(model, train_args, device, dtype, phases * (args.warmup + args.steps) + 4)
+    seen = {}
+    watch_zero_buckets(engine, seen)
+    results["deepspeed"] = run_steps(lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup)
+    results["deepspeed"]["zero_bucket_gib"] = seen.get("bucket_bytes", 0) / GIB
+    results["deepspeed_zero"] = ds_config.get("zero_optimization", {})
+    for name, layout in layouts.items():
+        results[f"deepspeed_{name}"] = run_steps(
+            lambda layout=layout: deepspeed_step(engine, layout), layout, device, args.steps, args.warmup
+        )
+        results[f"deepspeed_{name}"]["shape"] = list(layout["input_ids"].shape)
+        results[f"deepspeed_{name}"]["samples_per_s"] = args.compare_packing / results[f"deepspeed_{name}"]["step_s"]
+    if args.check_resume:
+        with tempfile.TemporaryDirectory() as workdir:
+            results["resume"] = check_resume(engine, model, batch, workdir)
+
+
+def report(results, args, device, trainable) -> None:
     print()
     print("| loss | peak allocated GiB | peak reserved GiB | tokens/s | s/step | loss first -> last |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
@@ -507,16 +586,23 @@ def main(argv=None) -> int:
             f"| {label} | {mem} | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
         )
-    if args.compare_packing:
-        print(f"\n{args.compare_packing} RoleBench-shaped samples a step, model's chunked loss, plain AdamW loop:\n")
+    for prefix, route in (("", "plain AdamW loop"), ("deepspeed_", "train.py's DeepSpeed engine and steps")):
+        if f"{prefix}padded" not in results:
+            continue
+        print(f"\n{args.compare_packing} RoleBench-shaped samples a step, model's chunked loss, {route}:\n")
         print("| layout | rows x positions | peak memory GiB | samples/s | x padded | s/step |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
         for name in ("padded", "packed"):
-            r = results[name]
+            r = results[prefix + name]
             mem = r["peak_allocated_gib"] if device.type == "cuda" else r["peak_rss_gib"]
-            speedup = r["samples_per_s"] / results["padded"]["samples_per_s"]
+            speedup = r["samples_per_s"] / results[prefix + "padded"]["samples_per_s"]
             print(f"| {name} | {r['shape'][0]} x {r['shape'][1]} | {mem:.2f} | {r['samples_per_s']:.1f} | "
                   f"{speedup:.2f} | {r['step_s']:.3f} |")
+    if "resume" in results:
+        r = results["resume"]
+        print(f"\nresume: checkpoint {r['checkpoint_mib']:.1f} MiB written in {r['save_s']:.1f} s; 2 steps after it "
+              f"{r['losses']}, after restoring it {r['resumed_losses']} (largest difference "
+              f"{r['max_loss_difference']:.2e}); loss scale {r['loss_scaler']} -> {r['resumed_loss_scaler']}")
     if "deepspeed" in results:
         zero = results["deepspeed_zero"]
         print(
@@ -530,10 +616,6 @@ def main(argv=None) -> int:
                 peak = results[name]["peak_allocated_gib"] * GIB / 1e9
                 verdict = "met" if peak <= 8 else "MISSED"
                 print(f"goal (<= 8 GB peak allocated; the book measured 13 GB), {name}: {verdict} ({peak:.2f} GB)")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

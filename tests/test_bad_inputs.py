@@ -44,6 +44,7 @@ TRAIN_CASES = [
     ("zero LoRA rank", {"extra": ["--lora_dim", "0"]}, ["--lora_dim"]),
     ("negative learning rate", {"extra": ["--learning_rate", "-1"]}, ["--learning_rate"]),
     ("warmup ratio of 1", {"extra": ["--warmup_ratio", "1"]}, ["--warmup_ratio"]),
+    ("zero checkpoints to keep", {"extra": ["--save_total_limit", "0"]}, ["--save_total_limit"]),
     ("unreadable DeepSpeed config", {"extra": ["--ds_file", str(BAD)]}, ["--ds_file", "is a directory"]),
     ("missing DeepSpeed config", {"extra": ["--ds_file", "/nonexistent/ds.json"]}, ["--ds_file", "/nonexistent"]),
     ("truncated DeepSpeed config", {"extra": ["--ds_file", str(BAD / "ds_truncated.json")]}, ["ds_truncated.json", "JSON"]),

@@ -1,10 +1,12 @@
 """What train.py needs beside its loop: the process group, the DeepSpeed config, parameter counts,
-the memory estimate, the test-set evaluation, and checkpoints that resume exactly.
+the memory estimate, one token-weighted optimizer step and its throughput, the test-set
+evaluation, and checkpoints that resume exactly, with the newest few and the best kept.
 
 A checkpoint `output_dir/epoch-E-step-S/` holds the adapter (safetensors), the tokenizer,
 `train_args.json`, the prompt record (`roleplay.json`, utils.prompts), each rank's optimizer
-partition and RNG state (`optimizer-rankR.safetensors` + `.json`), and `trainer_state.json`,
-written last: a directory without it is incomplete and never resumed from.
+partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`), and
+`trainer_state.json`, written last: a directory without it is incomplete and never resumed from.
+`output_dir/best` links to the checkpoint with the lowest test loss.
 """
 
 import contextlib
@@ -13,14 +15,18 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import socket
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from utils import TMP_PREFIX, UserError, fix_permissions, read_json, write_json
+from utils.signals import NAMES, STOP, stall_point
 
 # ---------------------------------------------------------------- processes
 
@@ -58,27 +64,6 @@ def setup_distributed(local_rank_arg: int):
 
     logger.setLevel("ERROR")
     return dist.get_rank(), dist.get_world_size(), device, dtype
-
-
-def stall_point(name: str) -> None:
-    """Crash-safety tests stop the run here and SIGKILL it.
-
-    Setting ROLEPLAY_STALL_AT=NAME[:N] parks the process at the Nth time (default 1st) it
-    reaches the point NAME ("step", "eval" or "save"), after printing a line to say so.
-    """
-    wanted = os.environ.get("ROLEPLAY_STALL_AT")
-    if not wanted:
-        return
-    point, _, nth = wanted.partition(":")
-    if point != name:
-        return
-    stall_point.seen[name] = stall_point.seen.get(name, 0) + 1
-    if stall_point.seen[name] == int(nth or 1):
-        print(f"stalled at {name}", flush=True)
-        time.sleep(3600)
-
-
-stall_point.seen = {}
 
 
 # ---------------------------------------------------------------- the DeepSpeed config
@@ -210,20 +195,99 @@ def memory_estimate(model, config, args, ds_config: dict) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------- one optimizer step
+
+
+def labelled_tokens(batch: dict) -> int:
+    """The positions the model's loss counts: those whose next token is labelled."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def start_step(micro_batches: list[dict], device) -> tuple[int, int | None]:
+    """(labelled tokens of the whole step, over its micro-batches and all ranks; the signal that
+    asked the run to stop, or None), agreed by all ranks in one all_reduce at the step boundary,
+    so that the count is known before the first backward and every rank stops at the same step."""
+    counts = torch.tensor([sum(labelled_tokens(b) for b in micro_batches), STOP.first == signal.SIGINT,
+                           STOP.first == signal.SIGTERM], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    tokens, interrupted, terminated = counts.tolist()
+    return int(tokens), signal.SIGINT if interrupted else signal.SIGTERM if terminated else None
+
+
+def train_step(engine, micro_batches: list[dict], step_tokens: int, device) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns the sum of their token losses.
+
+    The step's gradient is that of (sum of the labelled-token losses over all its micro-batches and
+    ranks) / step_tokens, as in the HF Trainer since 4.46: each micro-batch's loss is divided by the
+    step's count (num_items_in_batch), not by its own, so a micro-batch weighs by its tokens.
+    DeepSpeed would also divide by the accumulation steps (turned off: scale_wrt_gas=False), and
+    ZeRO averages the ranks' gradients where the sum is wanted (undone: x world size).
+    """
+    world_size = dist.get_world_size()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = engine(**batch, num_items_in_batch=step_tokens).loss
+        engine.backward(loss * world_size, scale_wrt_gas=False)
+        stall_point("step")
+        engine.step()
+        total += loss.detach().double() * step_tokens
+    return total
+
+
+class Throughput:
+    """The per-token training loss, samples/s and tokens/s over the steps since the last report,
+    timed over the training steps alone: evaluation and saving between them do not count.
+
+    Tokens are the samples' own (utils.data.sample_counts): padding excluded, and a shared prompt
+    counted once per sample that uses it, so the figure means the same with and without --packing.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.totals = torch.zeros(3, dtype=torch.float64, device=device)  # (loss sum, samples, tokens)
+        self.labelled = 0  # over all ranks already
+        self.seconds = 0.0
+        self.started = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self, loss_sum: torch.Tensor, step_tokens: int, samples: int, tokens: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the next step's all_reduce would wait for it anyway
+        self.seconds += time.perf_counter() - self.started
+        self.totals += torch.stack([loss_sum, loss_sum.new_tensor(samples), loss_sum.new_tensor(tokens)])
+        self.labelled += step_tokens
+
+    def report(self) -> tuple[float, float, float]:
+        """(mean loss per labelled token, samples/s, tokens/s), over all ranks; then starts anew."""
+        dist.all_reduce(self.totals)
+        loss_sum, samples, tokens = self.totals.tolist()
+        result = loss_sum / max(self.labelled, 1), samples / self.seconds, tokens / self.seconds
+        self.totals.zero_()
+        self.labelled, self.seconds = 0, 0.0
+        return result
+
+
 # ---------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def evaluate(model, loader, device) -> tuple[float, float]:
-    """Token-weighted mean loss over the whole test set (all ranks), and its perplexity."""
+    """Token-weighted mean loss over the whole test set (all ranks), and its perplexity. Rank 0
+    shows a progress bar of its share (on the 7B model a pass takes minutes)."""
+    from tqdm import tqdm
+
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, labelled tokens)
-    for batch in loader:
+    for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not is_main_process()):
         stall_point("eval")
         batch = {k: v.to(device) for k, v in batch.items()}
-        count = (batch["labels"][:, 1:] != -100).sum()
+        count = labelled_tokens(batch)
         loss = model(**batch).loss
-        totals += torch.stack([loss.double() * count, count.double()])
+        totals[0] += loss.double() * count
+        totals[1] += count
     if dist.is_initialized():
         dist.all_reduce(totals)
     model.train()
@@ -235,6 +299,11 @@ def evaluate(model, loader, device) -> tuple[float, float]:
 
 
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
+BEST = "best"  # a symlink in output_dir to the checkpoint with the lowest eval loss
+
+
+def checkpoint_name(epoch: int, global_step: int) -> str:
+    return f"epoch-{epoch + 1}-step-{global_step}"
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -267,7 +336,15 @@ def optimizer_state(engine) -> tuple[dict, dict]:
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    rest = {"param_groups": state["param_groups"], "scalars": scalars, "skipped_steps": engine.skipped_steps}
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):  # fp16: where the dynamic loss scale stands
+        rest["loss_scaler"] = {key: getattr(scaler, key) for key in LOSS_SCALER_STATE}
+    return tensors, rest
+
+
+# What DeepSpeed's DynamicLossScaler changes as it goes (its other fields come from the config)
+LOSS_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
 def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
@@ -286,17 +363,23 @@ def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+    engine.skipped_steps = rest.get("skipped_steps", 0)
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if getattr(scaler, "dynamic", False):  # a bf16 checkpoint resumed in fp16 keeps the initial scale
+        for key, value in rest.get("loss_scaler", {}).items():
+            setattr(scaler, key, value)
 
 
 def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict) -> str:
     """Write epoch-E-step-S under a temporary name, then rename it into place.
 
-    Each rank writes its optimizer partition; rank 0 writes the adapter, tokenizer, the json
-    `files` (name -> object: the arguments, the prompt record), and trainer_state.json last.
+    Each rank writes its optimizer partition; rank 0 writes the adapter, the tokenizer (unless None:
+    bench_gpu_qlora.py's random-weight model has none), the json `files` (name -> object: the
+    arguments, the prompt record), and trainer_state.json last.
     """
     from safetensors.torch import save_file
 
-    name = f"epoch-{trainer_state['epoch'] + 1}-step-{trainer_state['global_step']}"
+    name = checkpoint_name(trainer_state["epoch"], trainer_state["global_step"])
     final = os.path.join(output_dir, name)
     tmp = os.path.join(output_dir, TMP_PREFIX + name)
     if is_main_process():
@@ -309,7 +392,8 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
     dist.barrier()
     if is_main_process():
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for file_name, obj in files.items():
             write_json(os.path.join(tmp, file_name), obj)
         stall_point("save")
@@ -320,6 +404,68 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
         os.replace(tmp, final)
     dist.barrier()
     return final
+
+
+def keep_checkpoints(output_dir: str, best: str | None, limit: int | None) -> list[str]:
+    """Point `output_dir/best` at the checkpoint named `best`, and keep the newest `limit` complete
+    checkpoints plus that one (all of them without a limit); returns the names deleted.
+
+    Only complete checkpoints are candidates, so one being written (still under its temporary
+    name) is never touched, and the newest complete one is always kept. A checkpoint is renamed
+    to a temporary name before it is deleted, so a crash halfway never leaves a partial
+    directory that still looks complete.
+    """
+    if best is not None:
+        link = os.path.join(output_dir, TMP_PREFIX + BEST)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        os.symlink(best, link)  # relative: the run directory can be moved
+        os.replace(link, os.path.join(output_dir, BEST))
+    complete = list_checkpoints(output_dir)
+    if limit is None:
+        return []
+    kept = set(complete[-limit:])  # the newest among them, since limit >= 1
+    if best is not None:
+        kept.add(os.path.join(output_dir, best))
+    deleted = []
+    for path in complete:
+        if path not in kept:
+            doomed = os.path.join(output_dir, TMP_PREFIX + "deleting-" + os.path.basename(path))
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+            deleted.append(os.path.basename(path))
+    return deleted
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    return read_json(os.path.join(checkpoint, "trainer_state.json"), "trainer state")
+
+
+def resume_command(world_size: int) -> str:
+    """The command that started this process, as a shell line, with --resume_from_checkpoint
+    latest; under a launcher, the launcher's command for this many processes on one machine."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith(("--local_rank=", "--resume_from_checkpoint=")):
+            skip = False
+            continue
+        skip = arg in ("--local_rank", "--resume_from_checkpoint")
+        if not skip:
+            args.append(arg)
+    args += ["--resume_from_checkpoint", "latest"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world_size))]
+    elif any(arg.startswith("--local_rank") for arg in sys.argv[1:]):
+        launcher = ["deepspeed", "--num_gpus", str(world_size)]
+    else:  # the interpreter as it was called, with its options
+        launcher = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv)]
+    return shlex.join(launcher + [sys.argv[0]] + args)
+
+
+def stop_message(signum: int, checkpoint: str, world_size: int) -> str:
+    return (f"stopped by {NAMES[signum]}: the checkpoint {checkpoint} is complete; resume with: "
+            f"{resume_command(world_size)}")
 
 
 def load_adapter_weights(model, checkpoint: str) -> None:
@@ -333,7 +479,7 @@ def resume(engine, checkpoint: str, world_size: int, accumulation: int) -> dict:
     """Load optimizer, scheduler and RNG state; the adapter weights were loaded before."""
     from safetensors.torch import load_file
 
-    state = read_json(os.path.join(checkpoint, "trainer_state.json"), "trainer state")
+    state = read_trainer_state(checkpoint)
     if state["world_size"] != world_size:
         raise UserError(f"{checkpoint} was written by {state['world_size']} processes; resume with as many")
     rank = dist.get_rank()
