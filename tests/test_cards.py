@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -286,3 +287,42 @@ def test_dialogues_need_a_character_they_can_belong_to(card_files, tmp_path):
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["role"] for r in rows] == ["阿绣"] * 3 and rows[-1]["messages"][0]["content"] == SYSTEM
     assert (out / "test.jsonl").read_text() == "" and "no test samples" in result.stderr
+
+
+# ---------------------------------------------------------------- training on them
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["plain", "packing"])
+def test_training_on_instruction_rows_cards_and_sharegpt(card_files, tmp_path, tiny_model_dir, packing):
+    """train.py on data_helper.py's mix of RoleBench rows and card dialogues, plus a file of raw
+    ShareGPT rows: the loss falls, and the checkpoint records each character's prompt and greeting."""
+    data = tmp_path / "data"
+    data.mkdir()
+    result = run_helper("--card", card_files["png-sillytavern"], "--roles", "张飞", "--test_ratio", "0",
+                        "--train_out", data / "train.jsonl", "--test_out", data / "test.jsonl")
+    assert result.returncode == 0, result.stderr
+    sharegpt = data / "sharegpt.jsonl"
+    row = {"role": "嫦娥", "greeting": "广寒宫里好冷清。", "system": "你是嫦娥，住在月宫。",
+           "conversations": [{"from": "human", "value": "冷吗？"}, {"from": "gpt", "value": "冷呀，桂花也不开。"},
+                             {"from": "human", "value": "想家吗？"}, {"from": "gpt", "value": "想，天天望着人间。"}]}
+    sharegpt.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 6, encoding="utf-8")
+    shapes = {"instruction" in r and "instruction" or next(iter(r.keys() & {"messages", "conversations"}))
+              for path in (data / "train.jsonl", sharegpt) for r in map(json.loads, path.read_text().splitlines())}
+    assert shapes == {"instruction", "messages", "conversations"}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--model_name_or_path", str(tiny_model_dir), "--train_path",
+         str(data / "train.jsonl"), str(sharegpt), "--output_dir", str(out), "--max_len", "512", "--max_src_len", "64",
+         "--per_device_train_batch_size", "2" if packing else "8", "--learning_rate", "5e-3", "--show_loss_step", "1",
+         "--num_train_epochs", "4", "--max_steps", "8", *(["--packing"] if packing else [])],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "train: 45 samples (8 of several turns; 0 cut to fit, 0 dropped" in output
+    losses = [float(x) for x in re.findall(r"^step=\d+ loss=([0-9.]+)", output, re.M)]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    (last,) = [p for p in out.iterdir() if p.name.endswith("-step-8")]
+    record = json.loads((last / "roleplay.json").read_text(encoding="utf-8"))
+    assert record["roles"]["阿绣"] == {"system": SYSTEM, "greeting": GREETING}
+    assert record["roles"]["嫦娥"] == {"system": "你是嫦娥，住在月宫。", "greeting": "广寒宫里好冷清。"}
+    assert record["roles"]["张飞"]["system"].startswith("你现在要扮演张飞")
