@@ -27,7 +27,7 @@ Test questions: with --data_dir (default data/sample), the two RoleBench-zh test
 read with data_helper's reader, so each question keeps its split and ALL its references
 (RoleBench has up to 5 per general question): general = the paper's CUS (role-styled answers
 to general instructions), role_specific = SPE (role knowledge). The system prompt is built
-from --roles_file like data_helper.py does. With --test_file (the jsonl that data_helper.py
+from --roles_file like data_helper.py does (a roles file, or character cards). With --test_file (the jsonl that data_helper.py
 writes) the rows are grouped into questions by role and input; that file carries no split,
 so its questions count as split "unknown" unless a row has a "split" field.
 
@@ -116,8 +116,8 @@ def parse_args(argv=None):
              "rolebench-zh_role_specific_test.jsonl (default: %(default)s)")
     group.add_argument(
         "--roles_file", default="data/roles.json",
-        help="JSON object role name -> description for the system prompt, as for data_helper.py "
-             "(default: %(default)s)")
+        help="JSON object role name -> description for the system prompt, as for data_helper.py, or a "
+             "character card or folder of cards (default: %(default)s)")
     group.add_argument(
         "--test_file", default=None,
         help="instead of --data_dir: a test jsonl written by data_helper.py (rows instruction, input, output, "
@@ -247,7 +247,7 @@ def validate_args(args):
                 problems.append(f"{args.test_file}: test file not found")
         else:
             try:
-                roles = prompt_contract.load_roles(args.roles_file)
+                roles = prompt_contract.roles_from_file(args.roles_file)
             except UserError as error:
                 problems.append(str(error))
             selected = selected or list(rolebench.DEFAULT_ROLES)
@@ -329,7 +329,7 @@ def questions_from_data_dir(data_dir, roles, selected):
         path = os.path.join(data_dir, rolebench.INPUT_FILES[(kind, "test")])
         for row in rolebench_rows(path):
             if row["role"] in selected:
-                instruction = prompt_contract.build_system_prompt(row["role"], roles[row["role"]])
+                instruction = roles[row["role"]].system
                 add_question(questions, index, kind, row["role"], row["question"], instruction, row["replies"])
     return questions
 

@@ -11,7 +11,9 @@ then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no
 `--host` / `--share` ask for it.
 
 The radio offers the roles the model was trained on, with their trained system prompts (the
-model's roleplay.json; --roles_file plays other roles). Switching role starts a new conversation.
+model's roleplay.json; --roles_file plays other roles, from a roles file or character cards). A
+role with a greeting (a card's first_mes) opens the chat with it, and it stays in the prompt as
+the first assistant turn. Switching role starts a new conversation.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
 Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
 
@@ -180,9 +182,9 @@ class RolePlayChat:
             yield gr.skip(), [*history, {"role": "assistant", "content": EMPTY_REPLY}]
 
     def greeting(self, role) -> list[dict]:
-        """The chat a role starts with: its greeting, when it has one."""
-        greeting = self.roles[role].greeting if role in self.roles else None
-        return [{"role": "assistant", "content": greeting}] if greeting else []
+        """The chat a role starts with: its greeting, when it has one, which then goes back into the
+        prompt as the first assistant turn."""
+        return self.roles[role].opening() if role in self.roles else []
 
 
 def build_demo(chat: RolePlayChat, default_role: str, sampling):
@@ -321,7 +323,7 @@ def main(argv=None) -> None:
     from utils.models import load_for_inference
     from utils.prompts import check_role, load_prompts
 
-    prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
+    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
     default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
     model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code)
     chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
