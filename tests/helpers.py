@@ -1,7 +1,10 @@
 """Helpers that several test files share: waiting for an event, a model that records and can hold
-its generate() calls, and serving an app on a free loopback port for the length of a block."""
+its generate() calls, serving an app on a free loopback port for the length of a block, and a
+character card PNG."""
 
+import base64
 import contextlib
+import json
 import threading
 import time
 
@@ -86,3 +89,13 @@ def serve(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def card_png(path, card: dict):
+    """A character card as a PNG written by Pillow, the card's JSON in base64 in a `chara` tEXt chunk."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("chara", base64.b64encode(json.dumps(card, ensure_ascii=False).encode()).decode())
+    Image.new("RGB", (8, 8), (200, 60, 60)).save(path, pnginfo=info)
+    return path

@@ -20,11 +20,11 @@ import pytest  # noqa: E402
 
 import web_demo  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
-from helpers import RecordingModel, serve, wait_for  # noqa: E402
+from helpers import RecordingModel, card_png, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
 from utils.models import load_for_inference  # noqa: E402
-from utils.prompts import Role, roles_from_file  # noqa: E402
+from utils.prompts import Role, load_prompts, roles_from_file  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -503,6 +503,50 @@ def test_page_offers_exactly_the_trained_roles_and_greets(browser, loaded):
             assert prompt.startswith("你是嫦娥，住在月宫。") and "广寒宫里好冷清" in prompt
             page.get_by_role("radio", name="后羿").check()
             wait_for_bots(page, 0)
+        finally:
+            page.close()
+
+
+def test_page_plays_character_cards_and_keeps_the_greeting_as_the_first_turn(browser, loaded, tiny_model_dir,
+                                                                            tmp_path):
+    """A folder of cards as --roles_file: each character is in the radio, its greeting opens the
+    chat, and over two turns the greeting stays in the prompt as the first assistant turn."""
+    model, tokenizer = RecordingModel(loaded[0]), loaded[1]
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card_png(cards / "1-xiu.png", {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "阿绣", "description": "{{char}}是江南绣坊的绣娘。", "first_mes": "客官请进，{{user}}想绣点什么？"}})
+    (cards / "2-fisher.json").write_text('{"name": "老渔夫", "description": "江边打了一辈子鱼。", '
+                                         '"first_mes": "今天的鱼可肥了。", "personality": "", "scenario": "", '
+                                         '"mes_example": ""}', encoding="utf-8")
+    prompts = load_prompts(str(tiny_model_dir), None, str(cards))
+    chat = make_chat(model, tokenizer, prompts.roles)
+    demo = web_demo.build_demo(chat, "阿绣", Sampling(6, 0.8, 0))
+    with serve(web_demo.build_app(demo, chat)) as url:
+        page = open_page(browser, url)
+        try:
+            radios = page.locator("#role input[type=radio]")
+            assert [radios.nth(i).get_attribute("value") for i in range(radios.count())] == ["阿绣", "老渔夫"]
+            assert bot_texts(page) == ["客官请进，你想绣点什么？"]
+            send(page, "绣一朵荷花")
+            wait_for_reply(page, 2)
+            send(page, "要绣多久？")
+            wait_for_reply(page, 3)
+            assert bot_texts(page)[0] == "客官请进，你想绣点什么？"
+            assert page.locator("#chatbot [data-testid=user]").all_inner_texts() == ["绣一朵荷花", "要绣多久？"]
+            ids = model.calls[-1]["inputs"][0].tolist()
+            config = model.generation_config
+
+            def encode(text):
+                return tokenizer.encode(text, add_special_tokens=False)
+
+            opening = (encode(prompts.roles["阿绣"].system) + [config.assistant_token_id] + encode("客官请进，你想绣点什么？")
+                       + [config.user_token_id] + encode("绣一朵荷花") + [config.assistant_token_id])
+            question = [config.user_token_id] + encode("要绣多久？") + [config.assistant_token_id]
+            assert ids[: len(opening)] == opening and ids[-len(question):] == question
+            page.get_by_role("radio", name="老渔夫").check()
+            page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                                   " return b.length === 1 && b[0].innerText.includes('今天的鱼可肥了'); }")
         finally:
             page.close()
 
