@@ -17,6 +17,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
+from helpers import card_png  # noqa: E402
+from utils.prompts import Role, roles_from_file  # noqa: E402
 
 
 def run(*args):
@@ -125,7 +127,7 @@ def test_word_variant_uses_jieba_words():
 
 
 def test_questions_keep_split_and_all_references():
-    roles = json.loads((ROOT / "data" / "roles.json").read_text(encoding="utf-8"))
+    roles = roles_from_file(str(ROOT / "data" / "roles.json"))
     questions = evaluate.questions_from_data_dir(str(SAMPLE), roles, ["孙悟空", "张飞", "李白"])
     first = questions[0]
     assert (first["split"], first["role"], first["question"]) == ("general", "孙悟空", "你觉得什么样的人值得信任？")
@@ -259,11 +261,21 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
         lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer
 
 
+def test_a_character_card_as_roles_file_gives_the_system_prompt(tmp_path):
+    card = card_png(tmp_path / "zhangfei.png", {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "张飞", "description": "{{char}}是燕人，嗓门大。", "personality": "急脾气"}})
+    args = evaluate.parse_args(["--baseline_only", "--roles_file", str(card), "--roles", "张飞"])
+    _, roles, selected, _ = evaluate.validate_args(args)
+    questions = evaluate.questions_from_data_dir(str(SAMPLE), roles, selected)
+    assert questions and {q["instruction"] for q in questions} == {roles["张飞"].system}
+    assert "张飞是燕人，嗓门大。\n性格：急脾气" in roles["张飞"].system
+
+
 def test_baseline_row_from_rolegpt_shaped_file(tmp_path, capsys):
     # RoleGPT shape: role, question (role-specific ones still addressed "<role>，..."), generated: [answer].
     # The answers copy the first reference, so every first-reference score of the row must be 1.
     questions = evaluate.limit_questions(
-        evaluate.questions_from_data_dir(str(SAMPLE), {r: "x" for r in ("孙悟空", "张飞", "李白")},
+        evaluate.questions_from_data_dir(str(SAMPLE), {r: Role(r, "x") for r in ("孙悟空", "张飞", "李白")},
                                          ["孙悟空", "张飞", "李白"]), 2)
     baseline = tmp_path / "rolegpt_baseline.jsonl"
     with open(baseline, "w", encoding="utf-8") as f:

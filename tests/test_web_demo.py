@@ -6,6 +6,7 @@ Nothing here depends on what the random model says: only that a non-empty reply 
 many messages there are, and what reaches `model.generate`.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -489,22 +490,33 @@ def test_page_offers_exactly_the_trained_roles_and_greets(browser, loaded):
     model = RecordingModel(loaded[0])
     roles = {"嫦娥": Role("嫦娥", "你是嫦娥，住在月宫。", "广寒宫里好冷清，你来陪我说说话吗？"),
              "后羿": Role("后羿", "你是后羿，射日的英雄。")}
-    chat = make_chat(model, loaded[1], roles)
-    demo = web_demo.build_demo(chat, "嫦娥", Sampling(6, 0.8, 0))
+    with page_of_roles(browser, model, loaded[1], roles) as page:
+        assert radio_values(page) == ["嫦娥", "后羿"]
+        assert bot_texts(page) == ["广寒宫里好冷清，你来陪我说说话吗？"]
+        send(page, "我来了")
+        wait_for_reply(page, 2)
+        prompt = last_prompt(model, loaded[1])
+        assert prompt.startswith("你是嫦娥，住在月宫。") and "广寒宫里好冷清" in prompt
+        page.get_by_role("radio", name="后羿").check()
+        wait_for_bots(page, 0)
+
+
+@contextlib.contextmanager
+def page_of_roles(browser, model, tokenizer, roles):
+    """The page for `roles` (the first one selected), served and open in the browser."""
+    chat = make_chat(model, tokenizer, roles)
+    demo = web_demo.build_demo(chat, next(iter(roles)), Sampling(6, 0.8, 0))
     with serve(web_demo.build_app(demo, chat)) as url:
         page = open_page(browser, url)
         try:
-            radios = page.locator("#role input[type=radio]")
-            assert [radios.nth(i).get_attribute("value") for i in range(radios.count())] == ["嫦娥", "后羿"]
-            assert bot_texts(page) == ["广寒宫里好冷清，你来陪我说说话吗？"]
-            send(page, "我来了")
-            wait_for_reply(page, 2)
-            prompt = last_prompt(model, loaded[1])
-            assert prompt.startswith("你是嫦娥，住在月宫。") and "广寒宫里好冷清" in prompt
-            page.get_by_role("radio", name="后羿").check()
-            wait_for_bots(page, 0)
+            yield page
         finally:
             page.close()
+
+
+def radio_values(page) -> list[str]:
+    radios = page.locator("#role input[type=radio]")
+    return [radios.nth(i).get_attribute("value") for i in range(radios.count())]
 
 
 def test_page_plays_character_cards_and_keeps_the_greeting_as_the_first_turn(browser, loaded, tiny_model_dir,
@@ -520,35 +532,28 @@ def test_page_plays_character_cards_and_keeps_the_greeting_as_the_first_turn(bro
                                          '"first_mes": "今天的鱼可肥了。", "personality": "", "scenario": "", '
                                          '"mes_example": ""}', encoding="utf-8")
     prompts = load_prompts(str(tiny_model_dir), None, str(cards))
-    chat = make_chat(model, tokenizer, prompts.roles)
-    demo = web_demo.build_demo(chat, "阿绣", Sampling(6, 0.8, 0))
-    with serve(web_demo.build_app(demo, chat)) as url:
-        page = open_page(browser, url)
-        try:
-            radios = page.locator("#role input[type=radio]")
-            assert [radios.nth(i).get_attribute("value") for i in range(radios.count())] == ["阿绣", "老渔夫"]
-            assert bot_texts(page) == ["客官请进，你想绣点什么？"]
-            send(page, "绣一朵荷花")
-            wait_for_reply(page, 2)
-            send(page, "要绣多久？")
-            wait_for_reply(page, 3)
-            assert bot_texts(page)[0] == "客官请进，你想绣点什么？"
-            assert page.locator("#chatbot [data-testid=user]").all_inner_texts() == ["绣一朵荷花", "要绣多久？"]
-            ids = model.calls[-1]["inputs"][0].tolist()
-            config = model.generation_config
+    with page_of_roles(browser, model, tokenizer, prompts.roles) as page:
+        assert radio_values(page) == ["阿绣", "老渔夫"]
+        assert bot_texts(page) == ["客官请进，你想绣点什么？"]
+        send(page, "绣一朵荷花")
+        wait_for_reply(page, 2)
+        send(page, "要绣多久？")
+        wait_for_reply(page, 3)
+        assert bot_texts(page)[0] == "客官请进，你想绣点什么？"
+        assert page.locator("#chatbot [data-testid=user]").all_inner_texts() == ["绣一朵荷花", "要绣多久？"]
+        ids = model.calls[-1]["inputs"][0].tolist()
+        config = model.generation_config
 
-            def encode(text):
-                return tokenizer.encode(text, add_special_tokens=False)
+        def encode(text):
+            return tokenizer.encode(text, add_special_tokens=False)
 
-            opening = (encode(prompts.roles["阿绣"].system) + [config.assistant_token_id] + encode("客官请进，你想绣点什么？")
-                       + [config.user_token_id] + encode("绣一朵荷花") + [config.assistant_token_id])
-            question = [config.user_token_id] + encode("要绣多久？") + [config.assistant_token_id]
-            assert ids[: len(opening)] == opening and ids[-len(question):] == question
-            page.get_by_role("radio", name="老渔夫").check()
-            page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
-                                   " return b.length === 1 && b[0].innerText.includes('今天的鱼可肥了'); }")
-        finally:
-            page.close()
+        opening = (encode(prompts.roles["阿绣"].system) + [config.assistant_token_id] + encode("客官请进，你想绣点什么？")
+                   + [config.user_token_id] + encode("绣一朵荷花") + [config.assistant_token_id])
+        question = [config.user_token_id] + encode("要绣多久？") + [config.assistant_token_id]
+        assert ids[: len(opening)] == opening and ids[-len(question):] == question
+        page.get_by_role("radio", name="老渔夫").check()
+        page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                               " return b.length === 1 && b[0].innerText.includes('今天的鱼可肥了'); }")
 
 
 # ---------------------------------------------------------------- command line
