@@ -29,7 +29,9 @@ read with data_helper's reader, so each question keeps its split and ALL its ref
 to general instructions), role_specific = SPE (role knowledge). The system prompt is built
 from --roles_file like data_helper.py does (a roles file, or character cards). With --test_file (the jsonl that data_helper.py
 writes) the rows are grouped into questions by role and input; that file carries no split,
-so its questions count as split "unknown" unless a row has a "split" field.
+so its questions count as split "unknown" unless a row has a "split" field. A conversation row
+(OpenAI messages or ShareGPT, as data_helper.py writes for cards) asks its last user message with
+the turns before it in the prompt, its last reply the reference.
 
 Per question and model: one answer (greedy unless --do_sample), scored with ROUGE-L F1
 (beta = 1: F = 2PR / (P + R), P = LCS / len(answer), R = LCS / len(reference)) on jieba
@@ -306,14 +308,16 @@ def question_key(split, role, question):
     return f"{split}\t{role}\t{question}"
 
 
-def add_question(questions, index, split, role, question, instruction, references):
-    """Append a question, or merge the references of a repeated (split, role, question)."""
+def add_question(questions, index, split, role, question, instruction, references, history=None, ask=None):
+    """Append a question, or merge the references of a repeated (split, role, question). A question
+    of a conversation has the turns before it (`history`) and its own message (`ask`); its
+    `question` text, which keys it, holds both."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "instruction": instruction,
-                  "references": list(references)}
+                  "references": list(references), **({"history": history, "ask": ask} if history else {})}
     questions.append(index[key])
 
 
@@ -334,21 +338,40 @@ def questions_from_data_dir(data_dir, roles, selected):
     return questions
 
 
+def conversation_question(row):
+    """(system, earlier turns, last user message, last reply) of a conversation row (OpenAI messages
+    or ShareGPT), the last reply being the reference; ValueError names the problem."""
+    from utils.data import row_messages, system_of
+
+    messages = row_messages(row)
+    system = system_of(messages)
+    turns = messages[1:] if system else messages
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=0)
+    if last == 0 or turns[last - 1]["role"] != "user":
+        raise ValueError("the conversation has no user message right before its last reply")
+    return system, turns[: last - 1], turns[last - 1]["content"], turns[last]["content"]
+
+
 def questions_from_test_file(path, selected):
-    """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs kept."""
+    """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs
+    kept. A conversation row asks its last user message after the turns before it."""
     questions, index = [], {}
     for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
         try:
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
-            for field in ("instruction", "input", "output", "role"):
+            conversation = "messages" in row or "conversations" in row
+            for field in ("role",) if conversation else ("instruction", "input", "output", "role"):
                 if not isinstance(row.get(field), str) or not row[field].strip():
                     raise ValueError(f"field '{field}' must be a non-empty string")
+            system, history, ask, reply = conversation_question(row) if conversation else (
+                row["instruction"], [], row["input"], row["output"])
         except ValueError as error:
             raise UserError(f"{path}:{number}: {error}") from None
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
         if selected is None or row["role"] in selected:
-            add_question(questions, index, split, row["role"], row["input"], row["instruction"], [row["output"]])
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
+            add_question(questions, index, split, row["role"], text, system, [reply], history, ask)
     return questions
 
 
@@ -532,7 +555,8 @@ def special_ids(model, tokenizer):
 
 
 def chat_messages(question):
-    return [{"role": "system", "content": question["instruction"]}, {"role": "user", "content": question["question"]}]
+    return [{"role": "system", "content": question["instruction"]}, *question.get("history", []),
+            {"role": "user", "content": question.get("ask", question["question"])}]
 
 
 def generate_answers(model, tokenizer, questions, config):

@@ -153,6 +153,24 @@ def test_test_file_rows_are_grouped_into_questions(tmp_path):
         ("unknown", "张飞", ["喝！", "天天喝！"]), ("general", "李白", ["但愿长醉不复醒。"])]
 
 
+def test_conversation_rows_ask_their_last_message_after_the_turns_before_it(tmp_path):
+    turns = [{"role": "user", "content": "在吗？"}, {"role": "assistant", "content": "在呢。"},
+             {"role": "user", "content": "绣一幅要多久？"}, {"role": "assistant", "content": "慢慢来。"}]
+    rows = [{"role": "阿绣", "messages": [{"role": "system", "content": "扮演阿绣"}, *turns]},
+            {"role": "阿绣", "system": "扮演阿绣", "conversations": [{"from": "human", "value": "绣一幅要多久？"},
+                                                                  {"from": "gpt", "value": "三天。"}]},
+            {"role": "阿绣", "messages": [{"role": "assistant", "content": "客官请进。"}]}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:2]), encoding="utf-8")
+    with_history, alone = evaluate.questions_from_test_file(str(path), None)
+    assert with_history["references"] == ["慢慢来。"] and alone["references"] == ["三天。"]
+    assert evaluate.chat_messages(with_history) == [{"role": "system", "content": "扮演阿绣"}, *turns[:3]]
+    assert evaluate.chat_messages(alone) == [{"role": "system", "content": "扮演阿绣"}, turns[2]]
+    path.write_text(json.dumps(rows[2], ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(evaluate.UserError, match=r"test.jsonl:1: the conversation has no user message"):
+        evaluate.questions_from_test_file(str(path), None)
+
+
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
     question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "instruction": "扮演张飞",
                 "references": ["喝！"]}
