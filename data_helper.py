@@ -70,10 +70,10 @@ def parse_args(argv=None):
                        help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
                             f"{HUB_REPO_ID}; existing files are never overwritten")
     group = parser.add_argument_group("your own characters")
-    group.add_argument("--card", action="append", default=[], metavar="FILE",
+    group.add_argument("--card", action="append", metavar="FILE",
                        help="a character card (.json V1/V2/V3, or .png) or a folder of them, repeatable: each "
                             "character's example dialogues become samples")
-    group.add_argument("--dialogues", action="append", default=[], metavar="FILE",
+    group.add_argument("--dialogues", action="append", metavar="FILE",
                        help="a jsonl file of your own conversations (OpenAI messages or ShareGPT rows), repeatable")
     group.add_argument("--card_system_prompt", action="store_true",
                        help="use a card's own system_prompt ({{original}}: the one --system_template builds) "
@@ -98,7 +98,9 @@ def parse_args(argv=None):
     group.add_argument("--skip_bad", action="store_true",
                        help="skip bad lines (with a warning each) and report how many, instead of stopping "
                             "at the first one")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.card, args.dialogues = args.card or [], args.dialogues or []
+    return args
 
 
 def check_output_path(path, input_paths):
