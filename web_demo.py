@@ -4,7 +4,7 @@ A merged model directory:
     python web_demo.py --model_path runs/roleplay-merged
 A base model plus a LoRA adapter (a training checkpoint):
     python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501
-Try the page on the quickstart's tiny model (it answers in noise):
+Try the page on the quickstart's tiny model (short, rough replies, in the roles' voices):
     bash scripts/quickstart.sh && python web_demo.py --model_path runs/quickstart/merged
 
 then open http://127.0.0.1:9090. The page listens on 127.0.0.1 only and makes no share link unless
