@@ -7,6 +7,10 @@ The real RoleBench-zh files, in a folder (or fetched from the Hugging Face hub w
         --train_out data/train.jsonl --test_out data/test.jsonl
 Other roles, more replies per question, another seed:
     python data_helper.py --data_dir data/rolebench --roles 皇帝,华妃 --max_replies 3 --seed 7
+Your own character: a card (JSON or PNG, or a folder of cards) and your own multi-turn dialogues:
+    python data_helper.py --card cards/阿绣.png --dialogues my_chats.jsonl
+Mixed with RoleBench roles (name them: with --card or --dialogues, none are taken by default):
+    python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
 
 Input: --data_dir holds the four RoleBench-zh files under their RoleBench names
 (rolebench-zh_{general,role_specific}_{train,test}.jsonl). For each split the general file and
@@ -18,9 +22,22 @@ that addresses the role is removed from the question, and nothing else; each spl
 random.Random(seed), and of a question with more than --max_replies replies that many are picked
 (kept in their order); every kept reply becomes one sample.
 
-Output rows: {"instruction": system prompt, "input": question, "output": reply, "role": role}, and
-beside --train_out a prompts.json with the template and each role's system prompt, which train.py
-records in its checkpoints. All outputs are written at once, after all input was read and checked.
+Characters of your own (utils/cards.py): --card takes a SillyTavern/TavernAI character card
+(JSON V1/V2/V3, or PNG with the card in its `chara` or `ccv3` chunk) or a folder of them. Its name,
+description, personality and scenario make the system prompt through --system_template (its own
+system_prompt with --card_system_prompt), first_mes its greeting, and each <START> block of
+mes_example one multi-turn sample. --dialogues takes jsonl files of your own conversations, as
+OpenAI {"messages": [...]} or ShareGPT {"conversations": [...], "system": ...} rows; a row names its
+character with "role" (or belongs to the only character given), and its system prompt becomes that
+character's, so that each role is trained on one prompt. Card and dialogue samples are split into
+train and test per character with random.Random(seed), --test_ratio of them for test. A dialogue
+counts as one question and one sample in the table.
+
+Output rows: {"instruction": system prompt, "input": question, "output": reply, "role": role} for
+RoleBench, {"messages": [system, user, assistant, ...], "role": role, "greeting": ...} for cards and
+dialogues, and beside --train_out a prompts.json with the template and each role's system prompt and
+greeting, which train.py records in its checkpoints. All outputs are written at once, after all
+input was read and checked.
 
 Errors: bad arguments print one "error: ..." line each (all of them) and exit 2; bad data prints
 one line "error: path:line: what is wrong" and exits 1. With --skip_bad, bad lines are skipped
@@ -35,6 +52,7 @@ import sys
 import unicodedata
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.cards import USER_NAME
 from utils.prompts import DEFAULT_ROLES_FILE, PROMPTS_FILE, SYSTEM_TEMPLATE
 from utils.rolebench import DEFAULT_ROLES, HUB_REPO_ID, INPUT_FILES, KINDS, SPLITS
 
@@ -46,11 +64,23 @@ def parse_args(argv=None):
     group.add_argument("--data_dir", default="data/sample",
                        help="folder with the four RoleBench-zh jsonl files under their RoleBench names")
     group.add_argument("--roles_file", default=os.path.relpath(DEFAULT_ROLES_FILE),
-                       help="JSON object role name -> description, for the system prompts; RoleBench's "
-                            "profiles-zh_desc.json also works")
+                       help="JSON object role name -> description, for the system prompts of --roles; RoleBench's "
+                            "profiles-zh_desc.json also works, and so does a character card or a folder of cards")
     group.add_argument("--download", action="store_true",
                        help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
                             f"{HUB_REPO_ID}; existing files are never overwritten")
+    group = parser.add_argument_group("your own characters")
+    group.add_argument("--card", action="append", metavar="FILE",
+                       help="a character card (.json V1/V2/V3, or .png) or a folder of them, repeatable: each "
+                            "character's example dialogues become samples")
+    group.add_argument("--dialogues", action="append", metavar="FILE",
+                       help="a jsonl file of your own conversations (OpenAI messages or ShareGPT rows), repeatable")
+    group.add_argument("--card_system_prompt", action="store_true",
+                       help="use a card's own system_prompt ({{original}}: the one --system_template builds) "
+                            "instead of the built one")
+    group.add_argument("--user_name", default=USER_NAME, help="what {{user}} stands for in cards")
+    group.add_argument("--test_ratio", type=float, default=0.1,
+                       help="share of each character's card and dialogue samples that go to --test_out")
     group = parser.add_argument_group("output")
     group.add_argument("--train_out", default="data/train.jsonl", help="train samples, jsonl")
     group.add_argument("--test_out", default="data/test.jsonl", help="test samples, jsonl")
@@ -58,8 +88,9 @@ def parse_args(argv=None):
                        help="system prompt template with {role} and {description} placeholders "
                             "(default: the built-in Chinese template, utils/prompts.py)")
     group = parser.add_argument_group("selection")
-    group.add_argument("--roles", default=",".join(DEFAULT_ROLES),
-                       help="comma-separated roles to keep, each in --roles_file; rows of other roles are skipped")
+    group.add_argument("--roles",
+                       help=f"comma-separated RoleBench roles to keep, each in --roles_file; rows of other roles are "
+                            f"skipped (default: {','.join(DEFAULT_ROLES)}, or none with --card or --dialogues)")
     group.add_argument("--max_replies", type=int, default=2,
                        help="keep at most this many replies per question, one sample each")
     group.add_argument("--seed", type=int, default=1234, help="seed for choosing which replies to keep")
@@ -67,7 +98,9 @@ def parse_args(argv=None):
     group.add_argument("--skip_bad", action="store_true",
                        help="skip bad lines (with a warning each) and report how many, instead of stopping "
                             "at the first one")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.card, args.dialogues = args.card or [], args.dialogues or []
+    return args
 
 
 def check_output_path(path, input_paths):
@@ -83,42 +116,63 @@ def check_output_path(path, input_paths):
 
 
 def validate_args(args):
-    """Check every argument; return (roles dict, selected role names, problems)."""
-    from utils.prompts import check_template, load_roles
+    """Check every argument; return (roles: name -> Role of the selected RoleBench roles and of the
+    cards, the selected RoleBench roles, the cards, problems)."""
+    from utils.cards import card_role, read_cards
+    from utils.prompts import check_template, roles_from_file
     from utils.rolebench import split_roles
 
-    problems, roles = [], {}
-    selected = split_roles(args.roles)
-    if not selected:
+    problems, roles, cards = [], {}, []
+    own = bool(args.card or args.dialogues)
+    selected = split_roles(args.roles) if args.roles is not None else ([] if own else list(DEFAULT_ROLES))
+    if args.roles is not None and not selected:
         problems.append("--roles: no role given")
-    try:
-        roles = load_roles(args.roles_file)
-    except UserError as error:
-        problems.append(str(error))
-    else:
-        unknown = [name for name in selected if name not in roles]
-        if unknown:
-            problems.append(f"--roles: {', '.join(unknown)} not in {args.roles_file} (known: {', '.join(roles)})")
+    template_problem = check_template(args.system_template)
+    template = SYSTEM_TEMPLATE if template_problem else args.system_template
+    if selected:
+        try:
+            known = roles_from_file(args.roles_file, template, args.card_system_prompt)
+        except UserError as error:
+            problems.append(str(error))
+        else:
+            unknown = [name for name in selected if name not in known]
+            if unknown:
+                problems.append(f"--roles: {', '.join(unknown)} not in {args.roles_file} (known: {', '.join(known)})")
+            roles = {name: known[name] for name in selected if name in known}
     if args.max_replies < 1:
         problems.append(f"--max_replies: must be at least 1, got {args.max_replies}")
-    template_problem = check_template(args.system_template)
     if template_problem:
         problems.append(f"--system_template: {template_problem}")
-    input_paths = [os.path.join(args.data_dir, name) for name in INPUT_FILES.values()]
-    if not args.download:
+    if args.card:
+        cards = read_cards(args.card, problems.append)
+        try:  # a card of a RoleBench role's name gives that role its prompt
+            roles.update({card.name: card_role(card, template, args.card_system_prompt, args.user_name)
+                          for card in cards})
+        except UserError as error:
+            problems.append(str(error))
+    problems += [f"{path}: dialogues file not found" for path in args.dialogues if not os.path.isfile(path)]
+    if args.dialogues and not selected and not args.card:
+        problems.append("--dialogues: no character to train them for: give --card or --roles")
+    if not 0 <= args.test_ratio < 1:
+        problems.append(f"--test_ratio: must be in [0, 1), got {args.test_ratio}")
+    if not args.user_name.strip():
+        problems.append("--user_name: empty")
+    input_paths = [os.path.join(args.data_dir, name) for name in INPUT_FILES.values()] if selected else []
+    if selected and not args.download:
         if not os.path.isdir(args.data_dir):
             problems.append(f"{args.data_dir}: data folder not found (put the RoleBench-zh files there, or add "
                             f"--download to fetch them)")
         else:
             problems.extend(f"{p}: input file not found (add --download to fetch it)" for p in input_paths
                             if not os.path.isfile(p))
+    input_paths += args.card + args.dialogues
     for path in (args.train_out, args.test_out):
         problem = check_output_path(path, input_paths)
         if problem:
             problems.append(problem)
     if os.path.abspath(args.train_out) == os.path.abspath(args.test_out):
         problems.append(f"--train_out and --test_out are the same file: {args.train_out}")
-    return roles, selected, problems
+    return roles, selected, cards, problems
 
 
 def read_split(data_dir, split, selected, bad_lines, skip_bad):
@@ -136,7 +190,7 @@ def read_split(data_dir, split, selected, bad_lines, skip_bad):
     return rows
 
 
-def make_samples(rows, prompts, max_replies, seed):
+def make_samples(rows, roles, max_replies, seed):
     rng = random.Random(seed)
     samples = []
     for row in rows:
@@ -144,9 +198,69 @@ def make_samples(rows, prompts, max_replies, seed):
         if len(replies) > max_replies:
             keep = sorted(rng.sample(range(len(replies)), max_replies))
             replies = [replies[i] for i in keep]
-        samples += [{"instruction": prompts[row["role"]], "input": row["question"], "output": reply,
-                     "role": row["role"]} for reply in replies]
+        role = roles[row["role"]]
+        greeting = {"greeting": role.greeting} if role.greeting else {}
+        samples += [{"instruction": role.system, "input": row["question"], "output": reply, "role": role.name,
+                     **greeting} for reply in replies]
     return samples
+
+
+def conversation_sample(role, turns):
+    """A multi-turn sample of `role`: its system prompt, then the user and assistant turns."""
+    greeting = {"greeting": role.greeting} if role.greeting else {}
+    return {"messages": [{"role": "system", "content": role.system}, *turns], "role": role.name, **greeting}
+
+
+def dialogue_samples(paths, roles, skip):
+    """The user's own conversations as samples: each row of its "role" (or of the only character
+    given), with that character's system prompt. A bad row is a UserError naming file and line, or
+    with `skip` handed to it."""
+    from utils import read_jsonl
+    from utils.data import row_messages, system_of
+    from utils.rolebench import MAX_LINE_BYTES
+
+    only = next(iter(roles)) if len(roles) == 1 else None
+    samples, replaced, no_reply = [], 0, 0
+    for path in paths:
+        for line_no, row in read_jsonl(path, MAX_LINE_BYTES, skip):
+            try:
+                messages = row_messages(row)
+                name = row.get("role") or only
+                if name not in roles:
+                    raise ValueError(f"role {name!r} is not among the characters given ({', '.join(roles)})" if name
+                                     else f"no \"role\" field to say whose dialogue it is ({', '.join(roles)})")
+            except ValueError as error:
+                if skip is None:
+                    raise UserError(f"{path}:{line_no}: {error}") from None
+                skip(f"{path}:{line_no}: {error}")
+                continue
+            system = system_of(messages)
+            replaced += bool(system) and system != roles[name].system
+            turns = messages[1:] if system else messages
+            if not any(m["role"] == "assistant" for m in turns):
+                no_reply += 1
+                continue
+            samples.append(conversation_sample(roles[name], turns))
+    if replaced:
+        print(f"note: {replaced} dialogues had a system prompt of their own: each now has its character's, "
+              f"the one prompt per role that the model records", file=sys.stderr)
+    if no_reply:
+        print(f"note: {no_reply} dialogues without a reply left out", file=sys.stderr)
+    return samples
+
+
+def split_own(samples, test_ratio, seed):
+    """(train, test) of the card and dialogue samples: per character, round(n x test_ratio) of them
+    drawn for test with random.Random(seed); each part keeps the samples' order."""
+    rng = random.Random(seed)
+    by_role, train, test = {}, [], []
+    for sample in samples:
+        by_role.setdefault(sample["role"], []).append(sample)
+    for items in by_role.values():
+        picked = set(rng.sample(range(len(items)), round(len(items) * test_ratio)))
+        train += [s for i, s in enumerate(items) if i not in picked]
+        test += [s for i, s in enumerate(items) if i in picked]
+    return train, test
 
 
 def count_table(selected, rows_by_split, samples_by_split):
@@ -175,38 +289,54 @@ def pad(text, width, right):
 
 def main(argv=None):
     args = parse_args(argv)
-    roles, selected, problems = validate_args(args)
+    roles, selected, cards, problems = validate_args(args)
     exit_on_problems(problems)
 
     from utils import jsonl_text, write_files
-    from utils.prompts import build_system_prompt
+    from utils.cards import card_dialogues
     from utils.rolebench import download
 
-    if args.download:
+    if args.download and selected:
         download(args.data_dir)
-    prompts = {name: build_system_prompt(name, roles[name], args.system_template) for name in selected}
     bad_lines, rows_by_split, samples_by_split = [], {}, {}
+
+    def skip(message):
+        print(f"warning: skipped {message}", file=sys.stderr)
+        bad_lines.append(message)
+
     for split in SPLITS:
-        rows = read_split(args.data_dir, split, selected, bad_lines, args.skip_bad)
-        if not rows:
+        rows = read_split(args.data_dir, split, selected, bad_lines, args.skip_bad) if selected else []
+        if selected and not rows:
             raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
         rows_by_split[split] = rows
-        samples_by_split[split] = make_samples(rows, prompts, args.max_replies, args.seed)
+        samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
+    own = [conversation_sample(roles[card.name], turns) for card in cards for turns in card_dialogues(card, args.user_name)]
+    own += dialogue_samples(args.dialogues, roles, skip if args.skip_bad else None)
+    for split, part in zip(SPLITS, split_own(own, args.test_ratio, args.seed)):
+        rows_by_split[split] += part  # a dialogue counts as one question and one sample
+        samples_by_split[split] += part
+    names = selected + [name for name in roles if name not in selected]
+    for name in names:
+        if not any(s["role"] == name for s in samples_by_split["train"]):
+            print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
+                  f"--dialogues): it is not trained", file=sys.stderr)
     prompts_path = os.path.join(os.path.dirname(os.path.abspath(args.train_out)), PROMPTS_FILE)
     side_file = {"system_template": args.system_template,
-                 "roles": {name: {"system": prompt, "greeting": None} for name, prompt in prompts.items()}}
+                 "roles": {name: {"system": roles[name].system, "greeting": roles[name].greeting} for name in names}}
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),
                      prompts_path: json.dumps(side_file, ensure_ascii=False, indent=2) + "\n"})
     except OSError as error:
         raise UserError(f"{error.filename or args.train_out}: cannot write ({error.strerror})") from None
-    for line in count_table(selected, rows_by_split, samples_by_split):
+    for line in count_table(names, rows_by_split, samples_by_split):
         print(line)
     if args.skip_bad:
         print(f"skipped {len(bad_lines)} bad lines")
     print(f"wrote {len(samples_by_split['train'])} samples to {args.train_out}")
     print(f"wrote {len(samples_by_split['test'])} samples to {args.test_out}")
+    if not samples_by_split["test"]:
+        print("note: no test samples (see --test_ratio): train without --test_path", file=sys.stderr)
 
 
 if __name__ == "__main__":

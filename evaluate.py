@@ -14,13 +14,15 @@ Only the loss / ppl curves of one or more training runs:
 
 Models: `--model NAME=PATH` (a full or merged model, or a hub id) or `--model NAME=BASE::ADAPTER`
 (a base plus a LoRA adapter). Each model answers with its own roles' system prompts (its
-roleplay.json; a model without one gets data/roles.json, with a note); --roles_file gives every
-model the prompts built from that file instead.
+roleplay.json; a model without one gets data/roles.json, with a note); --roles_file (a roles file,
+a character card or a folder of cards) gives every model the prompts built from it instead.
 
 Test questions: with --data_dir, the two RoleBench-zh test files, each question with its split
 and ALL its references: general = the paper's CUS (role-styled answers to general instructions),
 role_specific = SPE (role knowledge). With --test_file (data_helper.py's jsonl) rows are grouped
-into questions by role and input, split "unknown" unless a row has a "split" field.
+into questions by role and input, split "unknown" unless a row has a "split" field; a conversation
+row (OpenAI messages or ShareGPT, as data_helper.py writes for cards) asks its last user message
+with the turns before it in the prompt, its last reply the reference.
 
 Scores per question and model: one answer (greedy unless --do_sample), ROUGE-L F1 (beta = 1, from
 the rouge-score package) on jieba words and on characters (whitespace dropped), against the first
@@ -74,8 +76,10 @@ def parse_args(argv=None):
     group.add_argument("--data_dir", default="data/sample",
                        help="folder with rolebench-zh_general_test.jsonl and rolebench-zh_role_specific_test.jsonl")
     group.add_argument("--test_file", help="instead of --data_dir: a test jsonl written by data_helper.py")
-    group.add_argument("--roles_file", help="JSON object role name -> description: the system prompts of every "
-                                            "model (default: each model's own)")
+    group.add_argument("--roles_file", help="JSON object role name -> description, a character card or a folder "
+                                            "of cards: the system prompts of every model (default: each model's own)")
+    group.add_argument("--card_system_prompt", action="store_true",
+                       help="with cards in --roles_file: use a card's own system_prompt instead of the built one")
     group.add_argument("--roles", help=f"comma-separated roles to evaluate (default: {','.join(rolebench.DEFAULT_ROLES)}"
                                        " with --data_dir, every role of --test_file)")
     group.add_argument("--limit", type=int, help="at most N questions per split, round-robin over the roles")
@@ -152,14 +156,14 @@ def check_models(texts) -> tuple[list[ModelSpec], list[str]]:
 
 
 def check_questions(args) -> list[str]:
-    from utils.prompts import load_roles
+    from utils.prompts import roles_from_file
 
     problems = []
     if args.roles is not None and not rolebench.split_roles(args.roles):
         problems.append("--roles: no role given")
     if args.roles_file is not None:
         try:
-            load_roles(args.roles_file)
+            roles_from_file(args.roles_file, card_system_prompt=args.card_system_prompt)
         except UserError as error:
             problems.append(str(error))
     if args.test_file is not None:
@@ -225,14 +229,16 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
 # ---------------------------------------------------------------- test questions
 
 
-def add_question(questions, index, split, role, question, references, instruction=None):
-    """Append a question, or merge the references of a repeated (split, role, question)."""
+def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None):
+    """Append a question, or merge the references of a repeated (split, role, question). A question
+    of a conversation has the turns before it (`history`) and its own message (`ask`); its
+    `question` text, which keys it, holds both."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "references": list(references),
-                  "instruction": instruction}
+                  "instruction": instruction, "history": list(history), "ask": ask or question}
     questions.append(index[key])
 
 
@@ -246,17 +252,40 @@ def questions_from_data_dir(data_dir, selected):
     return questions
 
 
+def conversation_question(row):
+    """(system, earlier turns, last user message, last reply) of a conversation row (OpenAI messages
+    or ShareGPT), the last reply being the reference; ValueError names the problem."""
+    from utils.data import row_messages, system_of
+
+    messages = row_messages(row)
+    system = system_of(messages)
+    turns = messages[1:] if system else messages
+    last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=0)
+    if last == 0 or turns[last - 1]["role"] != "user":
+        raise ValueError("the conversation has no user message right before its last reply")
+    return system, turns[: last - 1], turns[last - 1]["content"], turns[last]["content"]
+
+
 def questions_from_test_file(path, selected):
     """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs kept.
     Their instruction is the prompt of a model that has no prompt of its own for the role."""
     questions, index = [], {}
     for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
-        for field in ("instruction", "input", "output", "role"):
-            if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
-                raise UserError(f"{path}:{number}: field '{field}' must be a non-empty string")
+        try:
+            if not isinstance(row, dict):
+                raise ValueError("expected a JSON object")
+            conversation = "messages" in row or "conversations" in row
+            for field in ("role",) if conversation else ("instruction", "input", "output", "role"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise ValueError(f"field '{field}' must be a non-empty string")
+            system, history, ask, reply = conversation_question(row) if conversation else (
+                row["instruction"], [], row["input"], row["output"])
+        except ValueError as error:
+            raise UserError(f"{path}:{number}: {error}") from None
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
         if selected is None or row["role"] in selected:
-            add_question(questions, index, split, row["role"], row["input"], [row["output"]], row["instruction"])
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
+            add_question(questions, index, split, row["role"], text, [reply], system, history, ask)
     return questions
 
 
@@ -371,6 +400,11 @@ def reference_nll(model, tokenizer, messages, references, batch_size):
     return total, count
 
 
+def question_messages(system, question) -> list[dict]:
+    """The chat a question is asked in: the system prompt, the turns before it, its message."""
+    return [{"role": "system", "content": system}, *question["history"], {"role": "user", "content": question["ask"]}]
+
+
 def system_prompt(spec, prompts, question):
     if question["role"] in prompts.roles:
         return prompts.roles[question["role"]].system
@@ -385,7 +419,7 @@ def evaluate_model(spec, questions, store, args):
     from baichuan.generation_utils import build_chat_input
     from utils.prompts import load_prompts
 
-    prompts = load_prompts(spec.path, spec.adapter, args.roles_file)
+    prompts = load_prompts(spec.path, spec.adapter, args.roles_file, args.card_system_prompt)
     systems = {id(q): system_prompt(spec, prompts, q) for q in questions}
     pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [systems[id(q)],
                                                                                        q["references"]])) is None]
@@ -405,8 +439,7 @@ def evaluate_model(spec, questions, store, args):
     with tqdm(total=len(pending), desc=spec.name, unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start : start + args.batch_size]
-            messages = [[{"role": "system", "content": systems[id(q)]}, {"role": "user", "content": q["question"]}]
-                        for q in batch]
+            messages = [question_messages(systems[id(q)], q) for q in batch]
             prompts_ids = [build_chat_input(tokenizer, m, model.generation_config, model.config.model_max_length,
                                             args.max_new_tokens) for m in messages]
             for question, m, answer in zip(batch, messages, generate_answers(model, tokenizer, prompts_ids, config)):

@@ -9,9 +9,11 @@ No question: an interactive multi-turn chat on stdin:
     python predict.py --model_path runs/roleplay-merged --role 孙悟空
 
 The roles and their system prompts are the ones the model was trained on (its roleplay.json);
---roles_file plays other roles. Interactive commands: `/clear` starts the conversation over,
-`/role NAME` switches role (and starts over), `/exit` or end of input (Ctrl-D) quits. Earlier
-turns go into the prompt; when the context is full the oldest whole rounds are dropped.
+--roles_file plays other roles (a roles file, a character card or a folder of cards). A role's
+greeting (a card's first_mes) opens each conversation as its first assistant turn. Interactive
+commands: `/clear` starts the conversation over, `/role NAME` switches role (and starts over),
+`/exit` or end of input (Ctrl-D) quits. Earlier turns go into the prompt; when the context is
+full the oldest whole rounds are dropped.
 
 Errors (missing model, bad adapter, bad roles file, unknown role, bad setting) print one line
 `error: ...` on stderr and exit with status 1 (2 for bad arguments).
@@ -68,12 +70,19 @@ def read_line(prompt: str) -> str | None:
         return None
 
 
+def greet(role) -> list[dict]:
+    """A new conversation: the role's greeting, shown and kept as its first assistant turn."""
+    if role.greeting:
+        print(f"{role.name}> {role.greeting}")
+    return role.opening()
+
+
 def interactive(model, tokenizer, roles, role, sampling) -> None:
     from utils.chat import role_messages, start_reply
     from utils.prompts import check_role
 
     print(f"chatting with {role.name}; /clear starts over, /role NAME switches, /exit quits", file=sys.stderr)
-    history: list[dict] = []
+    history = greet(role)
     while (line := read_line("你> ")) is not None:
         line = line.strip()
         if not line:
@@ -81,13 +90,14 @@ def interactive(model, tokenizer, roles, role, sampling) -> None:
         if line == "/exit":
             break
         if line == "/clear":
-            history = []
             print("(conversation cleared)", file=sys.stderr)
+            history = greet(role)
             continue
         if line.startswith("/role"):
             try:
-                role, history = check_role(roles, line[len("/role"):].strip()), []
+                role = check_role(roles, line[len("/role"):].strip())
                 print(f"(now chatting with {role.name}; conversation cleared)", file=sys.stderr)
+                history = greet(role)
             except UserError as error:  # a typo here should not end the session, only be reported
                 print(f"error: {error}", file=sys.stderr)
             continue
@@ -108,13 +118,13 @@ def main(argv=None) -> None:
     from utils.models import load_for_inference
     from utils.prompts import check_role, load_prompts
 
-    prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
+    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
     role = check_role(prompts.roles, args.role or next(iter(prompts.roles)))
     model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
                                           args.quantization_bit)
     sampling = Sampling(args.max_new_tokens, args.top_p, 0 if args.greedy else args.temperature)
     if args.question is not None:
-        messages = role_messages(role, [{"role": "user", "content": args.question}])
+        messages = role_messages(role, [*role.opening(), {"role": "user", "content": args.question}])
         answer(start_reply(model, tokenizer, messages, sampling))
     else:
         interactive(model, tokenizer, prompts.roles, role, sampling)

@@ -16,8 +16,12 @@ command that resumes; a second Ctrl-C stops at once, without saving.
 The size of a run, from a config.json alone (no weights, no data):
     python train.py --model_name_or_path DIR_WITH_CONFIG_JSON --dry_run --lora_dim 16
 
+Several files, and multi-turn conversations (OpenAI `messages` or ShareGPT `conversations` rows,
+beside data_helper.py's single-turn rows; utils/data.py):
+    python train.py ...same flags... --train_path data/train.jsonl my_chats.jsonl
+
 The model loads in 4-bit NF4 with double quantisation, LoRA goes on every linear layer but
-lm_head, and only the replies (and eos) are trained on. Every `--save_model_step` optimizer steps
+lm_head, and only the replies and their ends are trained on (every reply of a conversation). Every `--save_model_step` optimizer steps
 and at each epoch's end, the test loss is computed and a self-contained checkpoint
 `output_dir/epoch-E-step-S/` is written: adapter, tokenizer, the resolved arguments, the prompt
 record (roleplay.json: the roles and exact system prompts trained on), and the state needed to
@@ -39,12 +43,18 @@ from utils import HelpFormatter, TMP_PREFIX, UserError, exit_on_problems, exit_o
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--train_path", help="training samples, jsonl from data_helper.py (required)")
-    data.add_argument("--test_path", help="test samples, jsonl from data_helper.py (no evaluation if omitted)")
+    data.add_argument("--train_path", nargs="+", metavar="FILE",
+                      help="training samples, one or more jsonl files: data_helper.py's, or rows of "
+                           "instruction/input/output, OpenAI messages or ShareGPT conversations, mixed (required)")
+    data.add_argument("--test_path", nargs="+", metavar="FILE",
+                      help="test samples, the same shapes (no evaluation if omitted)")
     data.add_argument("--prompts_file", help="data_helper.py's prompts.json, recorded in the checkpoints "
-                                             "(default: prompts.json beside --train_path, when there)")
-    data.add_argument("--max_len", type=int, default=1024, help="most tokens in one sample (prompt + reply + eos)")
-    data.add_argument("--max_src_len", type=int, default=256, help="most tokens of the question; longer ones are cut")
+                                             "(default: prompts.json beside the first --train_path, when there)")
+    data.add_argument("--max_len", type=int, default=1024,
+                      help="most tokens in one sample (prompt + reply + eos); of a longer conversation the system "
+                           "prompt and the newest whole rounds that fit are kept")
+    data.add_argument("--max_src_len", type=int, default=256,
+                      help="most tokens of a question (each user turn); longer ones are cut")
     data.add_argument("--is_skip", action="store_true", help="drop samples that had to be cut instead of keeping them")
     data.add_argument(
         "--packing", action="store_true",
@@ -124,12 +134,11 @@ def validate_args(args) -> list[str]:
         problems.append("--lora_dropout must be in [0, 1)")
     if args.dry_run:
         return problems
-    for flag, path, required in (("--train_path", args.train_path, True), ("--test_path", args.test_path, False),
-                                 ("--prompts_file", args.prompts_file, False)):
-        if required and not path:
-            problems.append(f"{flag} is required")
-        elif path and not os.path.isfile(path):
-            problems.append(f"{flag}: {path!r} does not exist")
+    if not args.train_path:
+        problems.append("--train_path is required")
+    for flag, paths in (("--train_path", args.train_path), ("--test_path", args.test_path),
+                        ("--prompts_file", [args.prompts_file] if args.prompts_file else None)):
+        problems += [f"{flag}: {path!r} does not exist" for path in paths or [] if not os.path.isfile(path)]
     problems += check_ds_file(args)
     if not args.output_dir:
         problems.append("--output_dir is required")
@@ -207,7 +216,7 @@ def load_data(args, tokenizer, user_id: int, assistant_id: int, rank: int, world
 
     train_set = load(args.train_path)
     roles = train_set.roles
-    print_rank_0(f"train: {len(train_set)} samples ({train_set.truncated} cut to fit, {train_set.dropped} dropped)")
+    print_rank_0(f"train: {len(train_set)} samples ({train_set.summary()})")
     if args.packing:
         train_set = PackedDataset(train_set, args.max_len)
         print_rank_0(f"packed into {len(train_set)} rows of at most {args.max_len} tokens")
@@ -228,11 +237,11 @@ def prompt_record(args, roles, tokenizer, user_id, assistant_id) -> dict:
     from utils.prompts import PROMPTS_FILE, SYSTEM_TEMPLATE, make_record
     from utils.training import print_rank_0
 
-    path = args.prompts_file or os.path.join(os.path.dirname(os.path.abspath(args.train_path)), PROMPTS_FILE)
+    path = args.prompts_file or os.path.join(os.path.dirname(os.path.abspath(args.train_path[0])), PROMPTS_FILE)
     template = SYSTEM_TEMPLATE
     if os.path.isfile(path):
         template = read_json(path, "prompts file").get("system_template", SYSTEM_TEMPLATE)
-        print_rank_0(f"prompt record: {len(roles)} roles from {args.train_path}, the template of {path}")
+        print_rank_0(f"prompt record: {len(roles)} roles from {', '.join(args.train_path)}, the template of {path}")
     return make_record(roles, template, user_id, assistant_id, tokenizer.chat_template)
 
 
@@ -244,7 +253,7 @@ def count_steps(args, train_set, world_size: int) -> tuple[int, int]:
     batches = length_grouped_batches(train_set.lengths(), args.per_device_train_batch_size, args.seed, 0, world_size)
     steps_per_epoch = len(batches) // gas
     if steps_per_epoch == 0:
-        raise UserError(f"{args.train_path}: {len(train_set)} rows make no full optimizer step "
+        raise UserError(f"{', '.join(args.train_path)}: {len(train_set)} rows make no full optimizer step "
                         f"(batch {args.per_device_train_batch_size} x {world_size} processes x {gas} accumulation)")
     total_steps = steps_per_epoch * args.num_train_epochs
     return steps_per_epoch, min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps

@@ -7,7 +7,7 @@ A base model plus a LoRA adapter (a training checkpoint), the base in 4 bits (ab
         --quantization_bit 4
 The API alone, open to the network, with a key:
     ROLEPLAY_API_KEY=... python web_demo.py --model_path runs/roleplay-merged --api_only --host 0.0.0.0
-Try the page on the quickstart's tiny model (it answers in noise):
+Try the page on the quickstart's tiny model (short, rough replies, in the roles' voices):
     bash scripts/quickstart.sh && python web_demo.py --model_path runs/quickstart/merged
 
 then open http://127.0.0.1:9090, or point an OpenAI client (SillyTavern, Open WebUI, `openai`) at
@@ -16,7 +16,9 @@ and makes no share link unless `--host` / `--share` ask for it; those need a key
 $ROLEPLAY_API_KEY), or `--no_api_key` to go without one knowingly.
 
 The radio offers the roles the model was trained on, with their trained system prompts (the
-model's roleplay.json; --roles_file plays other roles). Switching role starts a new conversation.
+model's roleplay.json; --roles_file plays other roles, from a roles file or character cards). A
+role with a greeting (a card's first_mes) opens the chat with it, and it stays in the prompt as
+the first assistant turn. Switching role starts a new conversation.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
 Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
 
@@ -189,9 +191,9 @@ class RolePlayChat:
             yield gr.skip(), [*history, {"role": "assistant", "content": EMPTY_REPLY}]
 
     def greeting(self, role) -> list[dict]:
-        """The chat a role starts with: its greeting, when it has one."""
-        greeting = self.roles[role].greeting if role in self.roles else None
-        return [{"role": "assistant", "content": greeting}] if greeting else []
+        """The chat a role starts with: its greeting, when it has one, which then goes back into the
+        prompt as the first assistant turn."""
+        return self.roles[role].opening() if role in self.roles else []
 
 
 def build_demo(chat: RolePlayChat, default_role: str, sampling):
@@ -382,7 +384,7 @@ def main(argv=None) -> None:
     from utils.models import load_for_inference
     from utils.prompts import check_role, load_prompts
 
-    prompts = load_prompts(args.model_path, args.adapter, args.roles_file)
+    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
     default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
     model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
                                           args.quantization_bit)

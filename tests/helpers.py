@@ -1,8 +1,11 @@
 """Helpers that several test files share: waiting for an event, checking a one-line error, a model
-that records and can hold its generate() calls, and serving an app on a free loopback port for the
-length of a block."""
+that records and can hold its generate() calls, serving an app on a free loopback port for the
+length of a block, the check that packed rows train exactly as their samples alone, and a
+character card PNG."""
 
+import base64
 import contextlib
+import json
 import re
 import threading
 import time
@@ -99,3 +102,30 @@ def serve(app):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def card_png(path, card: dict):
+    """A character card as a PNG written by Pillow, the card's JSON in base64 in a `chara` tEXt chunk."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("chara", base64.b64encode(json.dumps(card, ensure_ascii=False).encode()).decode())
+    Image.new("RGB", (8, 8), (200, 60, 60)).save(path, pnginfo=info)
+    return path
+
+
+def assert_packing_is_exact(model, examples: list[dict], packed: list[dict], pad_id: int) -> None:
+    """The packed rows give the loss and gradients of the same samples in a plain padded batch."""
+    from utils.data import collate
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads(collate(examples, pad_id))
+    packed_loss, packed_grads = loss_and_grads(collate(packed, pad_id))
+    torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)

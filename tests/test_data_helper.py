@@ -101,7 +101,9 @@ def test_default_paths_are_documented_defaults():
     args = data_helper.parse_args([])
     assert (args.data_dir, args.roles_file) == ("data/sample", "data/roles.json")
     assert (args.train_out, args.test_out) == ("data/train.jsonl", "data/test.jsonl")
-    assert (args.max_replies, args.seed, args.roles) == (2, 1234, "孙悟空,张飞,李白")
+    assert (args.max_replies, args.seed, args.roles, args.card, args.dialogues) == (2, 1234, None, [], [])
+    # no --roles: the book's three roles, unless characters of one's own are given
+    assert data_helper.validate_args(args)[1] == ["孙悟空", "张飞", "李白"]
 
 
 def test_prefix_stripped_other_commas_kept(out):

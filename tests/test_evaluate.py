@@ -18,6 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 from utils.report import ResultStore, read_curves, score_answer, table_columns, word_tokens  # noqa: E402
+from helpers import card_png  # noqa: E402
 
 
 def run(*args):
@@ -157,6 +158,25 @@ def test_test_file_rows_are_grouped_into_questions(tmp_path):
         ("unknown", "张飞", ["喝！", "天天喝！"], "扮演张飞"), ("general", "李白", ["但愿长醉不复醒。"], "扮演李白")]
 
 
+def test_conversation_rows_ask_their_last_message_after_the_turns_before_it(tmp_path):
+    turns = [{"role": "user", "content": "在吗？"}, {"role": "assistant", "content": "在呢。"},
+             {"role": "user", "content": "绣一幅要多久？"}, {"role": "assistant", "content": "慢慢来。"}]
+    rows = [{"role": "阿绣", "messages": [{"role": "system", "content": "扮演阿绣"}, *turns]},
+            {"role": "阿绣", "system": "扮演阿绣", "conversations": [{"from": "human", "value": "绣一幅要多久？"},
+                                                                  {"from": "gpt", "value": "三天。"}]},
+            {"role": "阿绣", "messages": [{"role": "assistant", "content": "客官请进。"}]}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:2]), encoding="utf-8")
+    with_history, alone = evaluate.questions_from_test_file(str(path), None)
+    assert with_history["references"] == ["慢慢来。"] and alone["references"] == ["三天。"]
+    assert evaluate.question_messages(with_history["instruction"], with_history) == [
+        {"role": "system", "content": "扮演阿绣"}, *turns[:3]]
+    assert evaluate.question_messages(alone["instruction"], alone) == [{"role": "system", "content": "扮演阿绣"}, turns[2]]
+    path.write_text(json.dumps(rows[2], ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(evaluate.UserError, match=r"test.jsonl:1: the conversation has no user message"):
+        evaluate.questions_from_test_file(str(path), None)
+
+
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
     question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "references": ["喝！"]}
     spec, args = evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([])
@@ -269,6 +289,20 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     redone, lost = json.loads(again[-1]), json.loads(lines[-1])
     assert [redone[k] for k in ("model", "split", "role", "question", "answer")] == [
         lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer
+
+
+def test_a_character_card_as_roles_file_gives_the_system_prompt(tmp_path):
+    card = card_png(tmp_path / "zhangfei.png", {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "张飞", "description": "{{char}}是燕人，嗓门大。", "personality": "急脾气"}})
+    from utils.prompts import load_prompts
+
+    args = evaluate.parse_args(["--model", "m=some/model", "--roles_file", str(card), "--roles", "张飞"])
+    assert evaluate.validate_args(args)[1] == []
+    prompts = load_prompts("some/model", None, str(card))  # --roles_file wins over any record
+    questions = evaluate.questions_from_data_dir(str(SAMPLE), ["张飞"])
+    systems = {evaluate.system_prompt(evaluate.ModelSpec("m", "some/model"), prompts, q) for q in questions}
+    assert questions and systems == {prompts.roles["张飞"].system}
+    assert "张飞是燕人，嗓门大。\n性格：急脾气" in prompts.roles["张飞"].system
 
 
 def test_baseline_row_from_rolegpt_shaped_file(tmp_path, capsys):

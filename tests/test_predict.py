@@ -102,6 +102,26 @@ def test_interactive_prompt_holds_earlier_turns_and_settings(tiny_model_dir, mon
                                                            model.config.model_max_length, 5)
 
 
+def test_a_cards_greeting_opens_the_chat_and_stays_in_the_prompt(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from helpers import card_png
+    from utils.prompts import load_prompts
+
+    card = {"spec": "chara_card_v2", "spec_version": "2.0",
+            "data": {"name": "阿绣", "description": "{{char}}是江南绣坊的绣娘。", "first_mes": "客官，{{user}}想绣点什么？"}}
+    prompts = load_prompts(str(tiny_model_dir), None, str(card_png(tmp_path / "card.png", card)))
+    role = prompts.roles["阿绣"]
+    model, tokenizer = load_for_inference(str(tiny_model_dir), device="cpu")
+    recording = Recording(model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("绣一朵荷花\n/clear\n"))
+    predict.interactive(recording, tokenizer, prompts.roles, role, Sampling(4, 0.8, 0))
+    out = capsys.readouterr().out
+    assert out.startswith("阿绣> 客官，你想绣点什么？\n") and out.count("阿绣> 客官，你想绣点什么？\n") == 2  # and after /clear
+    expected = role_messages(role, [{"role": "assistant", "content": "客官，你想绣点什么？"},
+                                    {"role": "user", "content": "绣一朵荷花"}])
+    assert recording.calls[0]["inputs"][0].tolist() == build_chat_input(
+        tokenizer, expected, model.generation_config, model.config.model_max_length, 4)
+
+
 def test_temperature_zero_is_greedy():
     assert Sampling(8, 0.8, 0).generate_kwargs() == {"do_sample": False}
     assert Sampling(8, 0.5, 0.7).generate_kwargs() == {"do_sample": True, "top_p": 0.5, "temperature": 0.7}

@@ -170,7 +170,8 @@ def test_packed_rows_give_the_same_loss_and_gradients(tiny_model_dir, position_e
     from transformers import GenerationConfig
 
     from baichuan import BaichuanForCausalLM
-    from utils.data import PackedDataset, collate, encode_sample
+    from helpers import assert_packing_is_exact
+    from utils.data import PackedDataset, encode_sample
     from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -189,18 +190,7 @@ def test_packed_rows_give_the_same_loss_and_gradients(tiny_model_dir, position_e
     model = BaichuanForCausalLM.from_pretrained(tiny_model_dir)
     if position_embedding == "alibi":
         model.config.position_embedding = "alibi"  # same weights, 13B-style positions
-
-    def loss_and_grads(batch):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain_loss, plain_grads = loss_and_grads(collate(examples, tokenizer.pad_token_id))
-    packed_loss, packed_grads = loss_and_grads(collate(packed, tokenizer.pad_token_id))
-    torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
+    assert_packing_is_exact(model, examples, packed, tokenizer.pad_token_id)
 
 
 def test_length_grouped_batches_are_reproducible_and_disjoint():

@@ -6,6 +6,7 @@ Nothing here depends on what the random model says: only that a non-empty reply 
 many messages there are, and what reaches `model.generate`.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -20,10 +21,10 @@ import pytest  # noqa: E402
 
 import web_demo  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
-from helpers import RecordingModel, serve, wait_for  # noqa: E402
+from helpers import RecordingModel, card_png, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
-from utils.prompts import Role  # noqa: E402
+from utils.prompts import Role, load_prompts  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -484,22 +485,70 @@ def test_page_offers_exactly_the_trained_roles_and_greets(browser, loaded):
     model = RecordingModel(loaded[0])
     roles = {"嫦娥": Role("嫦娥", "你是嫦娥，住在月宫。", "广寒宫里好冷清，你来陪我说说话吗？"),
              "后羿": Role("后羿", "你是后羿，射日的英雄。")}
-    chat = make_chat(model, loaded[1], roles)
-    demo = web_demo.build_demo(chat, "嫦娥", Sampling(6, 0.8, 0))
+    with page_of_roles(browser, model, loaded[1], roles) as page:
+        assert radio_values(page) == ["嫦娥", "后羿"]
+        assert bot_texts(page) == ["广寒宫里好冷清，你来陪我说说话吗？"]
+        send(page, "我来了")
+        wait_for_reply(page, 2)
+        prompt = last_prompt(model, loaded[1])
+        assert prompt.startswith("你是嫦娥，住在月宫。") and "广寒宫里好冷清" in prompt
+        page.get_by_role("radio", name="后羿").check()
+        wait_for_bots(page, 0)
+
+
+@contextlib.contextmanager
+def page_of_roles(browser, model, tokenizer, roles):
+    """The page for `roles` (the first one selected), served and open in the browser."""
+    chat = make_chat(model, tokenizer, roles)
+    demo = web_demo.build_demo(chat, next(iter(roles)), Sampling(6, 0.8, 0))
     with serve(web_demo.build_app(demo, chat)) as url:
         page = open_page(browser, url)
         try:
-            radios = page.locator("#role input[type=radio]")
-            assert [radios.nth(i).get_attribute("value") for i in range(radios.count())] == ["嫦娥", "后羿"]
-            assert bot_texts(page) == ["广寒宫里好冷清，你来陪我说说话吗？"]
-            send(page, "我来了")
-            wait_for_reply(page, 2)
-            prompt = last_prompt(model, loaded[1])
-            assert prompt.startswith("你是嫦娥，住在月宫。") and "广寒宫里好冷清" in prompt
-            page.get_by_role("radio", name="后羿").check()
-            wait_for_bots(page, 0)
+            yield page
         finally:
             page.close()
+
+
+def radio_values(page) -> list[str]:
+    radios = page.locator("#role input[type=radio]")
+    return [radios.nth(i).get_attribute("value") for i in range(radios.count())]
+
+
+def test_page_plays_character_cards_and_keeps_the_greeting_as_the_first_turn(browser, loaded, tiny_model_dir,
+                                                                            tmp_path):
+    """A folder of cards as --roles_file: each character is in the radio, its greeting opens the
+    chat, and over two turns the greeting stays in the prompt as the first assistant turn."""
+    model, tokenizer = RecordingModel(loaded[0]), loaded[1]
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    card_png(cards / "1-xiu.png", {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+        "name": "阿绣", "description": "{{char}}是江南绣坊的绣娘。", "first_mes": "客官请进，{{user}}想绣点什么？"}})
+    (cards / "2-fisher.json").write_text('{"name": "老渔夫", "description": "江边打了一辈子鱼。", '
+                                         '"first_mes": "今天的鱼可肥了。", "personality": "", "scenario": "", '
+                                         '"mes_example": ""}', encoding="utf-8")
+    prompts = load_prompts(str(tiny_model_dir), None, str(cards))
+    with page_of_roles(browser, model, tokenizer, prompts.roles) as page:
+        assert radio_values(page) == ["阿绣", "老渔夫"]
+        assert bot_texts(page) == ["客官请进，你想绣点什么？"]
+        send(page, "绣一朵荷花")
+        wait_for_reply(page, 2)
+        send(page, "要绣多久？")
+        wait_for_reply(page, 3)
+        assert bot_texts(page)[0] == "客官请进，你想绣点什么？"
+        assert page.locator("#chatbot [data-testid=user]").all_inner_texts() == ["绣一朵荷花", "要绣多久？"]
+        ids = model.calls[-1]["inputs"][0].tolist()
+        config = model.generation_config
+
+        def encode(text):
+            return tokenizer.encode(text, add_special_tokens=False)
+
+        opening = (encode(prompts.roles["阿绣"].system) + [config.assistant_token_id] + encode("客官请进，你想绣点什么？")
+                   + [config.user_token_id] + encode("绣一朵荷花") + [config.assistant_token_id])
+        question = [config.user_token_id] + encode("要绣多久？") + [config.assistant_token_id]
+        assert ids[: len(opening)] == opening and ids[-len(question):] == question
+        page.get_by_role("radio", name="老渔夫").check()
+        page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                               " return b.length === 1 && b[0].innerText.includes('今天的鱼可肥了'); }")
 
 
 # ---------------------------------------------------------------- command line

@@ -1,8 +1,9 @@
 """Code the scripts share, one module per concern (no script imports another script):
 
     utils.prompts    the prompt contract: system template, roles, and the record every checkpoint carries
+    utils.cards      character cards (SillyTavern / TavernAI, JSON or PNG) as roles and training dialogues
     utils.rolebench  reading RoleBench-format files (data_helper.py and evaluate.py)
-    utils.data       training samples: reading, encoding, packing, batching
+    utils.data       training samples and conversations: reading, encoding, packing, batching
     utils.training   distributed set-up, the DeepSpeed config, checkpoints, evaluation, the memory estimate
     utils.signals    clean stops of a training run on SIGINT/SIGTERM, and the stall points of its tests
     utils.chat       the chat core of the front ends: loading a model, settings, streaming with a stop event

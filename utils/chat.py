@@ -28,8 +28,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N")
     group.add_argument("--trust_remote_code", action="store_true",
                        help="let transformers run code shipped in the model directory (off unless asked)")
-    group.add_argument("--roles_file", help="JSON object role name -> description, to play other roles than the "
-                                            "model's own (default: the roles recorded in the model)")
+    group.add_argument("--roles_file", help="JSON object role name -> description, a character card (.json or .png) "
+                                            "or a folder of cards, to play other roles than the model's own "
+                                            "(default: the roles recorded in the model)")
+    group.add_argument("--card_system_prompt", action="store_true",
+                       help="with cards in --roles_file: use a card's own system_prompt instead of the built one")
     group.add_argument("--quantization_bit", type=int, choices=(4, 8),
                        help="load the model's linear layers in 4 bits (NF4, double quantisation) or 8 bits "
                             "(bitsandbytes int8) to save memory; an --adapter stays unquantised on top "
@@ -90,6 +93,8 @@ def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
         if kept and total > budget:
             break
         kept.insert(0, message)
+    # cut inside the conversation: start on a whole round. Uncut, a leading assistant turn (a
+    # role's greeting) stays, as the first turn of the chat.
     while len(kept) < len(messages) and len(kept) > 1 and kept[0]["role"] != "user":
         kept.pop(0)
     return kept

@@ -1,8 +1,18 @@
-"""Training samples: reading data_helper.py's rows, laying them out as Baichuan2-Chat token ids,
-packing rows that share a system prompt, and batching them by length.
+"""Training samples: reading rows of single-turn samples and of conversations, laying them out
+as Baichuan2-Chat token ids, packing rows that share a system prompt, and batching them by length.
 
-Layout of a sample (utils.prompts.LAYOUT): system + <user> + question + <assistant> + reply + eos.
-Only the reply and its eos are trained on; everything else is labelled -100.
+A row of a jsonl file is one of three shapes, and one file may mix them:
+    {"instruction": system prompt, "input": question, "output": reply}       (data_helper.py's)
+    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (OpenAI)
+    {"conversations": [{"from": "human"|"gpt", "value": ...}, ...], "system": ...}  (ShareGPT)
+plus, optionally, "role" (the character's name) and "greeting" (its first_mes), which the
+checkpoints record. A system message may only come first.
+
+Layout (utils.prompts.LAYOUT), as Baichuan2's own fine-tune script labels it: system, then
+<user> + message and <assistant> + reply per turn, then eos. Every reply is trained on, and so is
+its end: the eos after the last reply, and for a reply in the history eos as the label of the
+<user> token that follows it (the input there stays <user>, so the history carries no eos, as
+build_chat_input lays it out). Everything else is labelled -100.
 """
 
 from array import array
@@ -12,13 +22,74 @@ import torch
 from utils import UserError, read_jsonl
 from utils.prompts import Role
 
+# ShareGPT's "from" values, and the OpenAI roles they stand for
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _turns(items, field: str, speaker_key: str, text_key: str, names: dict) -> list[dict]:
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"field {field!r} must be a non-empty list")
+    messages = []
+    for i, item in enumerate(items):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object")
+        speaker, text = item.get(speaker_key), item.get(text_key)
+        if speaker not in names:
+            tools = " (tool calls are not trained on)" if speaker in ("tool", "function", "function_call", "observation") else ""
+            raise ValueError(f"{where}.{speaker_key} must be one of {', '.join(names)}, got {speaker!r}{tools}")
+        if not isinstance(text, str):
+            raise ValueError(f"{where}.{text_key} must be a string")
+        role = names[speaker]
+        if role == "system" and i:
+            raise ValueError(f"{where}: a system message may only come first")
+        if role != "system" and not text.strip():
+            raise ValueError(f"{where}.{text_key} is empty")
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def row_messages(row) -> list[dict]:
+    """The conversation of a row of any of the three shapes, checked: an optional system message,
+    then user and assistant messages. A problem is a ValueError naming the field."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for field in ("role", "greeting"):
+        if row.get(field) is not None and not isinstance(row[field], str):
+            raise ValueError(f"field {field!r} must be a string")
+    if "messages" in row:
+        messages = _turns(row["messages"], "messages", "role", "content", {r: r for r in ("system", "user", "assistant")})
+    elif "conversations" in row:
+        messages = _turns(row["conversations"], "conversations", "from", "value", SPEAKERS)
+        system = row.get("system")
+        if system is not None:
+            if not isinstance(system, str):
+                raise ValueError("field 'system' must be a string")
+            if messages[0]["role"] == "system":
+                raise ValueError("a system prompt both in field 'system' and in conversations[0]")
+            messages.insert(0, {"role": "system", "content": system})
+    else:
+        for field in ("instruction", "input", "output"):
+            if not isinstance(row.get(field), str):
+                raise ValueError(f"field {field!r} is missing or not a string (nor is there 'messages' or "
+                                 f"'conversations')")
+        messages = [{"role": "system", "content": row["instruction"]}, {"role": "user", "content": row["input"]},
+                    {"role": "assistant", "content": row["output"]}]
+    return [m for m in messages if m["role"] != "system" or m["content"]]
+
+
+def system_of(messages: list[dict]) -> str:
+    return messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+
+
 def read_samples(path: str) -> list[dict]:
-    """Rows of data_helper.py's jsonl output; a bad row is a UserError naming file and line."""
+    """Rows of a jsonl file of samples and conversations; a bad row is a UserError naming file and line."""
     rows = []
     for line_no, row in read_jsonl(path):
-        for field in ("instruction", "input", "output"):
-            if not isinstance(row.get(field) if isinstance(row, dict) else None, str):
-                raise UserError(f"{path}:{line_no}: field {field!r} is missing or not a string")
+        try:
+            row_messages(row)
+        except ValueError as error:
+            raise UserError(f"{path}:{line_no}: {error}") from None
         rows.append(row)
     if not rows:
         raise UserError(f"{path}: no sample in the file")
@@ -32,53 +103,116 @@ def roles_of(rows: list[dict]) -> dict[str, Role]:
     for row in rows:
         name = row.get("role")
         if isinstance(name, str) and name and name not in roles:
-            roles[name] = Role(name, row["instruction"], row.get("greeting"))
+            roles[name] = Role(name, system_of(row_messages(row)), row.get("greeting"))
     return roles
 
 
-def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len: int, max_src_len: int):
-    """input_ids and labels of one sample, and whether anything was cut.
+def _rounds(tokenizer, turns: list[dict], max_src_len: int) -> tuple[list[list[list]], bool]:
+    """Token ids of each round ([speaker, ids] per message; a round starts at a user message, or
+    is a first round that starts with the assistant's), and whether a message was cut to max_src_len."""
+    rounds, cut = [], False
+    for message in turns:
+        ids = tokenizer.encode(message["content"], add_special_tokens=False)
+        if message["role"] == "user":
+            cut = cut or len(ids) > max_src_len
+            rounds.append([["user", ids[:max_src_len]]])
+        elif rounds:
+            rounds[-1].append(["assistant", ids])
+        else:
+            rounds.append([["assistant", ids]])
+    return rounds, cut
 
-    Layout: system + <user> + question + <assistant> + reply + eos. Only the reply and eos are
-    trained on; everything else is labelled -100.
+
+def encode_conversation(tokenizer, messages: list[dict], user_id: int, assistant_id: int, max_len: int,
+                        max_src_len: int):
+    """input_ids and labels of one conversation (module docstring), and whether anything was cut;
+    (None, None, cut) when nothing can be trained on: no reply, or a prompt that fills max_len.
+
+    Messages after the last reply are left out. The system prompt is always kept, and of the
+    rounds the newest whole ones that fit in max_len with it; a user message is cut to its first
+    max_src_len tokens, and when the newest round alone is too long its last reply is cut to fit.
+    A single-turn sample is the case of one round.
     """
-    system = tokenizer.encode(row["instruction"], add_special_tokens=False)
-    question = tokenizer.encode(row["input"], add_special_tokens=False)
-    reply = tokenizer.encode(row["output"], add_special_tokens=False)
-    truncated = len(question) > max_src_len
-    question = question[:max_src_len]
-    prompt = system + [user_id] + question + [assistant_id]
-    room = max_len - len(prompt) - 1  # one place for eos
-    if room < 1:
-        return None, None, True
-    truncated = truncated or len(reply) > room
-    reply = reply[:room] + [tokenizer.eos_token_id]
-    return prompt + reply, [-100] * len(prompt) + reply, truncated
+    system = system_of(messages)
+    turns = messages[1:] if system else messages
+    replies = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
+    if not replies:
+        return None, None, False
+    rounds, cut = _rounds(tokenizer, turns[: replies[-1] + 1], max_src_len)
+    system_ids = tokenizer.encode(system, add_special_tokens=False) if system else []
+    budget = max_len - len(system_ids) - 1  # one place for the final eos
+    kept, used = [], 0
+    for round_ids in reversed(rounds):
+        size = sum(1 + len(ids) for _, ids in round_ids)
+        if kept and used + size > budget:
+            cut = True
+            break
+        kept.insert(0, round_ids)
+        used += size
+    if used > budget:  # the newest round alone: cut its last reply
+        last = kept[-1][-1]
+        room = len(last[1]) - (used - budget)
+        if room < 1:
+            return None, None, True
+        last[1], cut = last[1][:room], True
+    eos = tokenizer.eos_token_id
+    input_ids, labels, previous = list(system_ids), [-100] * len(system_ids), None
+    for speaker, ids in (message for round_ids in kept for message in round_ids):
+        if speaker == "user":
+            input_ids += [user_id] + ids
+            labels += [eos if previous == "assistant" else -100] + [-100] * len(ids)
+        else:
+            input_ids += [assistant_id] + ids
+            labels += [-100] + ids
+        previous = speaker
+    return input_ids + [eos], labels + [eos], cut
+
+
+def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len: int, max_src_len: int):
+    """input_ids, labels and whether anything was cut, of a row of any shape (encode_conversation)."""
+    return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
 
 class RolePlayDataset(torch.utils.data.Dataset):
-    """Tokenised samples, and the roles they play (`roles`). With `skip_truncated`, samples that
-    did not fit are dropped; samples whose prompt alone fills max_len are always dropped."""
+    """Tokenised samples of one or more files, and the roles they play (`roles`). With
+    `skip_truncated`, samples that did not fit are dropped; samples whose prompt alone fills max_len
+    (`too_long`) and conversations without a reply (`no_reply`) are always dropped."""
 
-    def __init__(self, path, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False):
-        self.examples, self.dropped, self.truncated = [], 0, 0
+    def __init__(self, paths, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        self.examples, self.truncated, self.too_long, self.no_reply, self.conversations = [], 0, 0, 0, 0
         system_len = {}  # system prompt -> its token count; a role's samples share one prompt
-        rows = read_samples(path)
+        rows = [row for path in paths for row in read_samples(path)]
         self.roles = roles_of(rows)
         for row in rows:
-            input_ids, labels, truncated = encode_sample(tokenizer, row, user_id, assistant_id, max_len, max_src_len)
+            messages = row_messages(row)
+            input_ids, labels, truncated = encode_conversation(tokenizer, messages, user_id, assistant_id, max_len,
+                                                               max_src_len)
+            if input_ids is None and not truncated:
+                self.no_reply += 1
+                continue
             if input_ids is None or (truncated and skip_truncated):
-                self.dropped += 1
+                self.too_long += 1
                 continue
             self.truncated += truncated
-            if row["instruction"] not in system_len:
-                system_len[row["instruction"]] = len(tokenizer.encode(row["instruction"], add_special_tokens=False))
+            self.conversations += sum(m["role"] == "assistant" for m in messages) > 1
+            system = system_of(messages)
+            if system not in system_len:
+                system_len[system] = len(tokenizer.encode(system, add_special_tokens=False)) if system else 0
             # int32 arrays take 4 bytes a token where a list takes 8 and an int object 28 or more:
             # about 12 MiB instead of 80 for RoleBench's 8,020 samples, in every rank
-            prefix_len = system_len[row["instruction"]]
-            self.examples.append({"input_ids": array("i", input_ids), "labels": array("i", labels), "prefix_len": prefix_len})
+            self.examples.append({"input_ids": array("i", input_ids), "labels": array("i", labels),
+                                  "prefix_len": system_len[system]})
         if not self.examples:
-            raise UserError(f"{path}: no sample left after filtering ({self.dropped} dropped as too long)")
+            raise UserError(f"{', '.join(paths)}: no sample left after filtering ({self.summary()})")
+
+    @property
+    def dropped(self) -> int:
+        return self.too_long + self.no_reply
+
+    def summary(self) -> str:
+        return (f"{self.conversations} of several turns; {self.truncated} cut to fit, {self.dropped} dropped: "
+                f"{self.too_long} too long, {self.no_reply} without a reply")
 
     def __len__(self):
         return len(self.examples)

@@ -1,9 +1,11 @@
 """The prompt contract: how a role becomes a system prompt, and the record a model carries of it.
 
 A role is a name and a description (a roles file: a JSON object name -> description, as
-data/roles.json and RoleBench's profiles-zh_desc.json). `build_system_prompt` puts them into
-SYSTEM_TEMPLATE (or the template given to data_helper.py), and every training sample of the role
-starts with that exact text.
+data/roles.json and RoleBench's profiles-zh_desc.json; or a character card, utils.cards, whose
+description, personality and scenario make the description). `build_system_prompt` puts them
+into SYSTEM_TEMPLATE (or the template given to data_helper.py), and every training sample of the
+role starts with that exact text. A role may have a greeting (a card's first_mes): the first
+assistant turn of every chat with it.
 
 What a model was trained on travels with it. `train.py` writes `roleplay.json` into every
 checkpoint and `merge_params.py` copies it into the merged directory:
@@ -34,7 +36,8 @@ SYSTEM_TEMPLATE = (
 )
 LAYOUT = (
     "system + (<user> + message + <assistant> + reply) per round; history rounds carry no eos, the reply "
-    "being written ends with eos; training labels each reply and the eos after the last one"
+    "being written ends with eos; training labels each reply and its end: the eos after the last reply, "
+    "and eos as the label of the <user> token after each earlier one"
 )
 RECORD_FILE = "roleplay.json"
 PROMPTS_FILE = "prompts.json"  # data_helper.py's side file of the template and roles of its samples
@@ -48,6 +51,10 @@ class Role:
     name: str
     system: str
     greeting: str | None = None
+
+    def opening(self) -> list[dict]:
+        """The chat this role starts with: its greeting as the first assistant turn, if it has one."""
+        return [{"role": "assistant", "content": self.greeting}] if self.greeting else []
 
 
 def check_template(template: str) -> str | None:
@@ -67,7 +74,10 @@ def build_system_prompt(role: str, description: str, template: str = SYSTEM_TEMP
 
 def load_roles(path: str) -> dict[str, str]:
     """A roles file: a JSON object role name -> description. A bad file is a UserError naming it."""
-    roles = read_json(path, "roles file")
+    return check_roles(read_json(path, "roles file"), path)
+
+
+def check_roles(roles, path: str) -> dict[str, str]:
     if not isinstance(roles, dict) or not roles:
         raise UserError(f"{path}: expected a non-empty JSON object of role name -> description")
     for name, description in roles.items():
@@ -78,9 +88,16 @@ def load_roles(path: str) -> dict[str, str]:
     return roles
 
 
-def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE) -> dict[str, Role]:
+def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False) -> dict[str, Role]:
+    """The roles of a roles file, of a character card (JSON or PNG, utils.cards) or of a folder of
+    cards; a card's own system_prompt is used with `card_system_prompt`."""
+    from utils import cards  # it builds on this module
+
+    found, roles_file = cards.read_roles_source(path)
+    if found:
+        return {card.name: cards.card_role(card, template, card_system_prompt) for card in found}
     return {name: Role(name, build_system_prompt(name, description, template))
-            for name, description in load_roles(path).items()}
+            for name, description in check_roles(roles_file, path).items()}
 
 
 # ---------------------------------------------------------------- the record a model carries
@@ -130,9 +147,11 @@ class Prompts:
     source: str  # where they came from, for messages
 
 
-def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None) -> Prompts:
-    """The roles to serve a model with: `roles_file` when given (its prompts built with the model's
-    own template), else the model's record (the adapter's first), else data/roles.json with a note."""
+def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None,
+                 card_system_prompt: bool = False) -> Prompts:
+    """The roles to serve a model with: `roles_file` (a roles file, a card or a folder of cards) when
+    given, its prompts built with the model's own template; else the model's record (the adapter's
+    first), else data/roles.json with a note."""
     record, where = None, None
     for directory in (adapter_path, model_path):
         if directory and os.path.isdir(directory):
@@ -142,7 +161,7 @@ def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: s
                 break
     template = record["system_template"] if record and record.get("system_template") else SYSTEM_TEMPLATE
     if roles_file is not None:
-        return Prompts(roles_from_file(roles_file, template), template, roles_file)
+        return Prompts(roles_from_file(roles_file, template, card_system_prompt), template, roles_file)
     if record is not None:
         return Prompts(record_roles(record), template, where)
     print(f"note: {adapter_path or model_path} carries no {RECORD_FILE} (a base model, or one trained before "

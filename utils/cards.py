@@ -1,0 +1,348 @@
+"""Character cards (TavernAI / SillyTavern Character Card V1, V2 and V3) as roles.
+
+A card is JSON: V1 has `name`, `description`, `personality`, `scenario`, `first_mes` and
+`mes_example` at the top level; V2 (`"spec": "chara_card_v2"`) and V3 (`"chara_card_v3"`) have
+them, and more, in a `data` object. Cards mostly travel as a PNG image whose text chunk `chara`
+(V1/V2) or `ccv3` (V3) holds that JSON in base64; when both are there, `ccv3` is read, as the V3
+spec asks.
+
+How a card becomes a role (`card_role`, `card_dialogues`):
+    name, description, personality, scenario -> the role's description in the project's template
+        (utils.prompts.build_system_prompt), as "description\\n性格：personality\\n场景：scenario"
+    system_prompt  -> the system prompt instead, only when asked (`card_system_prompt`); its
+        {{original}} stands for the prompt the template builds, as in the V2 spec
+    first_mes      -> the greeting: the chat's first assistant turn
+    mes_example    -> training dialogues, one per `<START>` block; lines `{{user}}: ...` are the
+        user's turns and `{{char}}: ...` the character's (a line without a speaker continues the turn)
+{{char}} and {{user}} (and the old <BOT>/<USER>) become the name and `user_name` everywhere.
+Not used yet, with a one-line note: the lorebook (character_book), post_history_instructions
+(Baichuan2's layout has no place after the history) and alternate_greetings.
+
+A card is untrusted input. Every problem (too big, not a card, bad base64 or JSON, no name, a
+truncated or damaged PNG, a compressed chunk that inflates past its bound, an image past Pillow's
+decompression-bomb size) is a one-line UserError naming the file, raised before anything is written.
+"""
+
+import base64
+import binascii
+import json
+import os
+import re
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+
+from utils import UserError
+from utils.prompts import SYSTEM_TEMPLATE, Role, build_system_prompt
+
+MAX_CARD_BYTES = 20 * 2**20  # checked before a file is read
+MAX_TEXT_BYTES = 8 * 2**20  # a compressed text chunk may inflate to this much
+# Pillow's DecompressionBombError size (2 x Image.MAX_IMAGE_PIXELS): the pixels are never decoded
+# here, but a card's avatar is an image that other tools will open
+MAX_PIXELS = 2 * 89_478_485
+USER_NAME = "你"  # what {{user}} becomes: the person chatting, addressed in the second person
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CARD_CHUNKS = ("ccv3", "chara")  # the keywords of the text chunks that hold a card, preferred first
+CARD_SPECS = ("chara_card_v2", "chara_card_v3")
+TEXT_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example", "system_prompt",
+               "post_history_instructions")
+CARD_SUFFIXES = (".json", ".png")
+_MACROS = re.compile(r"\{\{(char|user)\}\}|<(BOT|USER)>", re.IGNORECASE)
+_START = re.compile(r"<START>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Card:
+    path: str
+    name: str
+    description: str = ""
+    personality: str = ""
+    scenario: str = ""
+    first_mes: str = ""
+    mes_example: str = ""
+    system_prompt: str = ""
+    post_history_instructions: str = ""
+    alternate_greetings: int = 0
+    book_entries: int | None = None  # None: no lorebook
+
+    def unused(self) -> list[str]:
+        """The parts of the card that are not used yet, in words."""
+        parts = []
+        if self.book_entries is not None:
+            parts.append(f"the lorebook (character_book, {self.book_entries} entries)")
+        if self.post_history_instructions.strip():
+            parts.append("post_history_instructions")
+        if self.alternate_greetings:
+            parts.append(f"alternate_greetings ({self.alternate_greetings})")
+        return parts
+
+
+# ---------------------------------------------------------------- reading
+
+
+def is_card(value) -> bool:
+    """Whether a JSON value is a character card (rather than a roles file: name -> description)."""
+    if not isinstance(value, dict):
+        return False
+    return value.get("spec") in CARD_SPECS or ("name" in value and "first_mes" in value)
+
+
+def _read_bytes(path: str, what: str) -> bytes:
+    """A file's bytes, its size checked before it is read."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: {what} {'is a directory' if os.path.isdir(path) else 'not found'}")
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_CARD_BYTES:
+            raise UserError(f"{path}: {size:,} bytes, more than the {MAX_CARD_BYTES:,} a {what} may have")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CARD_BYTES + 1)
+    except OSError as error:
+        raise UserError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    if len(data) > MAX_CARD_BYTES:  # it grew after the check
+        raise UserError(f"{path}: more than the {MAX_CARD_BYTES:,} bytes a {what} may have")
+    return data
+
+
+def _parse_json(data: bytes, path: str, where: str = ""):
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: {where}not valid UTF-8 (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        line = "" if where else f":{error.lineno}"
+        raise UserError(f"{path}{line}: {where}not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: {where}JSON nested too deeply") from None
+
+
+def _inflate(body: bytes, path: str, keyword: str) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(body, MAX_TEXT_BYTES + 1)
+    except zlib.error:
+        raise UserError(f"{path}: the compressed {keyword!r} chunk is not valid zlib data") from None
+    if len(text) > MAX_TEXT_BYTES:
+        raise UserError(f"{path}: the {keyword!r} chunk inflates past {MAX_TEXT_BYTES:,} bytes "
+                        f"(a decompression bomb), refused")
+    if not inflater.eof:
+        raise UserError(f"{path}: the compressed {keyword!r} chunk is cut short")
+    return text
+
+
+def _text_chunk(kind: bytes, body: bytes, path: str) -> tuple[str, str | None]:
+    """(keyword, text) of a tEXt/zTXt/iTXt chunk; text is None for keywords other than a card's,
+    which are never inflated."""
+    keyword, _, rest = body.partition(b"\0")
+    keyword = keyword.decode("latin-1")
+    if keyword not in CARD_CHUNKS:
+        return keyword, None
+    if kind == b"tEXt":
+        return keyword, rest.decode("latin-1")
+    if kind == b"zTXt":  # compression method byte, then zlib data
+        return keyword, _inflate(rest[1:], path, keyword).decode("latin-1")
+    compressed, rest = rest[:1] == b"\1", rest[2:]  # iTXt: flag, method, language\0, translated\0, text
+    _language, _, rest = rest.partition(b"\0")
+    _translated, _, text = rest.partition(b"\0")
+    text = _inflate(text, path, keyword) if compressed else text
+    try:
+        return keyword, text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the {keyword!r} chunk is not valid UTF-8") from None
+
+
+def png_card_texts(data: bytes, path: str) -> dict[str, str]:
+    """The card chunks of a PNG file (keyword -> text), checked chunk by chunk up to IEND.
+
+    Written by hand rather than with Pillow: Pillow reads the text chunks that follow the image
+    data (where SillyTavern writes the card) only by decoding every pixel first, and a card needs
+    none of them. Only a card's own chunks are inflated, each within MAX_TEXT_BYTES.
+    """
+    texts, pos = {}, len(PNG_SIGNATURE)
+    while True:
+        if pos + 8 > len(data):
+            raise UserError(f"{path}: truncated PNG (the file ends before its IEND chunk)")
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise UserError(f"{path}: truncated PNG (chunk {kind.decode('latin-1')!r} runs past the end of the file)")
+        body = data[pos + 8 : end - 4]
+        if zlib.crc32(kind + body) != int.from_bytes(data[end - 4 : end], "big"):
+            raise UserError(f"{path}: damaged PNG (chunk {kind.decode('latin-1')!r} fails its CRC check)")
+        if kind == b"IHDR" and length >= 8:
+            width, height = struct.unpack(">II", body[:8])
+            if width * height > MAX_PIXELS:
+                raise UserError(f"{path}: a PNG of {width} x {height} pixels (more than {MAX_PIXELS:,}) is "
+                                f"a decompression bomb, refused")
+        elif kind in (b"tEXt", b"zTXt", b"iTXt"):
+            keyword, text = _text_chunk(kind, body, path)
+            if text is not None:
+                texts.setdefault(keyword, text)
+        elif kind == b"IEND":
+            return texts
+        pos = end
+
+
+def _png_card(data: bytes, path: str):
+    texts = png_card_texts(data, path)
+    keyword = next((k for k in CARD_CHUNKS if k in texts), None)
+    if keyword is None:
+        raise UserError(f"{path}: a PNG without a character card (no 'chara' or 'ccv3' text chunk)")
+    try:
+        raw = base64.b64decode("".join(texts[keyword].split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"{path}: the {keyword!r} chunk is not valid base64") from None
+    return _parse_json(raw, path, f"the {keyword!r} chunk is ")
+
+
+def _text(fields: dict, key: str, path: str, prefix: str) -> str:
+    value = fields.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise UserError(f"{path}: field {prefix}{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_card(value, path: str) -> Card:
+    """A checked Card from the JSON value of a V1, V2 or V3 card."""
+    if not is_card(value):
+        raise UserError(f"{path}: not a character card (no spec chara_card_v2/v3, nor V1's name and first_mes)")
+    fields, prefix = value, ""
+    if value.get("spec") in CARD_SPECS:
+        fields, prefix = value.get("data"), "data."
+        if not isinstance(fields, dict):
+            raise UserError(f"{path}: a {value['spec']} card needs a 'data' object")
+    texts = {key: _text(fields, key, path, prefix) for key in TEXT_FIELDS}
+    texts["name"] = texts["name"].strip()
+    if not texts["name"]:
+        raise UserError(f"{path}: the character card has no name (field {prefix}name)")
+    greetings = fields.get("alternate_greetings") or []
+    if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
+        raise UserError(f"{path}: field {prefix}alternate_greetings must be a list of strings")
+    book, entries = fields.get("character_book"), None
+    if book is not None:
+        entries = book.get("entries") if isinstance(book, dict) else None
+        if not isinstance(entries, list):
+            raise UserError(f"{path}: field {prefix}character_book must be an object with a list of entries")
+        entries = len(entries)
+    return Card(path=path, alternate_greetings=len(greetings), book_entries=entries, **texts)
+
+
+def read_card(path: str) -> Card:
+    """One card file: a PNG (by its signature, whatever its name) or JSON."""
+    data = _read_bytes(path, "character card")
+    value = _png_card(data, path) if data.startswith(PNG_SIGNATURE) else _parse_json(data, path)
+    return parse_card(value, path)
+
+
+def card_files(folder: str) -> list[str]:
+    """The .json and .png files of a folder (not its subfolders), by name; hidden files are left out."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as error:
+        raise UserError(f"{folder}: cannot list the folder ({error.strerror})") from None
+    paths = [os.path.join(folder, n) for n in names if n.lower().endswith(CARD_SUFFIXES) and not n.startswith(".")]
+    if not paths:
+        raise UserError(f"{folder}: a folder without character cards (no .json or .png file)")
+    return paths
+
+
+def _noted(card: Card) -> Card:
+    if card.unused():
+        print(f"note: {card.path}: not used yet: {', '.join(card.unused())}", file=sys.stderr)
+    return card
+
+
+def read_cards(paths: list[str], on_error=None) -> list[Card]:
+    """The cards of files and folders, each character once; a card's unused parts get a note. A
+    bad card is a UserError, or with `on_error` handed to it as that message and left out, so that
+    every bad card can be reported at once."""
+    cards, seen = [], {}
+    for path in paths:
+        try:
+            files = card_files(path) if os.path.isdir(path) else [path]
+        except UserError as error:
+            if on_error is None:
+                raise
+            on_error(str(error))
+            continue
+        for file in files:
+            try:
+                card = read_card(file)
+                if card.name in seen:
+                    raise UserError(f"{file}: the character {card.name!r} is already given by {seen[card.name]}")
+            except UserError as error:
+                if on_error is None:
+                    raise
+                on_error(str(error))
+                continue
+            seen[card.name] = file
+            cards.append(_noted(card))
+    return cards
+
+
+def read_roles_source(path: str) -> tuple[list[Card], object]:
+    """What a --roles_file names: (the cards, None) for a card file or a folder of cards, or
+    ([], the JSON value) for a roles file, which utils.prompts checks."""
+    if os.path.isdir(path):
+        return read_cards([path]), None
+    data = _read_bytes(path, "roles file")
+    if data.startswith(PNG_SIGNATURE):
+        return [_noted(parse_card(_png_card(data, path), path))], None
+    value = _parse_json(data, path)
+    return ([_noted(parse_card(value, path))], None) if is_card(value) else ([], value)
+
+
+# ---------------------------------------------------------------- cards as roles
+
+
+def substitute(text: str, name: str, user_name: str = USER_NAME) -> str:
+    """{{char}}/<BOT> -> the character's name, {{user}}/<USER> -> the user's, in any letter case."""
+    return _MACROS.sub(lambda m: name if (m[1] or m[2]).lower() in ("char", "bot") else user_name, text).strip()
+
+
+def card_description(card: Card, user_name: str = USER_NAME) -> str:
+    """What the template's {description} is for a card: its description, personality and scenario."""
+    parts = [substitute(card.description, card.name, user_name)]
+    for label, text in (("性格", card.personality), ("场景", card.scenario)):
+        if text.strip():
+            parts.append(f"{label}：{substitute(text, card.name, user_name)}")
+    return "\n".join(part for part in parts if part)
+
+
+def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False,
+              user_name: str = USER_NAME) -> Role:
+    """The role a card plays: its system prompt (see the module docstring) and greeting."""
+    description = card_description(card, user_name)
+    built = build_system_prompt(card.name, description, template) if description else ""
+    system = built
+    if card_system_prompt and card.system_prompt.strip():
+        system = substitute(card.system_prompt.replace("{{original}}", built), card.name, user_name)
+    if not system:
+        raise UserError(f"{card.path}: the card has no description, personality or scenario to build "
+                        f"{card.name}'s system prompt from")
+    return Role(card.name, system, substitute(card.first_mes, card.name, user_name) or None)
+
+
+def card_dialogues(card: Card, user_name: str = USER_NAME) -> list[list[dict]]:
+    """The card's example dialogues (mes_example) as lists of user and assistant messages; a block
+    without a line of the character's is left out."""
+    names = {"{{char}}": "assistant", "<bot>": "assistant", card.name.lower(): "assistant",
+             "{{user}}": "user", "<user>": "user", user_name.lower(): "user"}
+    speaker = re.compile(r"^\s*(" + "|".join(map(re.escape, names)) + r")\s*[:：]\s?(.*)$", re.IGNORECASE)
+    dialogues = []
+    for block in _START.split(card.mes_example):
+        turns = []
+        for line in block.splitlines():
+            match = speaker.match(line)
+            if match:
+                turns.append([names[match[1].lower()], match[2]])
+            elif turns:  # a line without a speaker continues the turn
+                turns[-1][1] += "\n" + line
+        messages = [{"role": role, "content": substitute(text, card.name, user_name)} for role, text in turns]
+        messages = [m for m in messages if m["content"]]
+        if any(m["role"] == "assistant" for m in messages):
+            dialogues.append(messages)
+    return dialogues
