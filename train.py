@@ -204,17 +204,17 @@ def dry_run(args) -> None:
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'})")
 
 
-def load_data(args, tokenizer, user_id: int, assistant_id: int, rank: int, world_size: int):
-    """The training rows (packed with --packing), and this rank's share of the test set in batches
-    sorted by length, so that evaluation pads little."""
+def load_data(args, rows: dict, tokenizer, user_id: int, assistant_id: int, rank: int, world_size: int):
+    """The training samples (packed with --packing), and this rank's share of the test set in batches
+    sorted by length, so that evaluation pads little. `rows`: the rows of --train_path and --test_path."""
     from utils.data import PackedDataset, RolePlayDataset, collate
     from utils.training import print_rank_0
 
-    def load(path):
-        return RolePlayDataset(path, tokenizer, user_id, assistant_id, args.max_len, args.max_src_len,
-                               skip_truncated=args.is_skip)
+    def load(split):
+        return RolePlayDataset(rows[split], tokenizer, user_id, assistant_id, args.max_len, args.max_src_len,
+                               skip_truncated=args.is_skip, source=", ".join(getattr(args, f"{split}_path")))
 
-    train_set = load(args.train_path)
+    train_set = load("train")
     roles = train_set.roles
     print_rank_0(f"train: {len(train_set)} samples ({train_set.summary()})")
     if args.packing:
@@ -222,7 +222,7 @@ def load_data(args, tokenizer, user_id: int, assistant_id: int, rank: int, world
         print_rank_0(f"packed into {len(train_set)} rows of at most {args.max_len} tokens")
     test_batches = []
     if args.test_path:
-        test_set = load(args.test_path)
+        test_set = load("test")
         mine = sorted(range(rank, len(test_set), world_size), key=lambda i: len(test_set[i]["input_ids"]))
         size = args.per_device_eval_batch_size
         test_batches = [collate([test_set[i] for i in mine[j : j + size]], tokenizer.pad_token_id)
@@ -311,6 +311,10 @@ def main():
     if args.dry_run:
         dry_run(args)
         return
+    from utils.data import read_files
+
+    # a bad line is reported now, not after the minutes of set-up below
+    rows = {"train": read_files(args.train_path), "test": read_files(args.test_path or [])}
     args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
 
     # ---- setup
@@ -340,7 +344,7 @@ def main():
     generation_config = GenerationConfig.from_pretrained(args.model_name_or_path)
     user_id, assistant_id = chat_token_ids(generation_config)
     tokenizer.chat_template = chat_template(tokenizer, generation_config)
-    train_set, roles, test_batches = load_data(args, tokenizer, user_id, assistant_id, rank, world_size)
+    train_set, roles, test_batches = load_data(args, rows, tokenizer, user_id, assistant_id, rank, world_size)
     record = prompt_record(args, roles, tokenizer, user_id, assistant_id)
     steps_per_epoch, total_steps = count_steps(args, train_set, world_size)
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}

@@ -49,7 +49,7 @@ def main():
     from baichuan.generation_utils import chat_token_ids
     from transformers import GenerationConfig
     from utils import quiet_third_party
-    from utils.data import PackedDataset, RolePlayDataset, collate, length_grouped_batches
+    from utils.data import PackedDataset, RolePlayDataset, collate, length_grouped_batches, read_files
     from utils.models import load_for_training, load_tokenizer
 
     quiet_third_party()
@@ -58,7 +58,7 @@ def main():
         model_dir, data = prepare(workdir)
         tokenizer = load_tokenizer(model_dir)
         user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(model_dir))
-        dataset = RolePlayDataset(data, tokenizer, user_id, assistant_id, cli.max_len, 256)
+        dataset = RolePlayDataset(read_files(data), tokenizer, user_id, assistant_id, cli.max_len, 256)
         dataset.examples = random.Random(0).sample(dataset.examples, min(cli.samples, len(dataset.examples)))
         args = train.parse_args(["--model_name_or_path", model_dir, "--gradient_checkpointing"])
         model = load_for_training(args, torch.device("cpu"), torch.float32)

@@ -43,7 +43,7 @@ def weights(dataset, batch: int, accumulation: int) -> tuple[list[float], list[f
 
 def main() -> None:
     from baichuan import BaichuanTokenizer
-    from utils.data import PackedDataset, RolePlayDataset
+    from utils.data import PackedDataset, RolePlayDataset, read_files
 
     tokenizer = BaichuanTokenizer(vocab_file=os.path.join(SHARED, "baichuan2", "tokenizer.model"))
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +51,7 @@ def main() -> None:
         subprocess.run([sys.executable, "data_helper.py", "--data_dir", os.path.join(SHARED, "rolebench"),
                         "--train_out", train, "--test_out", os.path.join(tmp, "test.jsonl")],
                        cwd=ROOT, check=True, capture_output=True)  # fmt: skip
-        samples = RolePlayDataset(train, tokenizer, 195, 196, max_len=512, max_src_len=256)
+        samples = RolePlayDataset(read_files(train), tokenizer, 195, 196, max_len=512, max_src_len=256)
     print(f"RoleBench-zh train: {len(samples)} samples, max_len 512\n")
     print("| setting | labelled tokens per micro-batch: min / median / max | largest / smallest micro-batch of a step: "
           "median / max | tokens weighted x0.8 or less / x1.25 or more | weight range |")

@@ -125,12 +125,12 @@ def load_dataset(model_dir, train_path, max_len, max_src_len):
     from transformers import GenerationConfig
 
     from baichuan.generation_utils import chat_token_ids
-    from utils.data import RolePlayDataset
+    from utils.data import RolePlayDataset, read_files
     from utils.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(model_dir))
-    return RolePlayDataset(train_path, tokenizer, user_id, assistant_id, max_len, max_src_len)
+    return RolePlayDataset(read_files(train_path), tokenizer, user_id, assistant_id, max_len, max_src_len)
 
 
 def padding_share(batches, lengths) -> tuple[int, int]:

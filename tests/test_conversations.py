@@ -13,7 +13,7 @@ from baichuan.generation_utils import build_chat_input, chat_template
 from conftest import REAL_TOKENIZER, requires_real_tokenizer
 from helpers import assert_packing_is_exact
 from utils import UserError
-from utils.data import (PackedDataset, RolePlayDataset, encode_conversation, encode_sample, read_samples,
+from utils.data import (PackedDataset, RolePlayDataset, encode_conversation, encode_sample, read_files, read_samples,
                         roles_of, row_messages)
 
 SYSTEM = "你现在要扮演张飞。请始终以张飞的口吻说话。"
@@ -154,7 +154,7 @@ def test_mixed_files_and_what_is_dropped_is_counted(tmp_path, tiny_model_dir, ch
          "conversations": [{"from": "human", "value": "冷吗？"}, {"from": "gpt", "value": "冷呀。"},
                            {"from": "human", "value": "想家吗？"}, {"from": "gpt", "value": "想。"}]},
     ])
-    dataset = RolePlayDataset([str(first), str(second)], tokenizer, user_id, assistant_id, 512, 64)
+    dataset = RolePlayDataset(read_files([str(first), str(second)]), tokenizer, user_id, assistant_id, 512, 64)
     assert len(dataset) == 3 and (dataset.no_reply, dataset.too_long, dataset.conversations) == (1, 0, 2)
     assert {name: (role.system, role.greeting) for name, role in dataset.roles.items()} == {
         "张飞": (SYSTEM, None), "嫦娥": ("你是嫦娥。", "广寒宫好冷清。")}

@@ -173,16 +173,21 @@ def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len
     return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
 
-class RolePlayDataset(torch.utils.data.Dataset):
-    """Tokenised samples of one or more files, and the roles they play (`roles`). With
-    `skip_truncated`, samples that did not fit are dropped; samples whose prompt alone fills max_len
-    (`too_long`) and conversations without a reply (`no_reply`) are always dropped."""
+def read_files(paths) -> list[dict]:
+    """The rows of one or more sample files, in order, each file checked as read_samples does."""
+    return [row for path in ([paths] if isinstance(paths, str) else paths) for row in read_samples(path)]
 
-    def __init__(self, paths, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False):
-        paths = [paths] if isinstance(paths, str) else list(paths)
+
+class RolePlayDataset(torch.utils.data.Dataset):
+    """Tokenised samples (rows from read_files, `source` naming their files in messages), and the
+    roles they play (`roles`). With `skip_truncated`, samples that did not fit are dropped; samples
+    whose prompt alone fills max_len (`too_long`) and conversations without a reply (`no_reply`) are
+    always dropped."""
+
+    def __init__(self, rows, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False,
+                 source="the samples"):
         self.examples, self.truncated, self.too_long, self.no_reply, self.conversations = [], 0, 0, 0, 0
         system_len = {}  # system prompt -> its token count; a role's samples share one prompt
-        rows = [row for path in paths for row in read_samples(path)]
         self.roles = roles_of(rows)
         for row in rows:
             messages = row_messages(row)
@@ -204,7 +209,7 @@ class RolePlayDataset(torch.utils.data.Dataset):
             self.examples.append({"input_ids": array("i", input_ids), "labels": array("i", labels),
                                   "prefix_len": system_len[system]})
         if not self.examples:
-            raise UserError(f"{', '.join(paths)}: no sample left after filtering ({self.summary()})")
+            raise UserError(f"{source}: no sample left after filtering ({self.summary()})")
 
     @property
     def dropped(self) -> int:
