@@ -2,6 +2,7 @@
 required, launch examples that keep their line breaks and match the README, and one line (no
 traceback) for a hub id that cannot be fetched."""
 
+import json
 import os
 import re
 import subprocess
@@ -100,14 +101,16 @@ def test_help_keeps_the_examples_line_breaks_and_they_match_the_readme(script):
 
 
 @pytest.mark.parametrize("script, args", [
-    ("train.py", ["--model_name_or_path", "baichuan-inc/Baichuan2-7B-Chat", "--train_path", "data/sample/"
-                  "rolebench-zh_general_train.jsonl", "--output_dir", "{tmp}/out"]),
+    ("train.py", ["--model_name_or_path", "baichuan-inc/Baichuan2-7B-Chat", "--train_path", "{tmp}/train.jsonl",
+                  "--output_dir", "{tmp}/out"]),
     ("predict.py", ["--model_path", "baichuan-inc/Baichuan2-7B-Chat", "你好"]),
     ("merge_params.py", ["--ori_model_dir", "baichuan-inc/Baichuan2-7B-Chat", "--model_dir", "{adapter}",
                          "--save_model_dir", "{tmp}/merged"]),
 ])
 def test_a_hub_id_that_cannot_be_fetched_is_one_line(script, args, tmp_path, tiny_adapter_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    row = {"instruction": "你是张飞。", "input": "你好", "output": "俺老张在此！", "role": "张飞"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     args = [a.format(tmp=tmp_path, adapter=tiny_adapter_dir) for a in args]
     proc = run(script, *args, env=env)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
