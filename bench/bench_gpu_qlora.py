@@ -406,30 +406,29 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def device_error(args) -> str | None:
+    """Why the benchmark cannot run on --device, or None."""
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(
-            f"error: --device {args.device} needs a CUDA GPU, and torch {torch.__version__} sees none "
-            f"(torch.cuda.is_available() is False). This benchmark measures GPU memory; to only exercise "
-            f"its code on this machine, run: python bench/bench_gpu_qlora.py --device cpu --tiny",
-            file=sys.stderr,
-        )
-        return 2
+        return (f"--device {args.device} needs a CUDA GPU, and torch {torch.__version__} sees none "
+                f"(torch.cuda.is_available() is False). This benchmark measures GPU memory; to only exercise "
+                f"its code on this machine, run: python bench/bench_gpu_qlora.py --device cpu --tiny")
     if device.type not in ("cuda", "cpu"):
-        print(f"error: unsupported device {args.device!r}: use cuda, cuda:N or cpu", file=sys.stderr)
-        return 2
+        return f"unsupported device {args.device!r}: use cuda, cuda:N or cpu"
     if args.deepspeed and device.type == "cuda" and (device.index or 0) != int(os.environ.get("LOCAL_RANK", 0)):
-        print("error: --deepspeed runs on cuda:LOCAL_RANK (cuda:0); select the GPU with CUDA_VISIBLE_DEVICES", file=sys.stderr)
-        return 2
+        return "--deepspeed runs on cuda:LOCAL_RANK (cuda:0); select the GPU with CUDA_VISIBLE_DEVICES"
+    return None
 
-    from utils import quiet_third_party
+
+def setup_device(args):
+    """(device, compute dtype, a description of the machine), printed with the library versions."""
+    import bitsandbytes
+    import peft
+    import transformers
+
     from utils.models import pick_device_dtype
-    from utils.training import print_trainable_parameters
 
-    quiet_third_party()
-    device, dtype = pick_device_dtype(str(device))  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs
+    device, dtype = pick_device_dtype(args.device)  # train.py's choice: bf16 (fp16 without it) on GPUs, fp32 on CPUs
     if args.dtype != "auto":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if device.type == "cuda":
@@ -441,31 +440,17 @@ def main(argv=None) -> int:
         where = f"{name} ({total:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         where = "CPU (code path check only: no GPU memory figures)"
-    import bitsandbytes
-    import peft
-    import transformers
-
     print(
         f"device: {where}; torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}; compute dtype {dtype}",
         flush=True,
     )
-    config = model_config(args.tiny)
-    print(
-        f"model: {'tiny' if args.tiny else 'Baichuan2-7B'} shape, {config.num_hidden_layers} layers, "
-        f"{config.hidden_size} wide, MLP {config.intermediate_size}, vocab {config.vocab_size:,}; random weights",
-        flush=True,
-    )
+    return device, dtype, where
 
-    started = time.perf_counter()
-    model, train_args = load_like_train_py(config, args, device, dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        model_gib = torch.cuda.memory_allocated(device) / GIB
-        build_peak_gib = torch.cuda.max_memory_allocated(device) / GIB
-    print(f"built, quantised and wrapped in {time.perf_counter() - started:.1f} s", flush=True)
-    if device.type == "cuda":
-        print(f"model on the GPU: {model_gib:.2f} GiB allocated (peak while building {build_peak_gib:.2f} GiB)")
+
+def describe_model(model, train_args, args, dtype) -> None:
+    from utils.training import print_trainable_parameters
+
     print_trainable_parameters(model)
     summary = dtype_summary(model)
     print("weights: " + ", ".join(f"{k} {v / GIB:.3f} GiB" for k, v in sorted(summary.items())))
@@ -480,33 +465,60 @@ def main(argv=None) -> int:
         flush=True,
     )
 
+
+def random_batch(config, args, device) -> dict:
+    """--batch rows of --max_len random tokens, the first --prompt_len of each unlabelled."""
     generator = torch.Generator().manual_seed(args.seed + 1)
     input_ids = torch.randint(3, config.vocab_size, (args.batch, args.max_len), generator=generator)
     labels = input_ids.clone()
     labels[:, : args.prompt_len] = -100
-    batch = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "labels": labels.to(device),
-    }
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device),
+            "labels": labels.to(device)}  # fmt: skip
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    error = device_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from utils import quiet_third_party
+
+    quiet_third_party()
+    device, dtype, where = setup_device(args)
+    config = model_config(args.tiny)
+    print(
+        f"model: {'tiny' if args.tiny else 'Baichuan2-7B'} shape, {config.num_hidden_layers} layers, "
+        f"{config.hidden_size} wide, MLP {config.intermediate_size}, vocab {config.vocab_size:,}; random weights",
+        flush=True,
+    )
     results = {"device": where, "config": "tiny" if args.tiny else "Baichuan2-7B", "batch": args.batch,
-               "max_len": args.max_len, "lora_dim": train_args.lora_dim,
-               "gradient_checkpointing": train_args.gradient_checkpointing}  # fmt: skip
+               "max_len": args.max_len}  # fmt: skip
+
+    started = time.perf_counter()
+    model, train_args = load_like_train_py(config, args, device, dtype)
+    print(f"built, quantised and wrapped in {time.perf_counter() - started:.1f} s", flush=True)
     if device.type == "cuda":
-        results["model_gib"] = model_gib
+        torch.cuda.synchronize(device)
+        results["model_gib"] = torch.cuda.memory_allocated(device) / GIB
+        print(f"model on the GPU: {results['model_gib']:.2f} GiB allocated "
+              f"(peak while building {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB)")  # fmt: skip
+    describe_model(model, train_args, args, dtype)
+    results.update(lora_dim=train_args.lora_dim, gradient_checkpointing=train_args.gradient_checkpointing)
+
+    batch = random_batch(config, args, device)
     layouts = {}
     if args.compare_packing:
         plain, packed = roleplay_batches(config, args.compare_packing, args.max_len, args.seed + 2)
         layouts = {"padded": {k: v.to(device) for k, v in plain.items()},
                    "packed": {k: v.to(device) for k, v in packed.items()}}  # fmt: skip
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not args.deepspeed_only:
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         plain_phases(results, model, optimizer, batch, layouts, dtype, device, args)
-    if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
         del optimizer
+    if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
         model.zero_grad(set_to_none=True)
         train_args.per_device_train_batch_size = args.batch
         train_args.learning_rate = args.lr

@@ -9,7 +9,8 @@ if ! command -v chromium >/dev/null || ! fc-list 2>/dev/null | grep -qi "wenquan
     apt-get install -y -qq chromium fonts-wqy-zenhei numactl >/dev/null
 fi
 python3 -m pip install -q -r requirements.txt
-# One OpenMP thread per process: the tests run tiny models, often two processes at once, and on
-# 2 cores more threads only contend (the suite took 8:13 with 2 threads, 7:30 with one).
+# Two test workers of one OpenMP thread each: the tests run tiny models, so threads inside one
+# process gain little, and two tests at once use both cores (the suite took 11:00 in one process
+# on a 2-core AMD EPYC, 6:56 in two workers). worksteal keeps both busy to the end.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python3 -m pytest -q "$@"
+python3 -m pytest -q -n 2 --dist worksteal "$@"
