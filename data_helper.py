@@ -131,7 +131,7 @@ def validate_args(args):
     template = SYSTEM_TEMPLATE if template_problem else args.system_template
     if selected:
         try:
-            known = roles_from_file(args.roles_file, template, args.card_system_prompt)
+            known = roles_from_file(args.roles_file, template, args.card_system_prompt, args.user_name)
         except UserError as error:
             problems.append(str(error))
         else:
@@ -145,11 +145,11 @@ def validate_args(args):
         problems.append(f"--system_template: {template_problem}")
     if args.card:
         cards = read_cards(args.card, problems.append)
-        try:  # a card of a RoleBench role's name gives that role its prompt
-            roles.update({card.name: card_role(card, template, args.card_system_prompt, args.user_name)
-                          for card in cards})
-        except UserError as error:
-            problems.append(str(error))
+        for card in cards:  # a card of a RoleBench role's name gives that role its prompt
+            try:
+                roles[card.name] = card_role(card, template, args.card_system_prompt, args.user_name)
+            except UserError as error:
+                problems.append(str(error))
     problems += [f"{path}: dialogues file not found" for path in args.dialogues if not os.path.isfile(path)]
     if args.dialogues and not selected and not args.card:
         problems.append("--dialogues: no character to train them for: give --card or --roles")
@@ -165,28 +165,34 @@ def validate_args(args):
         else:
             problems.extend(f"{p}: input file not found (add --download to fetch it)" for p in input_paths
                             if not os.path.isfile(p))
-    input_paths += args.card + args.dialogues
-    for path in (args.train_out, args.test_out):
+    input_paths += args.card + args.dialogues + ([args.roles_file] if selected else [])
+    outputs = [args.train_out, args.test_out]
+    if os.path.isdir(os.path.dirname(prompts_path(args))):  # else --train_out's problem says it
+        outputs.append(prompts_path(args))
+    for path in outputs:
         problem = check_output_path(path, input_paths)
         if problem:
             problems.append(problem)
-    if os.path.abspath(args.train_out) == os.path.abspath(args.test_out):
-        problems.append(f"--train_out and --test_out are the same file: {args.train_out}")
+    outputs = [os.path.abspath(p) for p in (args.train_out, args.test_out, prompts_path(args))]
+    if len(set(outputs)) < len(outputs):
+        problems.append(f"--train_out, --test_out and the {PROMPTS_FILE} written beside --train_out must be three "
+                        f"different files: {args.train_out}, {args.test_out}")
     return roles, selected, cards, problems
 
 
-def read_split(data_dir, split, selected, bad_lines, skip_bad):
-    """Checked question rows of the selected roles for one split, general file first, in file order."""
-    from utils.rolebench import read_rows
+def prompts_path(args) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(args.train_out)), PROMPTS_FILE)
 
-    def skip(message):
-        print(f"warning: skipped {message}", file=sys.stderr)
-        bad_lines.append(message)
+
+def read_split(data_dir, split, selected, skip):
+    """Checked question rows of the selected roles for one split, general file first, in file order;
+    a bad line is a UserError, or with `skip` handed to it."""
+    from utils.rolebench import read_rows
 
     rows = []
     for kind in KINDS:
         path = os.path.join(data_dir, INPUT_FILES[(kind, split)])
-        rows += [row for row in read_rows(path, skip if skip_bad else None) if row["role"] in selected]
+        rows += [row for row in read_rows(path, skip) if row["role"] in selected]
     return rows
 
 
@@ -305,7 +311,7 @@ def main(argv=None):
         bad_lines.append(message)
 
     for split in SPLITS:
-        rows = read_split(args.data_dir, split, selected, bad_lines, args.skip_bad) if selected else []
+        rows = read_split(args.data_dir, split, selected, skip if args.skip_bad else None) if selected else []
         if selected and not rows:
             raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
         rows_by_split[split] = rows
@@ -316,17 +322,19 @@ def main(argv=None):
         rows_by_split[split] += part  # a dialogue counts as one question and one sample
         samples_by_split[split] += part
     names = selected + [name for name in roles if name not in selected]
+    if not samples_by_split["train"]:
+        raise UserError(f"no training sample for {', '.join(names)}: no dialogues (a card's mes_example, or "
+                        f"--dialogues rows with replies) and no RoleBench questions left for training")
     for name in names:
         if not any(s["role"] == name for s in samples_by_split["train"]):
             print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
                   f"--dialogues): it is not trained", file=sys.stderr)
-    prompts_path = os.path.join(os.path.dirname(os.path.abspath(args.train_out)), PROMPTS_FILE)
     side_file = {"system_template": args.system_template,
                  "roles": {name: {"system": roles[name].system, "greeting": roles[name].greeting} for name in names}}
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),
-                     prompts_path: json.dumps(side_file, ensure_ascii=False, indent=2) + "\n"})
+                     prompts_path(args): json.dumps(side_file, ensure_ascii=False, indent=2) + "\n"})
     except OSError as error:
         raise UserError(f"{error.filename or args.train_out}: cannot write ({error.strerror})") from None
     for line in count_table(names, rows_by_split, samples_by_split):

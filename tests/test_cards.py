@@ -180,12 +180,62 @@ def bad_cards(tmp_path) -> dict:
         "wrong-type": (write_json(tmp_path / "type.json", {**V1, "description": ["列表"]}),
                        "field description must be a string"),
         "not-a-card": (write_json(tmp_path / "roles.json", {"阿绣": "绣娘"}), "not a character card"),
+        "huge-integer": (write_bytes(tmp_path / "int.json", b'{"name": "x", "n": ' + b"1" * 5000 + b"}"),
+                         "not valid JSON (Exceeds the limit"),
     }, good_png
+
+
+def write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
 
 
 def run_helper(*args):
     return subprocess.run([sys.executable, "data_helper.py", *map(str, args)], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
+
+
+def test_one_speakers_lines_in_a_row_are_one_turn(tmp_path):
+    """Two replies in a row would leave the first one never followed by its end token."""
+    card = read_card(str(write_json(tmp_path / "c.json", {**V1, "mes_example": "<START>\n{{user}}: 你好\n"
+                                                                 "{{char}}: 客官好。\n{{char}}: 请坐。"})))
+    assert card_dialogues(card) == [[{"role": "user", "content": "你好"},
+                                     {"role": "assistant", "content": "客官好。\n请坐。"}]]
+
+
+def test_data_helper_output_problems_are_reported_before_writing(tmp_path):
+    card = write_json(tmp_path / "card.json", V1)
+    roles = write_json(tmp_path / "roles.json", {"孙悟空": "齐天大圣。"})
+    greeting_only = write_json(tmp_path / "greet.json", {**V1, "mes_example": ""})
+    cases = [
+        (["--card", card, "--train_out", tmp_path / "prompts.json", "--test_out", tmp_path / "t.jsonl"],
+         "must be three different files"),
+        (["--card", card, "--train_out", tmp_path / "a.jsonl", "--test_out", tmp_path / "b.jsonl",
+          "--dialogues", tmp_path / "prompts.json"], "dialogues file not found"),
+        (["--roles", "孙悟空", "--roles_file", roles, "--data_dir", REPO_ROOT / "data" / "sample",
+          "--train_out", roles, "--test_out", tmp_path / "b.jsonl"], f"{roles}: output would overwrite an input"),
+        (["--card", greeting_only, "--train_out", tmp_path / "a.jsonl", "--test_out", tmp_path / "b.jsonl"],
+         "no training sample for 阿绣"),
+    ]
+    for args, words in cases:
+        result = run_helper(*args)
+        assert result.returncode in (1, 2) and "Traceback" not in result.stderr, result.stderr
+        assert words in result.stderr.splitlines()[-1], (words, result.stderr)
+    assert json.loads(roles.read_text(encoding="utf-8")) == {"孙悟空": "齐天大圣。"}
+    assert not (tmp_path / "a.jsonl").exists() and not (tmp_path / "prompts.json").exists()
+    # every card that gives no prompt, at once
+    blank = [write_json(tmp_path / f"blank{i}.json", {"name": f"无名{i}", "first_mes": "嗯。"}) for i in (1, 2)]
+    result = run_helper("--card", blank[0], "--card", blank[1], "--train_out", tmp_path / "a.jsonl",
+                        "--test_out", tmp_path / "b.jsonl")
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr
+    assert all(line.startswith(f"error: {path}: the card has no description") for line, path in zip(lines, blank))
+
+
+def test_roles_file_card_takes_the_user_name(tmp_path):
+    card = write_json(tmp_path / "card.json", V1)
+    assert "老王推门走进阿绣的绣坊" in roles_from_file(str(card), user_name="老王")["阿绣"].system
+    assert "你推门走进阿绣的绣坊" in roles_from_file(str(card))["阿绣"].system
 
 
 def test_each_bad_card_is_a_one_line_error_naming_the_file(tmp_path):

@@ -174,6 +174,10 @@ def test_mixed_files_and_what_is_dropped_is_counted(tmp_path, tiny_model_dir, ch
      "a system prompt both in field 'system' and in conversations[0]"),
     ({"conversations": [{"from": "human", "value": "b"}], "system": 1}, "field 'system' must be a string"),
     ({"messages": DIALOGUE, "role": 7}, "field 'role' must be a string"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role must be one of system, user, assistant, got ['user']"),
+    ({"messages": [*DIALOGUE[:3], DIALOGUE[2]]}, "messages[3]: a second assistant message in a row"),
+    ({"conversations": [{"from": "human", "value": "a"}, {"from": "user", "value": "b"}]},
+     "conversations[1]: a second user message in a row"),
     ({"instruction": "a", "input": "b"}, "field 'output' is missing"),
 ])  # fmt: skip
 def test_bad_rows_are_one_line_errors_naming_file_and_line(tmp_path, row, message):
@@ -184,6 +188,13 @@ def test_bad_rows_are_one_line_errors_naming_file_and_line(tmp_path, row, messag
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError):
         row_messages(row)
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_one_line_error(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"instruction": "a", "input": "b", "output": "c", "n": ' + "1" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"big\.jsonl:1: not valid JSON \(Exceeds the limit"):
+        read_samples(str(path))
 
 
 def test_packed_conversations_give_the_same_loss_and_gradients(tiny_model_dir, chat_ids):

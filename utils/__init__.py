@@ -82,6 +82,15 @@ def _has_cuda_device() -> bool:
 
 
 def _umask() -> int:
+    # Read, not set and restored where Linux allows: the set-and-restore would give other threads
+    # (Gradio's, a checkpoint saver's) a moment of umask 0.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -153,9 +162,14 @@ def atomic_directory(final: str):
     try:
         yield tmp
         fix_permissions(tmp)
+        # the old one is moved aside, not deleted, before the rename: a crash between the two
+        # leaves a complete copy, which the next run's clean-up of `tmp` would not touch
+        old = os.path.join(os.path.dirname(final), TMP_PREFIX + "old-" + os.path.basename(final))
+        shutil.rmtree(old, ignore_errors=True)
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -200,6 +214,12 @@ def read_jsonl(path: str, max_line_bytes: int | None = None, on_bad=None):
                     else:
                         bad(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})")
                     continue
+                except RecursionError:
+                    bad(f"{path}:{number}: JSON nested too deeply")
+                    continue
+                except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+                    bad(f"{path}:{number}: not valid JSON ({error})")
+                    continue
                 yield number, value
     except OSError as error:
         raise UserError(f"{path}: cannot read ({error.strerror})") from None
@@ -218,5 +238,9 @@ def read_json(path: str, what: str = "file"):
         raise UserError(f"{path}: not valid UTF-8 (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply") from None
+    except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+        raise UserError(f"{path}: not valid JSON ({error})") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read {what} ({error.strerror})") from None

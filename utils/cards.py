@@ -115,6 +115,8 @@ def _parse_json(data: bytes, path: str, where: str = ""):
         raise UserError(f"{path}{line}: {where}not valid JSON ({error.msg})") from None
     except RecursionError:
         raise UserError(f"{path}: {where}JSON nested too deeply") from None
+    except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+        raise UserError(f"{path}: {where}not valid JSON ({error})") from None
 
 
 def _inflate(body: bytes, path: str, keyword: str) -> bytes:
@@ -341,8 +343,15 @@ def card_dialogues(card: Card, user_name: str = USER_NAME) -> list[list[dict]]:
                 turns.append([names[match[1].lower()], match[2]])
             elif turns:  # a line without a speaker continues the turn
                 turns[-1][1] += "\n" + line
-        messages = [{"role": role, "content": substitute(text, card.name, user_name)} for role, text in turns]
-        messages = [m for m in messages if m["content"]]
+        messages = []
+        for role, text in turns:
+            text = substitute(text, card.name, user_name)
+            if not text:
+                continue
+            if messages and messages[-1]["role"] == role:  # one speaker's lines in a row are one turn
+                messages[-1]["content"] += "\n" + text
+            else:
+                messages.append({"role": role, "content": text})
         if any(m["role"] == "assistant" for m in messages):
             dialogues.append(messages)
     return dialogues

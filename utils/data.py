@@ -35,7 +35,7 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict) -> l
         if not isinstance(item, dict):
             raise ValueError(f"{where} must be an object")
         speaker, text = item.get(speaker_key), item.get(text_key)
-        if speaker not in names:
+        if not isinstance(speaker, str) or speaker not in names:
             tools = " (tool calls are not trained on)" if speaker in ("tool", "function", "function_call", "observation") else ""
             raise ValueError(f"{where}.{speaker_key} must be one of {', '.join(names)}, got {speaker!r}{tools}")
         if not isinstance(text, str):
@@ -45,6 +45,8 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict) -> l
             raise ValueError(f"{where}: a system message may only come first")
         if role != "system" and not text.strip():
             raise ValueError(f"{where}.{text_key} is empty")
+        if messages and role == messages[-1]["role"]:  # a reply followed by a reply would never learn to end
+            raise ValueError(f"{where}: a second {role} message in a row (merge them, or put the other speaker between)")
         messages.append({"role": role, "content": text})
     return messages
 

@@ -88,14 +88,17 @@ def check_roles(roles, path: str) -> dict[str, str]:
     return roles
 
 
-def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False) -> dict[str, Role]:
+def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False,
+                    user_name: str | None = None) -> dict[str, Role]:
     """The roles of a roles file, of a character card (JSON or PNG, utils.cards) or of a folder of
-    cards; a card's own system_prompt is used with `card_system_prompt`."""
+    cards; a card's own system_prompt is used with `card_system_prompt`, and its {{user}} becomes
+    `user_name` (default utils.cards.USER_NAME)."""
     from utils import cards  # it builds on this module
 
     found, roles_file = cards.read_roles_source(path)
     if found:
-        return {card.name: cards.card_role(card, template, card_system_prompt) for card in found}
+        return {card.name: cards.card_role(card, template, card_system_prompt, user_name or cards.USER_NAME)
+                for card in found}
     return {name: Role(name, build_system_prompt(name, description, template))
             for name, description in check_roles(roles_file, path).items()}
 
