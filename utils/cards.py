@@ -232,11 +232,15 @@ def parse_card(value, path: str) -> Card:
     return Card(path=path, alternate_greetings=len(greetings), book_entries=entries, **texts)
 
 
+def _file_value(data: bytes, path: str):
+    """The JSON value of a card file's bytes: a PNG's card chunk (by its signature, whatever the
+    file's name), or the file itself."""
+    return _png_card(data, path) if data.startswith(PNG_SIGNATURE) else _parse_json(data, path)
+
+
 def read_card(path: str) -> Card:
-    """One card file: a PNG (by its signature, whatever its name) or JSON."""
-    data = _read_bytes(path, "character card")
-    value = _png_card(data, path) if data.startswith(PNG_SIGNATURE) else _parse_json(data, path)
-    return parse_card(value, path)
+    """One card file: a PNG or JSON."""
+    return parse_card(_file_value(_read_bytes(path, "character card"), path), path)
 
 
 def card_files(folder: str) -> list[str]:
@@ -252,8 +256,9 @@ def card_files(folder: str) -> list[str]:
 
 
 def _noted(card: Card) -> Card:
-    if card.unused():
-        print(f"note: {card.path}: not used yet: {', '.join(card.unused())}", file=sys.stderr)
+    unused = card.unused()
+    if unused:
+        print(f"note: {card.path}: not used yet: {', '.join(unused)}", file=sys.stderr)
     return card
 
 
@@ -291,10 +296,10 @@ def read_roles_source(path: str) -> tuple[list[Card], object]:
     if os.path.isdir(path):
         return read_cards([path]), None
     data = _read_bytes(path, "roles file")
-    if data.startswith(PNG_SIGNATURE):
-        return [_noted(parse_card(_png_card(data, path), path))], None
-    value = _parse_json(data, path)
-    return ([_noted(parse_card(value, path))], None) if is_card(value) else ([], value)
+    value = _file_value(data, path)
+    if data.startswith(PNG_SIGNATURE) or is_card(value):
+        return [_noted(parse_card(value, path))], None
+    return [], value
 
 
 # ---------------------------------------------------------------- cards as roles
