@@ -14,9 +14,6 @@ from utils import UserError, write_files
 SPLIT_LABELS = {"general": "CUS", "role_specific": "SPE", "unknown": "unknown"}
 METRICS = ("word_first", "word_best", "char_first", "char_best")
 
-
-def question_key(split, role, question):
-    return f"{split}\t{role}\t{question}"
 # RoleLLM (arXiv 2310.00746), Table 4, Chinese part, ROUGE-L.
 PAPER_TABLE4 = {
     "RoleGLM": {"CUS": 0.5049, "RAW": 0.5255, "SPE": 0.3406},
@@ -27,6 +24,10 @@ CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Ha
              "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 # scalars that train.py logs, and the panel each goes in (eval_loss shares the loss panel)
 CURVE_PANELS = {"train_loss": "loss", "eval_loss": "loss", "ppl": "ppl", "lr": "lr", "tokens_per_s": "tokens_per_s"}
+
+
+def question_key(split, role, question):
+    return f"{split}\t{role}\t{question}"
 
 
 def find_event_dirs(run_dir):
@@ -55,8 +56,6 @@ def char_tokens(text):
 
 def word_tokens(text):
     """jieba words (precise mode, HMM on), whitespace tokens dropped, punctuation kept."""
-    import logging
-
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
