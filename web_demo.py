@@ -39,25 +39,13 @@ import os
 import threading
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
-from utils.chat import add_generation_args, add_model_args
+from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
 
 logger = logging.getLogger("web_demo")
 
 EMPTY_REPLY = "（没有生成内容 / the model produced no text）"
 BUSY = "busy: every generation slot and waiting place is taken; try again in a moment"
 API_KEY_ENV = "ROLEPLAY_API_KEY"
-
-
-def content_text(content) -> str:
-    """Chat message content as plain text. Gradio 6 hands content back as a string or as a list of
-    blocks {"type": "text", "text": ...}; files and other components carry no text for the prompt."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        content = [content]
-    if isinstance(content, list):
-        return "".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
-    return ""
 
 
 class _Turn:
@@ -76,7 +64,7 @@ class RolePlayChat:
     more, which frees its slot.
     """
 
-    def __init__(self, model, tokenizer, roles, slots, max_message_chars: int = 2000):
+    def __init__(self, model, tokenizer, roles, slots, max_message_chars: int = MAX_MESSAGE_CHARS):
         self.model, self.tokenizer, self.roles, self.slots = model, tokenizer, roles, slots
         self.max_message_chars = max_message_chars
         self.model_max_length = model.config.model_max_length
@@ -87,7 +75,7 @@ class RolePlayChat:
     def clean_history(self, history) -> list[dict]:
         """The conversation from the browser or an API client as {"role", "content": str} dicts,
         checked like any input, and cut to the newest messages that could fit in the context."""
-        from utils.chat import newest_history
+        from utils.chat import content_text, newest_history
 
         if history is None:
             return []
@@ -187,6 +175,8 @@ class RolePlayChat:
         if turn.stop.is_set():
             if turn.restart is not None:
                 yield gr.skip(), turn.restart
+            elif not reply:  # stopped before any token: no empty reply for the next prompt, the message back
+                yield message, history[:-1]
         elif not reply.strip():
             yield gr.skip(), [*history, {"role": "assistant", "content": EMPTY_REPLY}]
 
@@ -294,6 +284,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def address(host: str, port: int) -> str:
+    """host:port as a URL writes it, an IPv6 host in brackets ([::1]:9090)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def listen(host: str, port: int):
     """A socket bound to host:port (port 0: a free one), or a one-line UserError."""
     import socket
@@ -305,8 +300,25 @@ def listen(host: str, port: int):
         sock.bind((host, port))
         sock.listen()  # connections wait in the backlog from now on, before the server accepts them
     except OSError as error:
-        raise UserError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
+        raise UserError(f"cannot serve on {address(host, port)}: {error.strerror or error}") from None
     return sock
+
+
+def launch(demo, sock, args) -> None:
+    """Serve the page with Gradio's own server (which --share needs) on the port that `sock` found free."""
+    port = sock.getsockname()[1]
+    sock.close()  # Gradio binds the port itself
+    try:
+        demo.launch(server_name=args.host, server_port=port, share=args.share, auth=page_login(api_key(args)))
+    except OSError as error:  # taken by someone else since the check
+        raise UserError(f"cannot serve on {address(args.host, port)}: {error}") from None
+
+
+def run_server(app, sock, host: str, api_only: bool) -> None:
+    """Serve `app` on `sock` (bound to `host`) until Ctrl-C, saying where first."""
+    url = "http://" + address(host, sock.getsockname()[1])
+    print(f"serving on {'' if api_only else url + ' (page), '}{url}/v1 (OpenAI-compatible API)", flush=True)
+    make_server(app).run(sockets=[sock])
 
 
 def make_server(app):
@@ -322,7 +334,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument_group("model").add_argument(
         "--default_role", help="role selected when the page opens (default: the model's first role)")
     add_generation_args(parser, "generation (the sliders' starting values, the API's defaults)").add_argument(
-        "--max_message_chars", type=int, default=2000, help="longer messages are refused")
+        "--max_message_chars", type=int, default=MAX_MESSAGE_CHARS, help="longer messages are refused")
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 opens the page and the API to the network (needs a key)")
@@ -386,20 +398,17 @@ def main(argv=None) -> None:
 
     prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
     default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
-    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
-                                          args.quantization_bit)
-    chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
-                        args.max_message_chars)
-    defaults = Sampling(args.max_new_tokens, args.top_p, args.temperature)
-    demo = None if args.api_only else build_demo(chat, default_role, defaults)
-    key = api_key(args)
-    if args.share:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=page_login(key))
-        return
-    sock = listen(args.host, args.port)
-    url = f"http://{args.host}:{sock.getsockname()[1]}"
-    print(f"serving on {'' if args.api_only else url + ' (page), '}{url}/v1 (OpenAI-compatible API)", flush=True)
-    make_server(build_app(demo, chat, defaults, key)).run(sockets=[sock])
+    with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
+        model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
+                                              args.quantization_bit)
+        chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
+                            args.max_message_chars)
+        defaults = Sampling(args.max_new_tokens, args.top_p, args.temperature)
+        demo = None if args.api_only else build_demo(chat, default_role, defaults)
+        if args.share:
+            launch(demo, sock, args)
+        else:
+            run_server(build_app(demo, chat, defaults, api_key(args)), sock, args.host, args.api_only)
 
 
 if __name__ == "__main__":

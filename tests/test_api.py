@@ -25,6 +25,7 @@ from baichuan.generation_utils import build_chat_input  # noqa: E402
 from helpers import RecordingModel, serve, wait_for  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages, start_reply  # noqa: E402
 from utils.models import load_for_inference  # noqa: E402
+from utils.prompts import Role  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
@@ -145,6 +146,9 @@ def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles)
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"max_completion_tokens": 100_000}, 400, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"stop": ["x" * 257]}, 400, "stop"),
+        ({"seed": 2**70}, 400, "seed"),
+        ({"seed": -1}, 400, "seed"),
         ({"messages": [user("   ")]}, 400, "messages[0].content"),
         ({"messages": [user([{"type": "image_url", "image_url": {"url": "http://x"}}])]}, 400,
          "messages[0].content[0].type"),
@@ -161,6 +165,91 @@ def test_bad_requests_get_openai_errors(client, api_server, kwargs, status, para
     body = error.value.body
     assert body["param"] == param and body["type"] == "invalid_request_error" and body["message"].strip()
     assert len(api_server[1].calls) == calls
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "\ud800"}, "model"),
+        ({"messages": [user("你好\ud800")]}, "messages[0].content"),
+        ({"messages": [user([{"type": "text", "text": "\udfff"}])]}, "messages[0].content[0].text"),
+        ({"messages": [{"role": "system", "content": "\ud800设定"}, user("你好")]}, "messages[0].content"),
+        ({"stop": ["\ud800"]}, "stop[0]"),
+    ],
+)
+def test_a_lone_surrogate_is_a_400(api_server, body, param):
+    """JSON may escape half a surrogate pair; it is no text, and is refused naming its field."""
+    url, model, _ = api_server
+    calls = len(model.calls)
+    request = {"model": "李白", "messages": [user("你好")], **body}  # json.dumps writes "\ud800" as such
+    response = httpx.post(url + "/v1/chat/completions", content=json.dumps(request),
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"]
+    assert len(model.calls) == calls
+
+
+def test_a_tiny_temperature_is_greedy(client, api_server):
+    """1e-300 would overflow the scaled logits to inf; like vLLM, so small a temperature is greedy."""
+    model = api_server[1]
+    answer = ask(client, [user("你好")], temperature=1e-300, max_tokens=4)
+    assert answer.choices[0].message.content.strip() and model.calls[-1]["do_sample"] is False
+    ask(client, [user("你好")], temperature=1e-5, max_tokens=1)
+    assert model.calls[-1]["do_sample"] is True and model.calls[-1]["temperature"] == 1e-5
+
+
+def test_text_parts_are_joined_as_the_page_joins_them(client, api_server, roles):
+    _, model, chat = api_server
+    parts = [{"type": "text", "text": "第一段"}, {"type": "text", "text": "第二段"}]
+    ask(client, [user(parts)], max_tokens=2)
+    joined = [user("第一段\n第二段")]
+    assert model.calls[-1]["inputs"][0].tolist() == prompt_ids(chat, role_messages(roles["李白"], joined), 2)
+    assert chat.clean_history([user(parts)]) == joined
+
+
+class BrokenTokenizer:
+    """The tiny model's tokenizer, except that encoding fails as nothing in a request can make it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("sentencepiece failed (simulated)")
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def odd_server(loaded):
+    """The API alone, for a role whose name holds a '/', with a tokenizer that fails."""
+    roles = {"张飞/醉": Role("张飞/醉", "你是喝醉了的张飞。")}
+    chat = web_demo.RolePlayChat(loaded[0], BrokenTokenizer(loaded[1]), roles, GenerationSlots(1, 1))
+    with serve(web_demo.build_app(None, chat)) as url:
+        yield url
+
+
+def test_a_role_name_may_hold_a_slash(odd_server):
+    odd = openai.OpenAI(base_url=odd_server + "/v1", api_key="none needed", max_retries=0)
+    assert odd.models.retrieve("张飞/醉").id == "张飞/醉"
+    with pytest.raises(openai.NotFoundError):
+        odd.models.retrieve("张飞/醒")
+
+
+def test_an_http_error_keeps_its_headers(odd_server):
+    """Starlette's 405 (no page mounted at the root to take the request instead) keeps its Allow."""
+    response = httpx.request("OPTIONS", odd_server + "/v1/models")
+    assert response.status_code == 405 and "GET" in response.headers["allow"]
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unforeseen_failure_is_an_openai_500_without_a_traceback(odd_server):
+    odd = openai.OpenAI(base_url=odd_server + "/v1", api_key="none needed", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as error:
+        ask(odd, [user("你好")], "张飞/醉")
+    assert error.value.body["type"] == "server_error" and error.value.body["message"].strip()
+    assert "Traceback" not in error.value.response.text and "sentencepiece" not in error.value.response.text
 
 
 def test_a_key_is_needed_and_bad_json_is_a_400(api_server):

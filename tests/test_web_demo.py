@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest  # noqa: E402
 
 import web_demo  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
-from helpers import RecordingModel, card_png, serve, wait_for  # noqa: E402
+from helpers import RecordingModel, assert_one_line_error, card_png, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
 from utils.prompts import Role, load_prompts  # noqa: E402
@@ -445,6 +446,34 @@ def test_page_stop_clear_and_role_switch_end_a_streaming_reply(page, page_server
     wait_for_reply(page, 1 if how != "stop" else 2)
 
 
+def test_page_stop_while_waiting_for_a_slot_leaves_no_empty_reply(page, page_server, client, loaded, roles):
+    """Stopped before its first token, a turn leaves the chat as it was and its message back in the
+    box: no empty assistant turn goes into the next prompt."""
+    _, model, chat = page_server
+    try:
+        jobs = hold_and_fill(chat, model, client, 1, 1)
+        send(page, "等一个位置")
+        wait_for(lambda: chat.slots.inside == 3, what="the page's request to wait for a slot")
+        page.locator("#chatbot [data-testid=user]").wait_for()
+        page.locator("#stop").click()
+        wait_for(lambda: chat.slots.inside == 2, timeout=10, what="the page's request to give up its place")
+        page.wait_for_function("""() => {
+            const tracker = document.querySelector('#chatbot [data-testid=status-tracker]');
+            return document.querySelectorAll('#chatbot [data-testid=user], #chatbot [data-testid=bot]').length === 0
+                && document.querySelector('#message textarea').value === '等一个位置'
+                && (!tracker || tracker.classList.contains('hide'));
+        }""")
+    finally:
+        model.gate.set()
+    for job in jobs:
+        job.result(timeout=60)
+    send(page, "现在呢？")
+    wait_for_reply(page, 1)
+    expected = role_messages(roles["孙悟空"], [{"role": "user", "content": "现在呢？"}])
+    config, length = loaded[0].generation_config, loaded[0].config.model_max_length
+    assert model.calls[-1]["inputs"][0].tolist() == build_chat_input(loaded[1], expected, config, length, 12)
+
+
 def test_page_html_in_a_message_does_not_execute(page):
     send(page, XSS + " **粗体** 你好")
     wait_for_reply(page, 1)
@@ -563,7 +592,8 @@ def test_parse_args_defaults_are_safe():
 
 
 def test_missing_model_dir_is_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tmp_path / "nope")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tmp_path / "nope"), "--port", "0"],
+                            cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -580,7 +610,7 @@ def test_missing_model_dir_is_one_line_error(tmp_path):
 )
 def test_bad_cli_input_is_a_user_error(tiny_model_dir, extra, reason):
     with pytest.raises(UserError, match=reason):
-        web_demo.main(["--model_path", str(tiny_model_dir), *extra])
+        web_demo.main(["--model_path", str(tiny_model_dir), "--port", "0", *extra])
 
 
 def test_bad_arguments_are_all_reported_at_once(capsys):
@@ -598,5 +628,42 @@ def test_a_taken_port_is_a_one_line_error():
     try:
         with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{held.getsockname()[1]}"):
             web_demo.listen("127.0.0.1", held.getsockname()[1])
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["listen", "share"])
+def test_a_taken_port_is_told_before_the_model_loads(tmp_path, share):
+    """The port is checked first: no model loads (there is none here) before the one-line error."""
+    held = web_demo.listen("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    try:
+        result = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tmp_path / "nope"),
+                                 "--roles_file", str(ROOT / "data" / "roles.json"), "--port", str(port),
+                                 *(["--share", "--no_api_key"] if share else [])],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert_one_line_error(result, f"cannot serve on 127.0.0.1:{port}")
+
+
+def test_an_ipv6_host_is_printed_in_brackets(tiny_model_dir, monkeypatch, capsys):
+    ports = []
+    monkeypatch.setattr(web_demo, "make_server", lambda app: types.SimpleNamespace(
+        run=lambda sockets: ports.append(sockets[0].getsockname()[1])))
+    web_demo.main(["--model_path", str(tiny_model_dir), "--api_only", "--host", "::1", "--port", "0",
+                   "--device", "cpu"])
+    assert capsys.readouterr().out == f"serving on http://[::1]:{ports[0]}/v1 (OpenAI-compatible API)\n"
+
+
+def test_a_port_taken_between_the_check_and_gradio_is_a_user_error(loaded, roles):
+    held = web_demo.listen("127.0.0.1", 0)
+    port = held.getsockname()[1]
+    # the checked socket, as if closed for Gradio and the port then taken by someone else
+    checked = types.SimpleNamespace(getsockname=lambda: ("127.0.0.1", port), close=lambda: None)
+    demo = web_demo.build_demo(make_chat(loaded[0], loaded[1], roles), "孙悟空", Sampling())
+    try:
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}"):
+            web_demo.launch(demo, checked, web_demo.parse_args(["--model_path", "m", "--share", "--no_api_key"]))
     finally:
         held.close()

@@ -13,8 +13,10 @@ user picked); without one, a name that is no role is a 404. A system message aft
 conversation has started is refused (the layout has one system prompt).
 
 Honoured: max_tokens (or max_completion_tokens; default the server's --max_new_tokens, at most
-half the context), temperature (0..2, 0 = greedy), top_p, stop (up to 4 strings: the reply ends
-before the first, which is not included), seed, stream and stream_options.include_usage.
+half the context), temperature (0..2, 0 or below 1e-5 = greedy), top_p, stop (up to 4 strings of
+at most 256 characters: the reply ends before the first, which is not included), seed (0 <= seed
+< 2**63), stream and stream_options.include_usage. A string that is no valid Unicode (a lone
+surrogate such as "\\ud800") is a 400.
 Refused with a 400: n > 1, tools and functions, logprobs, a response_format other than text.
 Other fields (frequency_penalty, logit_bias, user, ...) are ignored, as many local servers do.
 `usage` counts the prompt's tokens and every token generated (eos excluded); finish_reason is
@@ -22,8 +24,9 @@ Other fields (frequency_penalty, logit_bias, user, ...) are ignored, as many loc
 
 Every error has OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 bad request,
 401 no or wrong key, 404 unknown model or path, 429 every generation slot and waiting place
-taken (with Retry-After), 500 generation failed. A client that goes away, mid-stream or while
-waiting, ends its generation at the next token and frees its place.
+taken (with Retry-After), 500 generation failed (or any other server error; its traceback goes to
+the log only). A client that goes away, mid-stream or while waiting, ends its generation at the
+next token and frees its place.
 """
 
 import asyncio
@@ -33,12 +36,12 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -53,6 +56,7 @@ from utils.chat import (
     check_message,
     check_temperature,
     check_top_p,
+    content_text,
     newest_history,
     start_reply,
 )
@@ -61,6 +65,7 @@ logger = logging.getLogger("web_demo.api")
 
 RETRY_AFTER_S = 1
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # cut_at_stop's hold-back costs the square of a stop string's length, for each piece
 SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
 
 
@@ -82,21 +87,33 @@ class ApiError(Exception):
 # ---------------------------------------------------------------- the request
 
 
+def encodable(text: str) -> str:
+    """`text`, unless it holds a lone surrogate (JSON's "\\ud800"), which no tokenizer or response can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"a lone surrogate {text[error.start]!r} at position {error.start} is not text") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(encodable)]  # its ValueError is a 400 naming the field
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")  # front ends send many fields this API has no use for
 
 
 class TextPart(_Lenient):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return content_text(self.model_dump()["content"])  # the page's join of text parts
 
 
 class StreamOptions(_Lenient):
@@ -104,14 +121,14 @@ class StreamOptions(_Lenient):
 
 
 class ChatRequest(_Lenient):
-    model: StrictStr
+    model: Text
     messages: list[Message]
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
     temperature: StrictFloat | None = None
     top_p: StrictFloat | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Text] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None  # torch.manual_seed's range
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # refused unless they ask for nothing (see refuse_unsupported)
@@ -196,6 +213,8 @@ def stop_strings(body: ChatRequest) -> tuple[str, ...]:
         raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", "stop")
     if not all(stops):
         raise ApiError(400, "stop: a stop string must not be empty", "stop")
+    if max(map(len, stops), default=0) > MAX_STOP_CHARS:
+        raise ApiError(400, f"stop: a stop string may be at most {MAX_STOP_CHARS} characters long", "stop")
     return stops
 
 
@@ -345,7 +364,7 @@ def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
     def models():
         return {"object": "list", "data": [card(name) for name in chat.roles]}
 
-    @routes.get("/models/{name}")
+    @routes.get("/models/{name:path}")  # a role's name may hold a '/'
     def model(name: str):
         if name not in chat.roles:
             raise ApiError(404, f"The model `{name}` does not exist", "model", "model_not_found")
@@ -408,10 +427,16 @@ def validation_error(request, error: RequestValidationError) -> JSONResponse:
     return ApiError(400, f"{param}: {worst['msg']}", param).response()
 
 
+def server_error(request, error: Exception) -> JSONResponse:
+    """Any other failure as OpenAI's 500, its traceback in the log only (Starlette logs it)."""
+    return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
+
+
 def add_api(app: FastAPI, chat, defaults: Sampling, api_key: str | None = None) -> None:
     """Serve the API from `app`, before anything mounted at its root can answer /v1/* instead."""
     app.include_router(router(chat, defaults, api_key))
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(HTTPException, lambda request, error: ApiError(error.status_code,
-                                                                             str(error.detail)).response())
+    app.add_exception_handler(HTTPException, lambda request, error: ApiError(
+        error.status_code, str(error.detail), headers=error.headers).response())
+    app.add_exception_handler(Exception, server_error)

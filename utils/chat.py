@@ -17,6 +17,10 @@ MAX_MESSAGE_CHARS = 2000
 # A Baichuan2 token covers at most 16 characters: a history longer than 16 x the context is cut
 # before tokenising, so a huge request costs no tokenising time.
 CHARS_PER_TOKEN_BOUND = 16
+# Below this a temperature is greedy, as vLLM's _SAMPLING_EPS: dividing the logits by, say, 1e-300
+# overflows them to inf and sampling fails (inf/nan probabilities), while at 1e-5 the logits stay
+# far below float32's range and a sample already is the argmax unless two logits tie within ~1e-4.
+GREEDY_BELOW = 1e-5
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +87,19 @@ def check_message(text, max_chars: int = MAX_MESSAGE_CHARS) -> None:
         raise UserError(f"the message is too long ({len(text)} characters; at most {max_chars}): shorten it")
 
 
+def content_text(content) -> str:
+    """Message content as plain text: a string, or a list of blocks {"type": "text", "text": ...}
+    (Gradio's chat, OpenAI's content parts) joined by newlines, as vLLM joins text parts; files
+    and other blocks carry no text for the prompt."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        content = [content]
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
 def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
     """The newest messages that could fit in the context; when older ones are cut, starting on a
     whole round (a conversation that opens with the role's greeting keeps it while it fits)."""
@@ -107,11 +124,11 @@ def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
 class Sampling:
     max_new_tokens: int = 512
     top_p: float = 0.8
-    temperature: float = 0.8  # 0 = greedy, as in most chat front ends
+    temperature: float = 0.8  # 0 (or below GREEDY_BELOW) = greedy, as in most chat front ends
     seed: int | None = None
 
     def generate_kwargs(self) -> dict:
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:
             return {"do_sample": False}
         return {"do_sample": True, "top_p": float(self.top_p), "temperature": float(self.temperature)}
 
