@@ -22,10 +22,9 @@ Llama form and is refused.
 """
 
 import argparse
-import json
 import os
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, read_json
 
 
 def parse_args(argv=None):
@@ -52,14 +51,7 @@ def validate_args(args) -> list[str]:
     except UserError as error:
         problems.append(f"--ori_model_dir: {error}")
     else:
-        config_path = os.path.join(args.ori_model_dir, "config.json")
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                quantization = json.load(f).get("quantization_config") or {}
-            if quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
-                problems.append(
-                    f"--ori_model_dir: {args.ori_model_dir!r} is a quantized model; merge into the original "
-                    "bf16/fp16 weights, since rounding the merged weights back to 4/8 bits loses the adapter")
+        problems += check_not_quantized(args.ori_model_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not os.path.isfile(os.path.join(args.model_dir, name)):
             problems.append(f"--model_dir: {args.model_dir!r} has no {name}")
@@ -71,6 +63,35 @@ def validate_args(args) -> list[str]:
     except UserError as error:
         problems.append(f"--device: {error}")
     return problems
+
+
+def check_not_quantized(model_dir: str) -> list[str]:
+    """A local base's config.json must be a JSON object that declares no 4/8-bit quantization."""
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        return []  # a hub id
+    try:
+        config = read_json(config_path, "model config")
+    except UserError as error:
+        return [f"--ori_model_dir: {error}"]
+    if not isinstance(config, dict):
+        return [f"--ori_model_dir: {config_path}: must hold a JSON object"]
+    quantization = config.get("quantization_config") or {}
+    if isinstance(quantization, dict) and (quantization.get("load_in_4bit") or quantization.get("load_in_8bit")):
+        return [(f"--ori_model_dir: {model_dir!r} is a quantized model; merge into the original bf16/fp16 "
+                 "weights, since rounding the merged weights back to 4/8 bits loses the adapter")]
+    return []
+
+
+def adapter_error(args, error: BaseException) -> UserError:
+    """A shape mismatch says which weight does not fit; anything else is a corrupt adapter."""
+    from utils.models import cannot_load
+
+    lines = str(error).strip().splitlines()
+    detail = next((line.strip() for line in lines if "size mismatch" in line), None)
+    if detail is None:
+        return cannot_load(args.ori_model_dir, error, args.model_dir)
+    return UserError(f"adapter {args.model_dir!r} does not fit base {args.ori_model_dir!r}: {detail}")
 
 
 def main():
@@ -85,7 +106,7 @@ def main():
 
     import baichuan  # noqa: F401
     from baichuan.convert_llama import check_convertible, normalize_head_, save_as_llama
-    from utils.models import cannot_load, load_tokenizer_for, pick_device_dtype
+    from utils.models import LOAD_ERRORS, cannot_load, load_tokenizer_for, pick_device_dtype
     from utils.prompts import read_record, write_record
 
     if args.format == "llama":  # before minutes of loading weights
@@ -98,14 +119,12 @@ def main():
     try:
         base = AutoModelForCausalLM.from_pretrained(args.ori_model_dir, dtype=dtype, device_map={"": device},
                                                     trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as error:
+    except LOAD_ERRORS as error:
         raise cannot_load(args.ori_model_dir, error) from None
     try:
         model = PeftModel.from_pretrained(base, args.model_dir)
-    except RuntimeError as error:
-        lines = str(error).strip().splitlines()
-        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[0] if lines else "")
-        raise UserError(f"adapter {args.model_dir!r} does not fit base {args.ori_model_dir!r}: {detail}") from None
+    except LOAD_ERRORS as error:
+        raise adapter_error(args, error) from None
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer_for(args.ori_model_dir, args.model_dir, args.trust_remote_code)
     record = read_record(args.model_dir)

@@ -9,7 +9,8 @@ Several GPUs:
     deepspeed --num_gpus 2 train.py ...same flags...
     CUDA_VISIBLE_DEVICES=0,1 deepspeed train.py ...same flags...
     torchrun --nproc_per_node 2 train.py ...same flags...
-Resume after a crash or a stop (the newest complete checkpoint, or a given one):
+Resume after a crash or a stop (the complete checkpoint written last, or a given one), with the
+same processes, batch size, accumulation and data:
     python train.py ...same flags... --resume_from_checkpoint latest
 Stop: Ctrl-C (SIGINT) or SIGTERM finishes the optimizer step, saves a checkpoint and prints the
 command that resumes; a second Ctrl-C stops at once, without saving.
@@ -26,7 +27,7 @@ and at each epoch's end, the test loss is computed and a self-contained checkpoi
 `output_dir/epoch-E-step-S/` is written: adapter, tokenizer, the resolved arguments, the prompt
 record (roleplay.json: the roles and exact system prompts trained on), and the state needed to
 resume exactly (utils.training). `output_dir/best` links to the one with the lowest test loss;
-`--save_total_limit` deletes all but the newest few and that one.
+`--save_total_limit` deletes all but the few written last and that one.
 
 An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
 micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
@@ -92,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save_model_step", type=int, default=None,
                      help="evaluate and save every this many steps (default: at each epoch's end only)")
     out.add_argument("--save_total_limit", type=int, default=None,
-                     help="keep only the newest N checkpoints, plus the best by test loss (default: keep all)")
+                     help="keep only the N checkpoints written last, plus the best by test loss (default: keep all)")
     out.add_argument("--resume_from_checkpoint",
-                     help="a checkpoint directory, or 'latest' for the newest complete one in output_dir")
+                     help="a checkpoint directory, or 'latest' for the complete one written last in output_dir")
     out.add_argument("--dry_run", action="store_true",
                      help="print parameter counts and a memory estimate, then stop (needs only the model's config)")
     return parser
@@ -328,10 +329,10 @@ def main():
     from utils.data import collate, sample_counts
     from utils.models import load_for_training, load_tokenizer
     from utils.prompts import RECORD_FILE
-    from utils.training import (Throughput, checkpoint_name, evaluate, keep_checkpoints, list_checkpoints,
-                                load_adapter_weights, print_rank_0, print_trainable_parameters, read_ds_config,
-                                read_trainer_state, fill_ds_config, resume, save_checkpoint, setup_distributed,
-                                start_step, stop_message, train_step)
+    from utils.training import (Throughput, check_resumable, checkpoint_name, evaluate, keep_checkpoints,
+                                list_checkpoints, load_adapter_weights, print_rank_0, print_trainable_parameters,
+                                read_ds_config, read_trainer_state, fill_ds_config, resume, save_checkpoint,
+                                setup_distributed, start_step, stop_message, train_step)
 
     rank, world_size, device, dtype = setup_distributed(args.local_rank)
     set_seed(args.seed)
@@ -350,6 +351,7 @@ def main():
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
     if args.resume_from_checkpoint:
         state = read_trainer_state(args.resume_from_checkpoint)
+        check_resumable(state, args.resume_from_checkpoint, world_size, steps_per_epoch)
         if run_is_complete(args, state, steps_per_epoch, total_steps):
             return
 
@@ -399,7 +401,7 @@ def main():
         started = time.perf_counter()
         path = save_checkpoint(args.output_dir, engine, model, tokenizer, files, trainer_state)
         if rank == 0:
-            deleted = keep_checkpoints(args.output_dir, best["best_model_checkpoint"], args.save_total_limit)
+            deleted = keep_checkpoints(args.output_dir, name, best["best_model_checkpoint"], args.save_total_limit)
             progress.write(f"saved {path} in {time.perf_counter() - started:.1f} s"
                            + (f"; deleted {', '.join(deleted)}" if deleted else ""))
         return path

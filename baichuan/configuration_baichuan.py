@@ -3,6 +3,16 @@
 from transformers import PreTrainedConfig
 
 
+def position_embedding_of(config) -> str:
+    """"rope" or "alibi": the config's own field, else what the official releases imply, which split
+    7B and 13B into different modeling files: a 5120-wide model is the 13B (ALiBi). Any config
+    with a hidden_size will do, an official one read by its own remote code included."""
+    position = getattr(config, "position_embedding", None)
+    if position is not None:
+        return position
+    return "alibi" if config.hidden_size == 5120 else "rope"
+
+
 class BaichuanConfig(PreTrainedConfig):
     """Defaults are Baichuan2-7B's. The official `config.json` files load unchanged.
 
@@ -35,8 +45,7 @@ class BaichuanConfig(PreTrainedConfig):
     position_embedding: str | None = None
 
     def __post_init__(self, **kwargs):
-        if self.position_embedding is None:
-            self.position_embedding = "alibi" if self.hidden_size == 5120 else "rope"
+        self.position_embedding = position_embedding_of(self)
         if self.position_embedding not in ("rope", "alibi"):
             raise ValueError(f"position_embedding must be 'rope' or 'alibi', got {self.position_embedding!r}")
         if self.hidden_size % self.num_attention_heads:

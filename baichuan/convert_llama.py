@@ -23,6 +23,7 @@ from transformers import AddedToken, LlamaConfig, LlamaForCausalLM, PreTrainedTo
 from transformers.convert_slow_tokenizer import SpmConverter
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from .configuration_baichuan import position_embedding_of
 from .generation_utils import chat_template
 from .modeling_baichuan import row_inv_norm
 
@@ -32,12 +33,7 @@ HEAD_BLOCK_ROWS = 2048
 
 def check_convertible(config) -> None:
     """Raise a one-line ValueError when the model has no Llama form."""
-    position = getattr(config, "position_embedding", None)
-    if position is None:
-        # An official config read by its own remote code has no such field; the official
-        # releases tell 13B (ALiBi) from 7B by width, as BaichuanConfig does.
-        position = "alibi" if config.hidden_size == 5120 else "rope"
-    if position == "alibi":
+    if position_embedding_of(config) == "alibi":
         raise ValueError(
             "this model uses ALiBi position biases (Baichuan2-13B), which Llama cannot express: "
             "only the rotary Baichuan2-7B converts to Llama; keep --format baichuan"

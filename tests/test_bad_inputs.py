@@ -1,5 +1,5 @@
-"""Bad input to train.py and merge_params.py: one `error:` line naming the culprit, a non-zero
-exit, no traceback, and nothing half-written. (data_helper.py's corpus is in
+"""Bad input to train.py, merge_params.py and evaluate.py's models: one `error:` line naming the
+culprit, a non-zero exit, no traceback, and nothing half-written. (data_helper.py's corpus is in
 test_data_helper.py, the web demo's and predict.py's in their own test files.)"""
 
 import json
@@ -49,6 +49,8 @@ TRAIN_CASES = [
     ("missing DeepSpeed config", {"extra": ["--ds_file", "/nonexistent/ds.json"]}, ["--ds_file", "/nonexistent"]),
     ("truncated DeepSpeed config", {"extra": ["--ds_file", str(BAD / "ds_truncated.json")]}, ["ds_truncated.json", "JSON"]),
     ("DeepSpeed config not an object", {"extra": ["--ds_file", str(BAD / "ds_not_an_object.json")]}, ["ds_not_an_object.json"]),
+    ("DeepSpeed bf16 not an object", {"extra": ["--ds_file", str(BAD / "ds_bf16_not_object.json")]}, ["ds_bf16_not_object.json", "bf16", "true"]),
+    ("DeepSpeed optimizer a string", {"extra": ["--ds_file", str(BAD / "ds_optimizer_string.json")]}, ["ds_optimizer_string.json", "optimizer"]),
     ("foreign files in output_dir", {"out": "foreign"}, ["--output_dir", "notes.txt"]),
     ("output_dir is a file", {"out": "file"}, ["--output_dir", "is a file"]),
     ("resume latest without checkpoints", {"extra": ["--resume_from_checkpoint", "latest"]}, ["--resume_from_checkpoint"]),
@@ -170,3 +172,81 @@ def test_merge_rejects_bad_arguments(tiny_model_dir, foreign_adapter, tmp_path, 
     proc = run(merge_args(base, adapter, out, *extra))
     assert_one_line_error(proc, *needles)
     assert not list(Path(tmp_path).glob(".tmp-*"))
+
+
+def truncate(path: Path) -> None:
+    """Cut a file to half its size, as a copy or a download stopped halfway leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# trainer_state.json of a checkpoint of the one-row `good_samples` in batches of 1: one step per epoch
+GOOD_STATE = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "steps_per_epoch": 1, "world_size": 1,
+              "scheduler": None}
+# (name, trainer_state.json's text, whether the adapter is cut short, what the error must name)
+RESUME_CASES = [
+    ("trainer state without its keys", "{}", False, ["trainer_state.json", "global_step", "steps_per_epoch"]),
+    ("trainer state not an object", "[]", False, ["trainer_state.json", "object"]),
+    ("truncated adapter", json.dumps(GOOD_STATE), True, ["epoch-1-step-1", "deserializing header"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, state, cut, needles", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
+def test_train_rejects_a_broken_checkpoint_to_resume_from(tiny_model_dir, good_samples, foreign_adapter, tmp_path,
+                                                         name, state, cut, needles):
+    checkpoint = tmp_path / "out" / "epoch-1-step-1"
+    shutil.copytree(foreign_adapter, checkpoint)
+    if cut:
+        truncate(checkpoint / "adapter_model.safetensors")
+    (checkpoint / "trainer_state.json").write_text(state)
+    before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
+    proc = run(train_args(tiny_model_dir, good_samples, tmp_path / "out", "--per_device_train_batch_size", "1",
+                          "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert_one_line_error(proc, *needles)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
+
+
+def broken_copy(source: Path, tmp_path: Path, case: str) -> Path:
+    """A copy of a model or adapter directory with one file broken as `case` says."""
+    copy = tmp_path / f"{source.name}-broken"
+    shutil.copytree(source, copy)
+    if case.endswith("safetensors"):
+        truncate(copy / case)
+    elif case == "config.json truncated":
+        truncate(copy / "config.json")
+    elif case == "config.json a list":
+        (copy / "config.json").write_text("[1, 2]")
+    elif case == "adapter_config.json not JSON":
+        (copy / "adapter_config.json").write_text("{\"r\": 4,")
+    return copy
+
+
+MERGE_CASES = [
+    ("adapter_model.safetensors", "adapter", ["with adapter", "adapter-broken", "deserializing header"]),
+    ("adapter_config.json not JSON", "adapter", ["with adapter", "adapter-broken"]),
+    ("model.safetensors", "base", ["model-broken", "deserializing header"]),
+    ("config.json truncated", "base", ["--ori_model_dir", "config.json", "not valid JSON"]),
+    ("config.json a list", "base", ["--ori_model_dir", "config.json", "JSON object"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, which, needles", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_merge_rejects_corrupt_files(tiny_model_dir, foreign_adapter, tmp_path, case, which, needles):
+    base, adapter = tiny_model_dir, foreign_adapter
+    if which == "base":
+        base = broken_copy(tiny_model_dir, tmp_path, case)
+    else:
+        adapter = broken_copy(foreign_adapter, tmp_path, case)
+    proc = run(merge_args(base, adapter, tmp_path / "merged"))
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "merged").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_evaluate_rejects_a_truncated_adapter(tiny_model_dir, foreign_adapter, tmp_path):
+    adapter = broken_copy(foreign_adapter, tmp_path, "adapter_model.safetensors")
+    proc = run([sys.executable, "evaluate.py", "--data_dir", str(REPO_ROOT / "data" / "sample"), "--limit", "1",
+                "--no_baseline", "--device", "cpu", "--roles_file", str(REPO_ROOT / "data" / "roles.json"),
+                "--model", f"m={tiny_model_dir}::{adapter}",
+                "--out_dir", str(tmp_path / "eval")])  # fmt: skip
+    assert_one_line_error(proc, "adapter-broken", "deserializing header")
+    assert not (tmp_path / "eval" / "results.json").exists()

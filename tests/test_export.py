@@ -236,3 +236,24 @@ def test_llama_format_refuses_an_alibi_model(tiny_tokenizer_model, tmp_path):
     assert proc.returncode == 1
     assert_one_line_error(proc, "--format llama", "ALiBi")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_llama_conversion_and_the_config_tell_alibi_from_rope_alike():
+    """An official config read by its own remote code has no position_embedding: the conversion
+    then decides by width exactly as BaichuanConfig does."""
+    from types import SimpleNamespace
+
+    from baichuan import BaichuanConfig
+    from baichuan.convert_llama import check_convertible
+
+    for width, heads in ((4096, 32), (5120, 40)):
+        ours = BaichuanConfig(hidden_size=width, num_attention_heads=heads)
+        for config in (ours, SimpleNamespace(hidden_size=width)):
+            if ours.position_embedding == "alibi":
+                with pytest.raises(ValueError, match="ALiBi"):
+                    check_convertible(config)
+            else:
+                check_convertible(config)
+    assert [BaichuanConfig(hidden_size=w, num_attention_heads=40).position_embedding for w in (5120, 2560)] == [
+        "alibi", "rope"]
+    check_convertible(SimpleNamespace(hidden_size=5120, position_embedding="rope"))  # the field wins over the width

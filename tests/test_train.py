@@ -257,6 +257,7 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
         assert (checkpoint / name).is_file(), name  # fmt: skip
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and math.isclose(state["ppl"], math.exp(state["eval_loss"]), rel_tol=1e-6)
+    assert json.loads((out / "epoch-1-step-8" / "trainer_state.json").read_text())["saved_at"] < state["saved_at"]
     assert state["best_model_checkpoint"] == best
     assert state["best_metric"] == pytest.approx(min(evals.values()), abs=1e-8)
     assert json.loads((checkpoint / "train_args.json").read_text())["lora_dim"] == 8
@@ -578,7 +579,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path):
         (tmp_path / f"epoch-1-step-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / ".tmp-epoch-1-step-12").mkdir()  # being written
     (tmp_path / "epoch-1-step-12").mkdir()  # no trainer_state.json: incomplete
-    deleted = keep_checkpoints(str(tmp_path), "epoch-1-step-4", limit=2)
+    deleted = keep_checkpoints(str(tmp_path), "epoch-1-step-10", "epoch-1-step-4", limit=2)
     assert deleted == ["epoch-1-step-2", "epoch-1-step-6"]
     assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["epoch-1-step-4", "epoch-1-step-8",
                                                                         "epoch-1-step-10"]
@@ -586,9 +587,51 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path):
     assert os.readlink(tmp_path / "best") == "epoch-1-step-4" and (tmp_path / "best" / "trainer_state.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == [".tmp-epoch-1-step-12"]
     # limit 1 keeps the newest even when the best is another; no limit deletes nothing
-    assert keep_checkpoints(str(tmp_path), "epoch-1-step-4", limit=1) == ["epoch-1-step-8"]
-    assert keep_checkpoints(str(tmp_path), "epoch-1-step-10", limit=None) == []
+    assert keep_checkpoints(str(tmp_path), "epoch-1-step-10", "epoch-1-step-4", limit=1) == ["epoch-1-step-8"]
+    assert keep_checkpoints(str(tmp_path), "epoch-1-step-10", "epoch-1-step-10", limit=None) == []
     assert os.readlink(tmp_path / "best") == "epoch-1-step-10"
+
+
+def test_keep_checkpoints_keeps_the_one_just_saved_after_resuming_from_an_older_one(tmp_path):
+    """An abandoned run wrote steps 4, 8 and 12; a run resumed from 4 has just written its own 8 over
+    the abandoned one. That 8 is kept and is what `latest` resumes from; the abandoned 12 goes."""
+    from utils.training import keep_checkpoints, list_checkpoints
+
+    for step, saved_at in ((4, 100.0), (12, 300.0), (8, 400.0)):
+        (tmp_path / f"epoch-1-step-{step}").mkdir()
+        (tmp_path / f"epoch-1-step-{step}" / "trainer_state.json").write_text(json.dumps({"saved_at": saved_at}))
+    assert keep_checkpoints(str(tmp_path), "epoch-1-step-8", "epoch-1-step-4", limit=1) == ["epoch-1-step-12"]
+    assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["epoch-1-step-4", "epoch-1-step-8"]
+
+
+def test_a_resume_with_another_batch_size_is_refused_before_the_model_loads(trained, tiny_model_dir, samples,
+                                                                              tmp_path):
+    import shutil
+
+    from helpers import assert_one_line_error
+
+    out = tmp_path / "out"
+    shutil.copytree(trained[0], out, symlinks=True)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    proc = run(train_command(tiny_model_dir, samples, out, "--per_device_train_batch_size", "4",
+                             "--resume_from_checkpoint", "latest"), check=False)  # fmt: skip
+    assert_one_line_error(proc, "epoch-1-step-12", "optimizer steps per epoch", "same processes, batch size")
+    assert "trainable params" not in proc.stdout  # refused before the model was loaded
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_no_warmup_still_gives_deepspeed_a_schedule_it_accepts():
+    import train
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from utils.training import fill_ds_config, read_ds_config
+
+    args = train.parse_args(["--warmup_ratio", "0"])
+    config = fill_ds_config(read_ds_config(str(REPO_ROOT / "ds_config.json")), args, 1, torch.float32, total_steps=12)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    # 0 warm-up steps raised "warmup_num_steps must be a positive integer" here, after the model load
+    scheduler = WarmupCosineLR(optimizer, **config["scheduler"]["params"])
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 1 and scheduler.total_num_steps == 12
 
 
 def test_training_curves_plot_from_a_real_run(trained, tmp_path):

@@ -7,8 +7,14 @@ a corrupt adapter, an adapter made for another base) as a one-line UserError.
 import os
 
 import torch
+from safetensors import SafetensorError
 
 from utils import UserError
+
+# What loading a model, an adapter or a checkpoint's tensors raises on a missing, corrupt or
+# mismatched file: safetensors' SafetensorError derives from Exception alone, and a broken JSON
+# file's JSONDecodeError is a ValueError.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 def pick_device_dtype(device: str | int | None = None) -> tuple[torch.device, torch.dtype]:
@@ -62,7 +68,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
+    except LOAD_ERRORS as error:
         raise cannot_load(path, error) from None
 
 
@@ -125,7 +131,7 @@ def load_for_inference(
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_path)
-    except (OSError, ValueError, RuntimeError) as error:
+    except LOAD_ERRORS as error:
         raise cannot_load(model_path, error, adapter_path) from None
     if quantization is None:
         model.to(device)  # a quantised model was placed as it loaded, and cannot be moved
@@ -151,7 +157,7 @@ def load_for_training(args, device, dtype):
             device_map={"": device},
             trust_remote_code=args.trust_remote_code,
         )
-    except (OSError, ValueError) as error:
+    except LOAD_ERRORS as error:
         raise cannot_load(args.model_name_or_path, error) from None
     keep_4bit_layout(model)  # an evaluation forward would break the LoRA gradients
     model.config.use_cache = False

@@ -6,6 +6,7 @@ A checkpoint `output_dir/epoch-E-step-S/` holds the adapter (safetensors), the t
 `train_args.json`, the prompt record (`roleplay.json`, utils.prompts), each rank's optimizer
 partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`), and
 `trainer_state.json`, written last: a directory without it is incomplete and never resumed from.
+The time it was saved at orders the checkpoints: "latest" is the one written last.
 `output_dir/best` links to the checkpoint with the lowest test loss.
 """
 
@@ -85,20 +86,31 @@ def fill_ds_config(config: dict, args, world_size: int, dtype, total_steps: int)
             if section.get(key) == "auto":
                 section[key] = value
 
+    def object_at(key: str) -> dict:
+        value, parts = config, key.split(".")
+        for depth, part in enumerate(parts, 1):
+            value = value.get(part, {})
+            if not isinstance(value, dict):
+                raise UserError(f"{args.ds_file}: {'.'.join(parts[:depth])} must be a JSON object, "
+                                f"got {json.dumps(value)}")
+        return value
+
     config = json.loads(json.dumps(config))
     batch, accumulation = args.per_device_train_batch_size, args.gradient_accumulation_steps
     fill(config, {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": accumulation,
                   "train_batch_size": batch * world_size * accumulation})
-    fill(config.get("optimizer", {}).get("params", {}), {"lr": args.learning_rate, "weight_decay": args.weight_decay})
-    warmup = math.ceil(args.warmup_ratio * total_steps)
-    fill(config.get("scheduler", {}).get("params", {}),
+    fill(object_at("optimizer.params"), {"lr": args.learning_rate, "weight_decay": args.weight_decay})
+    # at least 1: DeepSpeed's WarmupCosineLR refuses 0 warm-up steps (and warms up over 2 at the least)
+    warmup = max(1, math.ceil(args.warmup_ratio * total_steps))
+    fill(object_at("scheduler.params"),
          {"total_num_steps": total_steps, "warmup_num_steps": warmup,
           "warmup_min_lr": 0.1 * args.learning_rate, "warmup_max_lr": args.learning_rate})
     for key, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
-        section = config.setdefault(key, {"enabled": False})
+        config.setdefault(key, {"enabled": False})
+        section = object_at(key)
         if section.get("enabled") == "auto":
             section["enabled"] = wanted
-        if section["enabled"] and not wanted:
+        if section.get("enabled") and not wanted:
             raise UserError(f"{args.ds_file}: {key} is enabled, but this machine computes in {dtype}")
     left = [key for key, value in _flatten(config) if value == "auto"]
     if left:
@@ -307,16 +319,22 @@ def checkpoint_name(epoch: int, global_step: int) -> str:
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, oldest first. Half-written ones (still under
-    their temporary name, or without trainer_state.json) are never listed."""
+    """Complete checkpoints in output_dir, in the order they were written (by step where that
+    was not recorded), so the last is the newest of the run that resumed last, even when an
+    abandoned run had gone further. Half-written ones (still under their temporary name, or
+    without trainer_state.json) are never listed."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_NAME.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
-            found.append((int(match[2]), int(match[1]), name))
-    return [os.path.join(output_dir, name) for _, _, name in sorted(found)]
+        state_path = os.path.join(output_dir, name, "trainer_state.json")
+        if match and os.path.isfile(state_path):
+            state = read_json(state_path, "trainer state")
+            saved_at = state.get("saved_at") if isinstance(state, dict) else None
+            saved_at = saved_at if isinstance(saved_at, (int, float)) else 0
+            found.append((saved_at, int(match[2]), int(match[1]), name))
+    return [os.path.join(output_dir, entry[-1]) for entry in sorted(found)]
 
 
 def optimizer_state(engine) -> tuple[dict, dict]:
@@ -375,10 +393,11 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
 
     Each rank writes its optimizer partition; rank 0 writes the adapter, the tokenizer (unless None:
     bench_gpu_qlora.py's random-weight model has none), the json `files` (name -> object: the
-    arguments, the prompt record), and trainer_state.json last.
+    arguments, the prompt record), and trainer_state.json last, with the time it was saved at.
     """
     from safetensors.torch import save_file
 
+    trainer_state = {**trainer_state, "saved_at": time.time()}
     name = checkpoint_name(trainer_state["epoch"], trainer_state["global_step"])
     final = os.path.join(output_dir, name)
     tmp = os.path.join(output_dir, TMP_PREFIX + name)
@@ -406,14 +425,16 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
     return final
 
 
-def keep_checkpoints(output_dir: str, best: str | None, limit: int | None) -> list[str]:
-    """Point `output_dir/best` at the checkpoint named `best`, and keep the newest `limit` complete
-    checkpoints plus that one (all of them without a limit); returns the names deleted.
+def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int | None) -> list[str]:
+    """Point `output_dir/best` at the checkpoint named `best`, and keep the `limit` complete
+    checkpoints written last plus that one and `saved`, the one just written (all of them without
+    a limit); returns the names deleted.
 
     Only complete checkpoints are candidates, so one being written (still under its temporary
-    name) is never touched, and the newest complete one is always kept. A checkpoint is renamed
-    to a temporary name before it is deleted, so a crash halfway never leaves a partial
-    directory that still looks complete.
+    name) is never touched. Those of an abandoned run that went further than the one resumed
+    from were written before `saved`, and go first. A checkpoint is renamed to a temporary name
+    before it is deleted, so a crash halfway never leaves a partial directory that still looks
+    complete.
     """
     if best is not None:
         link = os.path.join(output_dir, TMP_PREFIX + BEST)
@@ -424,7 +445,7 @@ def keep_checkpoints(output_dir: str, best: str | None, limit: int | None) -> li
     complete = list_checkpoints(output_dir)
     if limit is None:
         return []
-    kept = set(complete[-limit:])  # the newest among them, since limit >= 1
+    kept = {*complete[-limit:], os.path.join(output_dir, saved)}
     if best is not None:
         kept.add(os.path.join(output_dir, best))
     deleted = []
@@ -438,8 +459,33 @@ def keep_checkpoints(output_dir: str, best: str | None, limit: int | None) -> li
     return deleted
 
 
-def read_trainer_state(checkpoint: str) -> dict:
-    return read_json(os.path.join(checkpoint, "trainer_state.json"), "trainer state")
+TRAINER_STATE_KEYS = ("global_step", "epoch", "step_in_epoch", "world_size", "scheduler", "steps_per_epoch")
+
+
+def read_trainer_state(checkpoint: str, keys=TRAINER_STATE_KEYS) -> dict:
+    path = os.path.join(checkpoint, "trainer_state.json")
+    state = read_json(path, "trainer state")
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: must hold a JSON object")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
+    return state
+
+
+def check_resumable(state: dict, checkpoint: str, world_size: int, steps_per_epoch: int | None = None) -> None:
+    """Refuse a checkpoint written by another number of processes (each rank loads its own optimizer
+    partition) or, when given, with another number of steps per epoch (the data order would differ)."""
+    written, now = [], []
+    if state["world_size"] != world_size:
+        written.append(f"{state['world_size']} processes")
+        now.append(f"{world_size}")
+    if steps_per_epoch is not None and state["steps_per_epoch"] != steps_per_epoch:
+        written.append(f"{state['steps_per_epoch']} optimizer steps per epoch")
+        now.append(f"{steps_per_epoch}")
+    if written:
+        raise UserError(f"{checkpoint} was written with {' and '.join(written)}, now {' and '.join(now)}; "
+                        "resume with the same processes, batch size, accumulation and data")
 
 
 def resume_command(world_size: int) -> str:
@@ -472,19 +518,31 @@ def load_adapter_weights(model, checkpoint: str) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+    from utils.models import LOAD_ERRORS, cannot_load
+
+    try:
+        set_peft_model_state_dict(model, load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+    except LOAD_ERRORS as error:
+        raise cannot_load(checkpoint, error) from None
 
 
 def resume(engine, checkpoint: str, world_size: int, accumulation: int) -> dict:
     """Load optimizer, scheduler and RNG state; the adapter weights were loaded before."""
     from safetensors.torch import load_file
 
-    state = read_trainer_state(checkpoint)
-    if state["world_size"] != world_size:
-        raise UserError(f"{checkpoint} was written by {state['world_size']} processes; resume with as many")
+    from utils.models import LOAD_ERRORS, first_line
+
+    # all that resume() itself needs: tests/engine_checks.py and the GPU bench write no steps_per_epoch
+    state = read_trainer_state(checkpoint, ("global_step", "world_size", "scheduler"))
+    check_resumable(state, checkpoint, world_size)
     rank = dist.get_rank()
     rest = read_json(os.path.join(checkpoint, f"optimizer-rank{rank}.json"), "optimizer state")
-    load_optimizer_state(engine, load_file(os.path.join(checkpoint, f"optimizer-rank{rank}.safetensors")), rest)
+    tensors_path = os.path.join(checkpoint, f"optimizer-rank{rank}.safetensors")
+    try:
+        tensors = load_file(tensors_path)
+    except LOAD_ERRORS as error:
+        raise UserError(f"{tensors_path}: cannot load the optimizer state ({first_line(error)})") from None
+    load_optimizer_state(engine, tensors, rest)
     if engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(state["scheduler"])
     engine.global_steps = state["global_step"]
