@@ -11,6 +11,6 @@ fi
 python3 -m pip install -q -r requirements.txt
 # Two test workers of one OpenMP thread each: the tests run tiny models, so threads inside one
 # process gain little, and two tests at once use both cores (the suite took 11:00 in one process
-# on a 2-core AMD EPYC, 6:56 in two workers). worksteal keeps both busy to the end.
+# on a 2-core AMD EPYC, 6:42 in two workers). worksteal keeps both busy to the end.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python3 -m pytest -q -n 2 --dist worksteal "$@"
