@@ -602,6 +602,9 @@ def test_keep_checkpoints_keeps_the_one_just_saved_after_resuming_from_an_older_
         (tmp_path / f"epoch-1-step-{step}" / "trainer_state.json").write_text(json.dumps({"saved_at": saved_at}))
     assert keep_checkpoints(str(tmp_path), "epoch-1-step-8", "epoch-1-step-4", limit=1) == ["epoch-1-step-12"]
     assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["epoch-1-step-4", "epoch-1-step-8"]
+    # an old checkpoint's damaged state must not stop the run that saves beside it
+    (tmp_path / "epoch-1-step-4" / "trainer_state.json").write_text('{"saved_at": ')
+    assert keep_checkpoints(str(tmp_path), "epoch-1-step-8", None, limit=1) == ["epoch-1-step-4"]
 
 
 def test_a_resume_with_another_batch_size_is_refused_before_the_model_loads(trained, tiny_model_dir, samples,

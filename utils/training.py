@@ -330,7 +330,10 @@ def list_checkpoints(output_dir: str) -> list[str]:
         match = CHECKPOINT_NAME.match(name)
         state_path = os.path.join(output_dir, name, "trainer_state.json")
         if match and os.path.isfile(state_path):
-            state = read_json(state_path, "trainer state")
+            try:
+                state = read_json(state_path, "trainer state")
+            except UserError:  # ordered by step; resuming from it says what is wrong
+                state = None
             saved_at = state.get("saved_at") if isinstance(state, dict) else None
             saved_at = saved_at if isinstance(saved_at, (int, float)) else 0
             found.append((saved_at, int(match[2]), int(match[1]), name))
