@@ -2,15 +2,28 @@
 
 import json
 import os
+import re
 import shutil
+from functools import cached_property
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 from transformers import PreTrainedTokenizer
+
+# Baichuan2 keeps these user-defined pieces for control; the chat tokens are two of them
+# (<reserved_106>, <reserved_107>). Sentencepiece matches a user-defined piece wherever its
+# string occurs in the text, so they are taken out of the text view (split_special_tokens).
+RESERVED_PIECE = re.compile(r"<reserved_\d+>")
 
 
 class BaichuanTokenizer(PreTrainedTokenizer):
     """Gives exactly sentencepiece's ids for plain text; special-token strings in the text
     (`</s>`, `<reserved_106>`, ...) map to their single ids, as in the official tokenizer.
+
+    With `split_special_tokens=True` (transformers' switch, on a call or on the tokenizer) a
+    text is only text: `</s>` and `<reserved_N>` are spelled in ordinary pieces, so content can
+    never forge an eos or a chat token. Other user-defined pieces ("\\n", "<img>", ...) are text
+    and stay whole.
 
     Baichuan2 adds neither BOS nor EOS by default (`add_bos_token` / `add_eos_token`).
     """
@@ -53,6 +66,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["sp_model"] = None
+        state.pop("text_sp_model", None)  # a cached_property, rebuilt on use
         return state
 
     def __setstate__(self, state):
@@ -68,6 +82,25 @@ class BaichuanTokenizer(PreTrainedTokenizer):
         vocab = {self.sp_model.id_to_piece(i): i for i in range(self.vocab_size)}
         vocab.update(self.added_tokens_encoder)
         return vocab
+
+    @cached_property
+    def text_sp_model(self) -> spm.SentencePieceProcessor:
+        """The same sentencepiece model with the reserved pieces as control pieces, which
+        sentencepiece never produces from text; their ids and every other piece are unchanged."""
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp_model.serialized_model_proto())
+        for piece in proto.pieces:
+            if piece.type == piece.USER_DEFINED and RESERVED_PIECE.fullmatch(piece.piece):
+                piece.type = piece.CONTROL
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString(), **self.sp_model_kwargs)
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        # transformers' own split_special_tokens path only skips the added tokens (</s>, ...);
+        # the reserved pieces are sentencepiece's, so the text view must skip them there too.
+        if kwargs.get("split_special_tokens", self.split_special_tokens):
+            text, _ = self.prepare_for_tokenization(text, **kwargs)
+            return self.text_sp_model.encode(text, out_type=str)
+        return super().tokenize(text, **kwargs)
 
     def _tokenize(self, text: str) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
