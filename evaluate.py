@@ -374,22 +374,22 @@ def generate_answers(model, tokenizer, prompts, config):
 
 
 def reference_nll(model, tokenizer, messages, references, batch_size):
-    """(summed NLL, token count) of the reference replies (+ eos) after the chat prompt of `messages`.
+    """(summed NLL, token count) of the reference replies (+ eos) after the chat prompt of `messages`
+    (baichuan.generation_utils.encode_reply lays them out and labels them).
 
     The model's loss is a mean over a batch's labelled positions, so it is weighted back by their
     count; summing over batches gives a token-weighted total.
     """
     import torch
 
-    from baichuan.generation_utils import build_chat_input
+    from baichuan.generation_utils import encode_reply
     from utils.data import collate
 
-    max_length = model.config.model_max_length
     rows = []
     for reference in references:
-        reply = (tokenizer.encode(reference, add_special_tokens=False) + [tokenizer.eos_token_id])[: max_length // 2]
-        prompt = build_chat_input(tokenizer, messages, model.generation_config, max_length, len(reply))
-        rows.append({"input_ids": prompt + reply, "labels": [-100] * len(prompt) + reply})
+        input_ids, labels = encode_reply(tokenizer, messages, reference, model.generation_config,
+                                         model.config.model_max_length)
+        rows.append({"input_ids": input_ids, "labels": labels})
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(model.device) for k, v in collate(rows[start : start + batch_size], 0).items()}

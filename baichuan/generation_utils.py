@@ -1,4 +1,6 @@
-"""Chat prompts in the Baichuan2-Chat layout, and a streaming reply helper.
+"""The Baichuan2-Chat layout, in one place: a conversation as token ids for serving
+(build_chat_input), for training with its labels (encode_conversation) and for scoring a reply
+(encode_reply), and as a Jinja chat template (chat_template); and a streaming reply (ChatStream).
 
 Layout of one prompt, as token ids:
 
@@ -8,10 +10,24 @@ Layout of one prompt, as token ids:
     <user> question n <assistant>            <- the model writes reply n from here
 
 `<user>` and `<assistant>` are single tokens whose ids come from the model's generation config
-(`user_token_id` / `assistant_token_id`: 195 and 196 for Baichuan2).
+(`user_token_id` / `assistant_token_id`: 195 and 196 for Baichuan2). A round starts at a user
+message; a first round may start with the assistant's (a role's greeting). History rounds carry
+no eos; the reply being written ends with eos.
+
+Message text is only text (encode_text): a `</s>` or `<reserved_107>` typed by a user, written
+in a card or a training row is spelled in ordinary pieces, so only this module writes chat tokens.
+
+Training labels each reply as Baichuan2's own fine-tune script does: the reply's tokens and its
+end, which is the eos after the last reply and, for a reply in the history, eos as the label of
+the <user> token that follows it (the input there stays <user>, so the ids are build_chat_input's).
+Everything else is labelled -100.
+
+Too long a conversation keeps its system text and, of the rounds, the newest whole ones that fit
+(newest_whole_rounds); the newest round alone too long is cut (build_chat_input: its oldest
+tokens; encode_conversation: its last reply's end).
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from threading import Event, Thread
 
 import torch
@@ -26,8 +42,16 @@ def chat_token_ids(generation_config: GenerationConfig) -> tuple[int, int]:
     return user, assistant
 
 
-def _split_rounds(messages: list[dict]) -> tuple[str, list[list[dict]]]:
-    """System text, and the conversation cut into rounds that each start with a user turn."""
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of message text (a user's, a card's, a training row's) as plain text: special-token
+    strings in it are spelled in ordinary pieces (transformers' split_special_tokens, which
+    BaichuanTokenizer extends to its reserved pieces), never read as eos or a chat token."""
+    return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def split_rounds(messages: list[dict]) -> tuple[str, list[list[dict]]]:
+    """System text, and the conversation cut into rounds that each start with a user turn (a
+    first round may start with the assistant's)."""
     system, rounds = "", []
     for i, message in enumerate(messages):
         role = message["role"]
@@ -44,6 +68,31 @@ def _split_rounds(messages: list[dict]) -> tuple[str, list[list[dict]]]:
     return system, rounds
 
 
+def newest_whole_rounds(sizes: Sequence[int], budget: int) -> int:
+    """How many of the newest rounds to keep (`sizes` oldest first, in any unit): as many whole
+    ones as fit in `budget` together, and always the newest, which the caller cuts if it alone is
+    over. Linear in the number of rounds."""
+    used, kept = 0, 0
+    for size in reversed(sizes):
+        if kept and used + size > budget:
+            break
+        used, kept = used + size, kept + 1
+    return kept
+
+
+def _encode_rounds(tokenizer, messages: list[dict], user_id: int, assistant_id: int):
+    """Ids of the system text, and per round [speaker token id, text ids] per message."""
+    system, rounds = split_rounds(messages)
+    speaker = {"user": user_id, "assistant": assistant_id}
+    encoded = [[[speaker[m["role"]], encode_text(tokenizer, m["content"])] for m in round_messages]
+               for round_messages in rounds]
+    return encode_text(tokenizer, system) if system else [], encoded
+
+
+def _size(round_ids) -> int:
+    return sum(1 + len(ids) for _, ids in round_ids)
+
+
 def build_chat_input(
     tokenizer,
     messages: list[dict],
@@ -58,8 +107,7 @@ def build_chat_input(
     its oldest tokens are cut so that the question's end and the assistant token remain.
     """
     user_id, assistant_id = chat_token_ids(generation_config)
-    system, rounds = _split_rounds(messages)
-    system_ids = tokenizer.encode(system, add_special_tokens=False) if system else []
+    system_ids, rounds = _encode_rounds(tokenizer, messages, user_id, assistant_id)
     budget = model_max_length - max_new_tokens - len(system_ids)
     if budget <= 1:
         raise ValueError(
@@ -69,21 +117,67 @@ def build_chat_input(
     # The assistant token that opens the reply counts against the budget too, or the oldest
     # kept round would lose its first tokens to the final cut.
     closing = [assistant_id] if not messages or messages[-1]["role"] != "assistant" else []
-    history: list[int] = []
-    for round_messages in reversed(rounds):
-        round_ids = []
-        for message in round_messages:
-            round_ids.append(user_id if message["role"] == "user" else assistant_id)
-            round_ids.extend(tokenizer.encode(message["content"], add_special_tokens=False))
-        if history and len(history) + len(round_ids) + len(closing) > budget:
-            break
-        history = round_ids + history
-    history += closing
+    kept = newest_whole_rounds([_size(r) for r in rounds], budget - len(closing))
+    history = [i for r in rounds[len(rounds) - kept:] for speaker, ids in r for i in (speaker, *ids)] + closing
     return system_ids + history[-budget:]
 
 
+def encode_conversation(tokenizer, messages: list[dict], user_id: int, assistant_id: int, max_len: int,
+                        max_src_len: int):
+    """input_ids and labels of one training conversation (module docstring), and whether anything
+    was cut; (None, None, cut) when nothing can be trained on: no reply, or a prompt that fills max_len.
+
+    Messages after the last reply are left out. The system text is always kept, and of the rounds
+    the newest whole ones that fit in max_len with it; a user message is cut to its first
+    max_src_len tokens, and when the newest round alone is too long its last reply is cut to fit.
+    A single-turn sample is the case of one round.
+    """
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not replies:
+        return None, None, False
+    system_ids, rounds = _encode_rounds(tokenizer, messages[: replies[-1] + 1], user_id, assistant_id)
+    cut = False
+    for message in (m for r in rounds for m in r if m[0] == user_id):
+        cut = cut or len(message[1]) > max_src_len
+        message[1] = message[1][:max_src_len]
+    budget = max_len - len(system_ids) - 1  # one place for the final eos
+    sizes = [_size(r) for r in rounds]
+    kept = newest_whole_rounds(sizes, budget)
+    cut = cut or kept < len(rounds)
+    rounds, used = rounds[len(rounds) - kept:], sum(sizes[len(sizes) - kept:])
+    if used > budget:  # the newest round alone: cut its last reply
+        last = rounds[-1][-1]
+        room = len(last[1]) - (used - budget)
+        if room < 1:
+            return None, None, True
+        last[1], cut = last[1][:room], True
+    eos = tokenizer.eos_token_id
+    input_ids, labels, previous = list(system_ids), [-100] * len(system_ids), None
+    for speaker, ids in (message for r in rounds for message in r):
+        input_ids += [speaker] + ids
+        if speaker == user_id:
+            labels += [eos if previous == assistant_id else -100] + [-100] * len(ids)
+        else:
+            labels += [-100] + ids
+        previous = speaker
+    return input_ids + [eos], labels + [eos], cut
+
+
+def encode_reply(tokenizer, messages: list[dict], reply: str, generation_config: GenerationConfig,
+                 model_max_length: int) -> tuple[list[int], list[int]]:
+    """input_ids and labels for how likely `reply` (then eos) is as the answer to `messages`:
+    build_chat_input's prompt, labelled -100, then the reply and eos, labelled. The reply is cut
+    to half the context; the prompt fits in the rest."""
+    reply_ids = (encode_text(tokenizer, reply) + [tokenizer.eos_token_id])[: model_max_length // 2]
+    prompt = build_chat_input(tokenizer, messages, generation_config, model_max_length, len(reply_ids))
+    return prompt + reply_ids, [-100] * len(prompt) + reply_ids
+
+
 def chat_template(tokenizer, generation_config: GenerationConfig) -> str:
-    """A Jinja chat template giving the same ids as `build_chat_input` (without truncation).
+    """A Jinja chat template giving the same ids as `build_chat_input` (without truncation), for
+    tools that apply the tokenizer's template. The chat tokens are spelled from the same
+    generation config. Tokenizing the rendered text reads special-token strings inside messages
+    as tokens; `apply_chat_template(..., sanitize_control_tokens=True)` keeps them text.
 
     The assistant token closes a prompt that ends with a user turn even without
     `add_generation_prompt`, as `build_chat_input` does.
@@ -192,8 +286,3 @@ class ChatStream:
         self.finish_reason = "stop" if ended or self.stop.is_set() or len(generated) < self.max_new_tokens \
             else "length"
 
-
-def stream_chat(model, tokenizer, messages: list[dict], max_new_tokens: int | None = None, timeout: float | None = None,
-                **generate_kwargs) -> ChatStream:
-    """The reply to `messages` as it grows (a ChatStream), like the official `model.chat(stream=True)`."""
-    return ChatStream(model, tokenizer, messages, max_new_tokens, timeout=timeout, **generate_kwargs)

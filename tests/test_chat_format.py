@@ -1,12 +1,12 @@
 """Tests of baichuan/generation_utils.py: the Baichuan2-Chat prompt layout, its truncation, the
-Jinja chat template and the streaming helper."""
+Jinja chat template and the streaming reply (ChatStream)."""
 
 import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from baichuan import BaichuanForCausalLM, BaichuanTokenizer
-from baichuan.generation_utils import build_chat_input, chat_template, stream_chat
+from baichuan.generation_utils import ChatStream, build_chat_input, chat_template
 from conftest import REAL_TOKENIZER, requires_real_tokenizer
 
 # Not Baichuan2's 195/196: proves the ids come from the generation config.
@@ -136,13 +136,13 @@ def test_chat_template_real_tokenizer():
 
 
 # --------------------------------------------------------------------------------------------
-# stream_chat
+# ChatStream
 
 
-def test_stream_chat_yields_growing_reply_equal_to_greedy_generate(model, tokenizer):
+def test_chat_stream_yields_growing_reply_equal_to_greedy_generate(model, tokenizer):
     messages = CONVERSATION[1:4]
     new = 24
-    pieces = list(stream_chat(model, tokenizer, messages, max_new_tokens=new, do_sample=False, timeout=60))
+    pieces = list(ChatStream(model, tokenizer, messages, max_new_tokens=new, do_sample=False, timeout=60))
     assert len(pieces) >= 2
     for shorter, longer in zip(pieces, pieces[1:]):
         assert longer.startswith(shorter) and len(longer) > len(shorter)
@@ -167,9 +167,9 @@ class FailAt(LogitsProcessor):
 
 
 @pytest.mark.parametrize("step", [0, 6])
-def test_stream_chat_reraises_generation_error(model, tokenizer, step):
+def test_chat_stream_reraises_generation_error(model, tokenizer, step):
     processors = LogitsProcessorList([FailAt(step)])
-    stream = stream_chat(
+    stream = ChatStream(
         model, tokenizer, CONVERSATION[1:2], max_new_tokens=20, do_sample=False, timeout=60, logits_processor=processors
     )
     received = []

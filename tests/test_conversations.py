@@ -9,12 +9,12 @@ import torch
 from transformers import GenerationConfig
 
 from baichuan import BaichuanForCausalLM, BaichuanTokenizer
-from baichuan.generation_utils import build_chat_input, chat_template
+from baichuan.generation_utils import build_chat_input, chat_template, encode_conversation
 from conftest import REAL_TOKENIZER, requires_real_tokenizer
 from helpers import assert_packing_is_exact
 from utils import UserError
-from utils.data import (PackedDataset, RolePlayDataset, encode_conversation, encode_sample, read_files, read_samples,
-                        roles_of, row_messages)
+from utils.data import (PackedDataset, RolePlayDataset, encode_sample, read_files, read_samples, roles_of,
+                        row_messages)
 
 SYSTEM = "你现在要扮演张飞。请始终以张飞的口吻说话。"
 DIALOGUE = [

@@ -8,11 +8,9 @@ A row of a jsonl file is one of three shapes, and one file may mix them:
 plus, optionally, "role" (the character's name) and "greeting" (its first_mes), which the
 checkpoints record. A system message may only come first.
 
-Layout (utils.prompts.LAYOUT), as Baichuan2's own fine-tune script labels it: system, then
-<user> + message and <assistant> + reply per turn, then eos. Every reply is trained on, and so is
-its end: the eos after the last reply, and for a reply in the history eos as the label of the
-<user> token that follows it (the input there stays <user>, so the history carries no eos, as
-build_chat_input lays it out). Everything else is labelled -100.
+The token layout and its labels are baichuan.generation_utils's (encode_conversation), the same
+code that lays out a chat for serving; this module reads rows, drops or counts what does not fit,
+and packs and batches.
 """
 
 from array import array
@@ -109,69 +107,11 @@ def roles_of(rows: list[dict]) -> dict[str, Role]:
     return roles
 
 
-def _rounds(tokenizer, turns: list[dict], max_src_len: int) -> tuple[list[list[list]], bool]:
-    """Token ids of each round ([speaker, ids] per message; a round starts at a user message, or
-    is a first round that starts with the assistant's), and whether a message was cut to max_src_len."""
-    rounds, cut = [], False
-    for message in turns:
-        ids = tokenizer.encode(message["content"], add_special_tokens=False)
-        if message["role"] == "user":
-            cut = cut or len(ids) > max_src_len
-            rounds.append([["user", ids[:max_src_len]]])
-        elif rounds:
-            rounds[-1].append(["assistant", ids])
-        else:
-            rounds.append([["assistant", ids]])
-    return rounds, cut
-
-
-def encode_conversation(tokenizer, messages: list[dict], user_id: int, assistant_id: int, max_len: int,
-                        max_src_len: int):
-    """input_ids and labels of one conversation (module docstring), and whether anything was cut;
-    (None, None, cut) when nothing can be trained on: no reply, or a prompt that fills max_len.
-
-    Messages after the last reply are left out. The system prompt is always kept, and of the
-    rounds the newest whole ones that fit in max_len with it; a user message is cut to its first
-    max_src_len tokens, and when the newest round alone is too long its last reply is cut to fit.
-    A single-turn sample is the case of one round.
-    """
-    system = system_of(messages)
-    turns = messages[1:] if system else messages
-    replies = [i for i, m in enumerate(turns) if m["role"] == "assistant"]
-    if not replies:
-        return None, None, False
-    rounds, cut = _rounds(tokenizer, turns[: replies[-1] + 1], max_src_len)
-    system_ids = tokenizer.encode(system, add_special_tokens=False) if system else []
-    budget = max_len - len(system_ids) - 1  # one place for the final eos
-    kept, used = [], 0
-    for round_ids in reversed(rounds):
-        size = sum(1 + len(ids) for _, ids in round_ids)
-        if kept and used + size > budget:
-            cut = True
-            break
-        kept.insert(0, round_ids)
-        used += size
-    if used > budget:  # the newest round alone: cut its last reply
-        last = kept[-1][-1]
-        room = len(last[1]) - (used - budget)
-        if room < 1:
-            return None, None, True
-        last[1], cut = last[1][:room], True
-    eos = tokenizer.eos_token_id
-    input_ids, labels, previous = list(system_ids), [-100] * len(system_ids), None
-    for speaker, ids in (message for round_ids in kept for message in round_ids):
-        if speaker == "user":
-            input_ids += [user_id] + ids
-            labels += [eos if previous == "assistant" else -100] + [-100] * len(ids)
-        else:
-            input_ids += [assistant_id] + ids
-            labels += [-100] + ids
-        previous = speaker
-    return input_ids + [eos], labels + [eos], cut
-
-
 def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len: int, max_src_len: int):
-    """input_ids, labels and whether anything was cut, of a row of any shape (encode_conversation)."""
+    """input_ids, labels and whether anything was cut, of a row of any shape
+    (baichuan.generation_utils.encode_conversation)."""
+    from baichuan.generation_utils import encode_conversation  # transformers: not for data_helper's row checks
+
     return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
 
@@ -188,6 +128,8 @@ class RolePlayDataset(torch.utils.data.Dataset):
 
     def __init__(self, rows, tokenizer, user_id, assistant_id, max_len, max_src_len, skip_truncated=False,
                  source="the samples"):
+        from baichuan.generation_utils import encode_conversation, encode_text
+
         self.examples, self.truncated, self.too_long, self.no_reply, self.conversations = [], 0, 0, 0, 0
         system_len = {}  # system prompt -> its token count; a role's samples share one prompt
         self.roles = roles_of(rows)
@@ -205,7 +147,7 @@ class RolePlayDataset(torch.utils.data.Dataset):
             self.conversations += sum(m["role"] == "assistant" for m in messages) > 1
             system = system_of(messages)
             if system not in system_len:
-                system_len[system] = len(tokenizer.encode(system, add_special_tokens=False)) if system else 0
+                system_len[system] = len(encode_text(tokenizer, system)) if system else 0
             # int32 arrays take 4 bytes a token where a list takes 8 and an int object 28 or more:
             # about 12 MiB instead of 80 for RoleBench's 8,020 samples, in every rank
             self.examples.append({"input_ids": array("i", input_ids), "labels": array("i", labels),

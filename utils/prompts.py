@@ -34,11 +34,8 @@ SYSTEM_TEMPLATE = (
     "也绝不要透露自己是人工智能、语言模型或助手。"
     "回答要简洁、口语化，像平常聊天一样随意自然。"
 )
-LAYOUT = (
-    "system + (<user> + message + <assistant> + reply) per round; history rounds carry no eos, the reply "
-    "being written ends with eos; training labels each reply and its end: the eos after the last reply, "
-    "and eos as the label of the <user> token after each earlier one"
-)
+# The record names the layout; baichuan/generation_utils.py defines it (its docstring, in words)
+LAYOUT = "Baichuan2-Chat, as baichuan/generation_utils.py lays it out (system, then <user> q <assistant> a per round)"
 RECORD_FILE = "roleplay.json"
 PROMPTS_FILE = "prompts.json"  # data_helper.py's side file of the template and roles of its samples
 RECORD_FORMAT = 1
