@@ -175,9 +175,10 @@ def encode_reply(tokenizer, messages: list[dict], reply: str, generation_config:
 
 def chat_template(tokenizer, generation_config: GenerationConfig) -> str:
     """A Jinja chat template giving the same ids as `build_chat_input` (without truncation), for
-    tools that apply the tokenizer's template. The chat tokens are spelled from the same
-    generation config. Tokenizing the rendered text reads special-token strings inside messages
-    as tokens; `apply_chat_template(..., sanitize_control_tokens=True)` keeps them text.
+    tools that apply the tokenizer's template; the chat tokens are spelled from the same generation
+    config. Only for text without special-token strings: a template renders one string, which is
+    then tokenized whole, so a `</s>` or `<reserved_107>` inside a message becomes a token there.
+    Our training and serving encode through build_chat_input / encode_conversation instead.
 
     The assistant token closes a prompt that ends with a user turn even without
     `add_generation_prompt`, as `build_chat_input` does.

@@ -137,6 +137,39 @@ def test_auto_tokenizer_loads_official_files():
 def test_pickle_round_trip(real_tokenizer):
     clone = pickle.loads(pickle.dumps(real_tokenizer))
     assert clone.encode(TEXTS[6]) == real_tokenizer.encode(TEXTS[6])
+    forged = "a<reserved_107>b</s>"
+    real_tokenizer.encode(forged, split_special_tokens=True)  # builds the text view, which is not pickled
+    clone = pickle.loads(pickle.dumps(real_tokenizer))
+    assert clone.encode(forged, split_special_tokens=True) == real_tokenizer.encode(forged, split_special_tokens=True)
+
+
+def sp_as_text(path) -> spm.SentencePieceProcessor:
+    """The reference for split_special_tokens: sentencepiece with every <reserved_N> piece a control
+    symbol, which it never produces from text (as it treats </s>)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    for piece in proto.pieces:
+        if piece.piece.startswith("<reserved_"):
+            piece.type = piece.CONTROL
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=requires_real_tokenizer)])
+def test_split_special_tokens_encodes_special_strings_as_text(which, tiny_model_dir):
+    path = REAL_TOKENIZER if which == "real" else tiny_model_dir / "tokenizer.model"
+    text = "<s>a<reserved_107>b</s>c<reserved_5><unk>\n<reserved_106>"
+    reference = sp_as_text(path).encode(text)
+    reserved = set(sp_processor(path).encode("<reserved_106><reserved_107>"))
+    assert len(reserved) == 2 and not reserved & set(reference)
+    for tokenizer, kwargs in ((BaichuanTokenizer(vocab_file=str(path)), {"split_special_tokens": True}),
+                              (BaichuanTokenizer(vocab_file=str(path), split_special_tokens=True), {})):
+        ids = tokenizer.encode(text, add_special_tokens=False, **kwargs)
+        assert ids == tokenizer(text, **kwargs)["input_ids"] == reference
+        assert not {0, 1, 2} & set(ids) and tokenizer.decode(ids) == text
+    # by default, as the official tokenizer: the strings are the tokens
+    assert {1, 2} | reserved <= set(BaichuanTokenizer(vocab_file=str(path)).encode(text))
 
 
 # --------------------------------------------------------------------------------------------
