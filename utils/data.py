@@ -110,7 +110,8 @@ def roles_of(rows: list[dict]) -> dict[str, Role]:
 def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len: int, max_src_len: int):
     """input_ids, labels and whether anything was cut, of a row of any shape
     (baichuan.generation_utils.encode_conversation)."""
-    from baichuan.generation_utils import encode_conversation  # transformers: not for data_helper's row checks
+    # imported here: it loads transformers, which data_helper.py's row checks do not need
+    from baichuan.generation_utils import encode_conversation
 
     return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
