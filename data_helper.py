@@ -35,8 +35,8 @@ counts as one question and one sample in the table.
 
 Output rows: {"instruction": system prompt, "input": question, "output": reply, "role": role} for
 RoleBench, {"messages": [system, user, assistant, ...], "role": role, "greeting": ...} for cards and
-dialogues, and beside --train_out a prompts.json with the template and each role's system prompt and
-greeting, which train.py records in its checkpoints. All outputs are written at once, after all
+dialogues, and beside --train_out a prompts.json with the template, which train.py records in its
+checkpoints with each role's system prompt and greeting from the samples. All outputs are written at once, after all
 input was read and checked.
 
 Errors: bad arguments print one "error: ..." line each (all of them) and exit 2; bad data prints
@@ -50,6 +50,7 @@ import os
 import random
 import sys
 import unicodedata
+from collections import Counter
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.cards import USER_NAME
@@ -118,8 +119,8 @@ def check_output_path(path, input_paths):
 def validate_args(args):
     """Check every argument; return (roles: name -> Role of the selected RoleBench roles and of the
     cards, the selected RoleBench roles, the cards, problems)."""
-    from utils.cards import card_role, read_cards
-    from utils.prompts import check_template, roles_from_file
+    from utils.cards import read_cards
+    from utils.prompts import card_role, check_template, roles_from_file
     from utils.rolebench import split_roles
 
     problems, roles, cards = [], {}, []
@@ -272,14 +273,13 @@ def split_own(samples, test_ratio, seed):
 def count_table(selected, rows_by_split, samples_by_split):
     """Counts per role and split as lines of text, with a total line."""
     header = ["role"] + [f"{split}_{what}" for split in SPLITS for what in ("questions", "samples")]
+    # one pass over each list: a scan of it per role was minutes for a folder of 10,000 cards
+    counts = {split: (Counter(r["role"] for r in rows_by_split[split]), Counter(s["role"] for s in samples_by_split[split]))
+              for split in SPLITS}
     lines = [header]
-    for role in selected + ["total"]:
-        cells = [role]
-        for split in SPLITS:
-            rows = [r for r in rows_by_split[split] if role in (r["role"], "total")]
-            samples = [s for s in samples_by_split[split] if role in (s["role"], "total")]
-            cells += [str(len(rows)), str(len(samples))]
-        lines.append(cells)
+    for role in selected:
+        lines.append([role] + [str(count[role]) for split in SPLITS for count in counts[split]])
+    lines.append(["total"] + [str(len(part[split])) for split in SPLITS for part in (rows_by_split, samples_by_split)])
     widths = [max(display_width(line[i]) for line in lines) for i in range(len(header))]
     return ["  ".join(pad(cell, w, i > 0) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines]
 
@@ -325,12 +325,12 @@ def main(argv=None):
     if not samples_by_split["train"]:
         raise UserError(f"no training sample for {', '.join(names)}: no dialogues (a card's mes_example, or "
                         f"--dialogues rows with replies) and no RoleBench questions left for training")
+    trained = {s["role"] for s in samples_by_split["train"]}
     for name in names:
-        if not any(s["role"] == name for s in samples_by_split["train"]):
+        if name not in trained:
             print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
                   f"--dialogues): it is not trained", file=sys.stderr)
-    side_file = {"system_template": args.system_template,
-                 "roles": {name: {"system": roles[name].system, "greeting": roles[name].greeting} for name in names}}
+    side_file = {"system_template": args.system_template}  # train.py takes the roles' prompts from the samples
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),

@@ -61,3 +61,22 @@ def quiet_third_party() -> None:
 def _has_cuda_device() -> bool:
     # /dev/nvidia0 exists on a machine with an NVIDIA GPU; asking torch would import it here
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+# characters that let a name rewrite the terminal or the page it is shown on: controls (newline,
+# carriage return, ESC, NUL, DEL, C1), format characters (the bidi overrides and isolates, U+200E/F,
+# U+FEFF) and line or paragraph separators; the joiners U+200C/U+200D stay, names in Persian and
+# emoji sequences need them
+_UNSAFE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+_JOINERS = ("\u200c", "\u200d")
+
+
+def unsafe_character(text: str) -> str | None:
+    """The first control, bidi or other format character of `text`, described (`U+202E RIGHT-TO-LEFT
+    OVERRIDE`), or None when it has none."""
+    import unicodedata
+
+    for char in text:
+        if unicodedata.category(char) in _UNSAFE_CATEGORIES and char not in _JOINERS:
+            return f"U+{ord(char):04X} {unicodedata.name(char, 'control character')}"
+    return None
