@@ -54,6 +54,7 @@ from collections import Counter
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.cards import USER_NAME
+from utils.files import MAX_LINE_BYTES
 from utils.prompts import DEFAULT_ROLES_FILE, PROMPTS_FILE, SYSTEM_TEMPLATE
 from utils.rolebench import DEFAULT_ROLES, HUB_REPO_ID, INPUT_FILES, KINDS, SPLITS
 
@@ -99,6 +100,9 @@ def parse_args(argv=None):
     group.add_argument("--skip_bad", action="store_true",
                        help="skip bad lines (with a warning each) and report how many, instead of stopping "
                             "at the first one")
+    group.add_argument("--max_line_bytes", type=int, default=MAX_LINE_BYTES,
+                       help="a line of a RoleBench or --dialogues file longer than this many bytes is bad data "
+                            "(it would be read, and trained on, whole)")
     args = parser.parse_args(argv)
     args.card, args.dialogues = args.card or [], args.dialogues or []
     return args
@@ -142,6 +146,8 @@ def validate_args(args):
             roles = {name: known[name] for name in selected if name in known}
     if args.max_replies < 1:
         problems.append(f"--max_replies: must be at least 1, got {args.max_replies}")
+    if args.max_line_bytes < 1:
+        problems.append(f"--max_line_bytes: must be at least 1, got {args.max_line_bytes}")
     if template_problem:
         problems.append(f"--system_template: {template_problem}")
     if args.card:
@@ -185,7 +191,7 @@ def prompts_path(args) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(args.train_out)), PROMPTS_FILE)
 
 
-def read_split(data_dir, split, selected, skip):
+def read_split(data_dir, split, selected, skip, max_line_bytes):
     """Checked question rows of the selected roles for one split, general file first, in file order;
     a bad line is a UserError, or with `skip` handed to it."""
     from utils.rolebench import read_rows
@@ -193,7 +199,7 @@ def read_split(data_dir, split, selected, skip):
     rows = []
     for kind in KINDS:
         path = os.path.join(data_dir, INPUT_FILES[(kind, split)])
-        rows += [row for row in read_rows(path, skip) if row["role"] in selected]
+        rows += [row for row in read_rows(path, skip, max_line_bytes) if row["role"] in selected]
     return rows
 
 
@@ -218,18 +224,17 @@ def conversation_sample(role, turns):
     return {"messages": [{"role": "system", "content": role.system}, *turns], "role": role.name, **greeting}
 
 
-def dialogue_samples(paths, roles, skip):
+def dialogue_samples(paths, roles, skip, max_line_bytes):
     """The user's own conversations as samples: each row of its "role" (or of the only character
     given), with that character's system prompt. A bad row is a UserError naming file and line, or
     with `skip` handed to it."""
     from utils import read_jsonl
     from utils.data import row_messages, system_of
-    from utils.rolebench import MAX_LINE_BYTES
 
     only = next(iter(roles)) if len(roles) == 1 else None
     samples, replaced, no_reply = [], 0, 0
     for path in paths:
-        for line_no, row in read_jsonl(path, MAX_LINE_BYTES, skip):
+        for line_no, row in read_jsonl(path, max_line_bytes, skip):
             try:
                 messages = row_messages(row)
                 name = row.get("role") or only
@@ -311,13 +316,14 @@ def main(argv=None):
         bad_lines.append(message)
 
     for split in SPLITS:
-        rows = read_split(args.data_dir, split, selected, skip if args.skip_bad else None) if selected else []
+        rows = read_split(args.data_dir, split, selected, skip if args.skip_bad else None,
+                          args.max_line_bytes) if selected else []
         if selected and not rows:
             raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
         rows_by_split[split] = rows
         samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
     own = [conversation_sample(roles[card.name], turns) for card in cards for turns in card_dialogues(card, args.user_name)]
-    own += dialogue_samples(args.dialogues, roles, skip if args.skip_bad else None)
+    own += dialogue_samples(args.dialogues, roles, skip if args.skip_bad else None, args.max_line_bytes)
     for split, part in zip(SPLITS, split_own(own, args.test_ratio, args.seed)):
         rows_by_split[split] += part  # a dialogue counts as one question and one sample
         samples_by_split[split] += part

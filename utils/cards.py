@@ -220,7 +220,7 @@ def parse_card(value, path: str) -> Card:
     char = unsafe_character(texts["name"])
     if char:  # the name is printed in messages and on the page: see utils.prompts.name_problem
         raise UserError(f"{path}: the character's name {texts['name']!r} (field {prefix}name) contains {char}, "
-                        f"a control or bidi character")
+                        f"refused")
     greetings = fields.get("alternate_greetings") or []
     if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
         raise UserError(f"{path}: field {prefix}alternate_greetings must be a list of strings")

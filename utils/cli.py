@@ -73,10 +73,12 @@ _JOINERS = ("\u200c", "\u200d")
 
 def unsafe_character(text: str) -> str | None:
     """The first control, bidi or other format character of `text`, described (`U+202E RIGHT-TO-LEFT
-    OVERRIDE`), or None when it has none."""
+    OVERRIDE, a bidi or format character`), or None when it has none."""
     import unicodedata
 
     for char in text:
-        if unicodedata.category(char) in _UNSAFE_CATEGORIES and char not in _JOINERS:
-            return f"U+{ord(char):04X} {unicodedata.name(char, 'control character')}"
+        category = unicodedata.category(char)
+        if category in _UNSAFE_CATEGORIES and char not in _JOINERS:
+            kind = "a control character" if category == "Cc" else "a bidi or format character"
+            return f"U+{ord(char):04X} {unicodedata.name(char, '')}".rstrip() + f", {kind}"
     return None

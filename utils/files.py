@@ -105,6 +105,9 @@ def atomic_directory(final: str):
         raise
 
 
+MAX_LINE_BYTES = 1_000_000  # the default bound on a line of a data file: a sample is far shorter
+
+
 def read_jsonl(path: str, max_line_bytes: int | None = None, on_bad=None):
     """Yield (line number, parsed value) for each non-blank line of a UTF-8 jsonl file.
 

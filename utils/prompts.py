@@ -81,7 +81,7 @@ def name_problem(name: str) -> str | None:
     if not name.strip():
         return "empty role name"
     char = unsafe_character(name)
-    return f"role name {name!r} contains {char}, a control or bidi character" if char else None
+    return f"role name {name!r} contains {char}, refused" if char else None
 
 
 def check_roles(roles, path: str) -> dict[str, str]:
