@@ -228,6 +228,8 @@ def dialogue_samples(paths, roles, skip, max_line_bytes):
     """The user's own conversations as samples: each row of its "role" (or of the only character
     given), with that character's system prompt. A bad row is a UserError naming file and line, or
     with `skip` handed to it."""
+    if not paths:
+        return []  # and no torch to import (utils.data) for nothing
     from utils import read_jsonl
     from utils.data import row_messages, system_of
 

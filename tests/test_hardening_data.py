@@ -170,21 +170,22 @@ def test_the_summary_table_is_linear():
 
 
 def test_a_folder_of_thousands_of_cards(tmp_path, capsys):
-    """data_helper on a folder of 3,000 cards (10,000 took 1:56: the table and the check for roles
-    without a sample scanned every sample per role)."""
+    """data_helper on the issue's folder of 10,000 cards: 1:56 in the issue, 47 s here, because the
+    table and the check for roles without a sample scanned every sample per role, and each card
+    compiled a regular expression of its names."""
     import data_helper
 
     folder = tmp_path / "cards"
     folder.mkdir()
-    for i in range(3000):
+    for i in range(10_000):
         (folder / f"{i:05d}.json").write_text(json.dumps(card(f"角色{i}", "<START>\n{{user}}: 你好\n{{char}}: 好\n"),
                                                          ensure_ascii=False), encoding="utf-8")
     start = time.perf_counter()
     data_helper.main(["--card", str(folder), "--train_out", str(tmp_path / "t.jsonl"),
                       "--test_out", str(tmp_path / "s.jsonl")])
     elapsed = time.perf_counter() - start
-    assert capsys.readouterr().out.splitlines()[-3].split() == ["total", "3000", "3000", "0", "0"]
-    assert elapsed < 8, elapsed  # about 1 s here; 3,000 took about 10 s before
+    assert capsys.readouterr().out.splitlines()[-3].split() == ["total", "10000", "10000", "0", "0"]
+    assert elapsed < 12, elapsed  # about 2 s here
 
 
 # ---------------------------------------------------------------- 10: a line over the bound
