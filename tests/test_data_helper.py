@@ -215,6 +215,35 @@ def test_all_argument_problems_reported_at_once(out):
     assert os.listdir(out) == []
 
 
+def test_each_input_file_is_read_once(tmp_path, out, monkeypatch, capsys):
+    """Validation and the run share what they load: the roles file, a card and each data file are
+    opened once (issue 16: they were loaded to be checked, then again to be used)."""
+    import builtins
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"name": "阿绣", "description": "绣娘", "first_mes": "你好",
+                                "mes_example": "<START>\n{{user}}: 你好\n{{char}}: 好"}, ensure_ascii=False),
+                    encoding="utf-8")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"role": "阿绣", "messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "嗯"}]}) + "\n",
+                     encoding="utf-8")
+    opened = collections.Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        opened[os.path.abspath(file) if isinstance(file, (str, Path)) else file] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    data_helper.main(["--data_dir", str(SAMPLE), "--roles_file", str(ROLES_FILE), "--roles", "张飞", "--card", str(card),
+                      "--dialogues", str(chats), "--train_out", str(out / "train.jsonl"),
+                      "--test_out", str(out / "test.jsonl")])
+    inputs = [ROLES_FILE, card, chats, *(SAMPLE / name for name in (GT, GS, TG, TS))]
+    assert {str(p): opened[os.path.abspath(p)] for p in inputs} == {str(p): 1 for p in inputs}
+    assert table(capsys.readouterr().out)["total"] == (32, 39, 8, 10)
+
+
 # ---------------------------------------------------------------- helpers
 
 def descriptions() -> dict[str, str]:
