@@ -30,6 +30,8 @@ import sentencepiece as spm
 import torch
 from transformers import GenerationConfig
 
+from utils.files import atomic_directory
+
 from . import BaichuanConfig, BaichuanForCausalLM, BaichuanTokenizer
 from .generation_utils import chat_template
 
@@ -149,7 +151,8 @@ def make_tiny(
     corpus: list[str] | None = None,
     pretrain_steps: int = 0,
 ) -> list[float]:
-    """Write config, safetensors weights, tokenizer, generation config and code files to `out_dir`;
+    """Write config, safetensors weights, tokenizer, generation config and code files to `out_dir`
+    (replaced whole when it exists), with the umask's normal permissions;
     with `pretrain_steps`, the weights are first trained on the `corpus` texts (`pretrain`), and
     the losses are returned."""
     with tempfile.TemporaryDirectory() as scratch:
@@ -186,8 +189,11 @@ def make_tiny(
         losses = pretrain(model, tokenizer, corpus, pretrain_steps, seed=seed) if pretrain_steps else []
         model.generation_config = generation_config
         tokenizer.chat_template = chat_template(tokenizer, generation_config)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        # through a temporary folder that gets the umask's modes: transformers writes the weights
+        # 0600, which on a shared server nobody else could read; and a crash leaves no half a model
+        with atomic_directory(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return losses
 
 

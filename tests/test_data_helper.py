@@ -23,7 +23,7 @@ BAD = Path(__file__).resolve().parent / "bad_inputs" / "data_helper"
 sys.path.insert(0, str(ROOT))
 import data_helper  # noqa: E402
 from utils import UserError  # noqa: E402
-from utils.prompts import SYSTEM_TEMPLATE, build_system_prompt, load_roles  # noqa: E402
+from utils.prompts import SYSTEM_TEMPLATE, build_system_prompt, roles_from_file  # noqa: E402
 from utils.rolebench import strip_addressee  # noqa: E402
 
 GT, GS = "rolebench-zh_general_train.jsonl", "rolebench-zh_role_specific_train.jsonl"
@@ -83,7 +83,7 @@ def test_sample_counts_and_fields(out):
     assert counts["李白"] == (30, 42, 8, 11)
     train, test = read_jsonl(out / "train.jsonl"), read_jsonl(out / "test.jsonl")
     assert (len(train), len(test)) == (121, 32)
-    roles = load_roles(ROLES_FILE)
+    roles = descriptions()
     for sample in train + test:
         assert set(sample) == {"instruction", "input", "output", "role"}
         assert sample["role"] in DEFAULT_ROLES
@@ -93,7 +93,7 @@ def test_sample_counts_and_fields(out):
     assert sorted(os.listdir(out)) == ["prompts.json", "test.jsonl", "train.jsonl"]
     side = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
     assert side["system_template"] == SYSTEM_TEMPLATE
-    assert side["roles"] == {s["role"]: {"system": s["instruction"], "greeting": None} for s in train}
+    assert side == {"system_template": SYSTEM_TEMPLATE}  # the roles' prompts are in the samples
     assert_normal_permissions(out)
 
 
@@ -167,7 +167,7 @@ def test_other_roles_are_skipped_and_selectable(out, tmp_path):
 
     # a roles file without 皇帝/华妃: their rows are skipped, not an error
     three = tmp_path / "three.json"
-    roles = load_roles(ROLES_FILE)
+    roles = descriptions()
     three.write_text(json.dumps({k: roles[k] for k in DEFAULT_ROLES}, ensure_ascii=False),
                      encoding="utf-8")
     result = run("--data_dir", SAMPLE, "--roles_file", three, *outputs(out))
@@ -179,7 +179,7 @@ def test_system_template_option(out):
     result = run("--data_dir", SAMPLE, *outputs(out), "--system_template", "扮演{role}：{description}")
     assert result.returncode == 0, result.stderr
     sample = read_jsonl(out / "test.jsonl")[0]
-    roles = load_roles(ROLES_FILE)
+    roles = descriptions()
     assert sample["instruction"] == f"扮演{sample['role']}：{roles[sample['role']]}"
 
 
@@ -215,10 +215,44 @@ def test_all_argument_problems_reported_at_once(out):
     assert os.listdir(out) == []
 
 
+def test_each_input_file_is_read_once(tmp_path, out, monkeypatch, capsys):
+    """Validation and the run share what they load: the roles file, a card and each data file are
+    opened once (issue 16: they were loaded to be checked, then again to be used)."""
+    import builtins
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"name": "阿绣", "description": "绣娘", "first_mes": "你好",
+                                "mes_example": "<START>\n{{user}}: 你好\n{{char}}: 好"}, ensure_ascii=False),
+                    encoding="utf-8")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"role": "阿绣", "messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "嗯"}]}) + "\n",
+                     encoding="utf-8")
+    opened = collections.Counter()
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        opened[os.path.abspath(file) if isinstance(file, (str, Path)) else file] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    data_helper.main(["--data_dir", str(SAMPLE), "--roles_file", str(ROLES_FILE), "--roles", "张飞", "--card", str(card),
+                      "--dialogues", str(chats), "--train_out", str(out / "train.jsonl"),
+                      "--test_out", str(out / "test.jsonl")])
+    inputs = [ROLES_FILE, card, chats, *(SAMPLE / name for name in (GT, GS, TG, TS))]
+    assert {str(p): opened[os.path.abspath(p)] for p in inputs} == {str(p): 1 for p in inputs}
+    assert table(capsys.readouterr().out)["total"] == (32, 39, 8, 10)
+
+
 # ---------------------------------------------------------------- helpers
 
-def test_load_roles_and_build_system_prompt():
-    roles = load_roles(ROLES_FILE)
+def descriptions() -> dict[str, str]:
+    """data/roles.json as it is: role name -> description."""
+    return json.loads(Path(ROLES_FILE).read_text(encoding="utf-8"))
+
+
+def test_roles_file_and_build_system_prompt():
+    roles = descriptions()
     assert list(roles) == ["孙悟空", "张飞", "李白", "皇帝", "华妃"]
     assert all(len(d) > 50 for d in roles.values())
     prompt = build_system_prompt("张飞", roles["张飞"])
@@ -229,12 +263,12 @@ def test_load_roles_and_build_system_prompt():
     assert build_system_prompt("甲", " 乙 ", "{role}/{description}") == "甲/乙"
 
 
-def test_load_roles_errors_name_the_file(tmp_path):
+def test_roles_file_errors_name_the_file(tmp_path):
     missing = tmp_path / "none.json"
     with pytest.raises(UserError, match="none.json: roles file not found"):
-        load_roles(missing)
+        roles_from_file(str(missing))
     with pytest.raises(UserError, match=r"roles_bad_json.json:4: not valid JSON"):
-        load_roles(BAD / "roles_bad_json.json")
+        roles_from_file(str(BAD / "roles_bad_json.json"))
 
 
 # ---------------------------------------------------------------- real RoleBench-zh files

@@ -18,6 +18,7 @@ from array import array
 import torch
 
 from utils import UserError, read_jsonl
+from utils.files import MAX_LINE_BYTES
 from utils.prompts import Role
 
 # ShareGPT's "from" values, and the OpenAI roles they stand for
@@ -57,6 +58,10 @@ def row_messages(row) -> list[dict]:
     for field in ("role", "greeting"):
         if row.get(field) is not None and not isinstance(row[field], str):
             raise ValueError(f"field {field!r} must be a string")
+    shapes = [field for field in ("messages", "conversations", "instruction", "input", "output") if field in row]
+    if len(shapes) > 1 and shapes[0] in ("messages", "conversations"):  # one of them would be dropped unseen
+        raise ValueError(f"a row of two shapes: fields {shapes[0]!r} and {shapes[1]!r} (keep one: messages, "
+                         f"conversations, or instruction/input/output)")
     if "messages" in row:
         messages = _turns(row["messages"], "messages", "role", "content", {r: r for r in ("system", "user", "assistant")})
     elif "conversations" in row:
@@ -82,10 +87,12 @@ def system_of(messages: list[dict]) -> str:
     return messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
 
 
-def read_samples(path: str) -> list[dict]:
-    """Rows of a jsonl file of samples and conversations; a bad row is a UserError naming file and line."""
+def read_samples(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+    """Rows of a jsonl file of samples and conversations; a bad row, or a line longer than
+    `max_line_bytes`, is a UserError naming file and line (an unbounded line was read, tokenised
+    and trained whole: 100 MB took 10.8 GB)."""
     rows = []
-    for line_no, row in read_jsonl(path):
+    for line_no, row in read_jsonl(path, max_line_bytes):
         try:
             row_messages(row)
         except ValueError as error:
@@ -116,9 +123,9 @@ def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len
     return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
 
-def read_files(paths) -> list[dict]:
+def read_files(paths, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """The rows of one or more sample files, in order, each file checked as read_samples does."""
-    return [row for path in ([paths] if isinstance(paths, str) else paths) for row in read_samples(path)]
+    return [row for path in ([paths] if isinstance(paths, str) else paths) for row in read_samples(path, max_line_bytes)]
 
 
 class RolePlayDataset(torch.utils.data.Dataset):

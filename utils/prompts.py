@@ -26,7 +26,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from utils import UserError, read_json, write_json
+from utils.cards import USER_NAME, Card, card_description, read_roles_source, substitute
+from utils.cli import UserError, unsafe_character
+from utils.files import read_json, write_json
 
 SYSTEM_TEMPLATE = (
     "你现在要扮演{role}。以下是{role}的人物设定：{description}\n"
@@ -37,7 +39,7 @@ SYSTEM_TEMPLATE = (
 # The record names the layout; baichuan/generation_utils.py defines it (its docstring, in words)
 LAYOUT = "Baichuan2-Chat, as baichuan/generation_utils.py lays it out (system, then <user> q <assistant> a per round)"
 RECORD_FILE = "roleplay.json"
-PROMPTS_FILE = "prompts.json"  # data_helper.py's side file of the template and roles of its samples
+PROMPTS_FILE = "prompts.json"  # data_helper.py's side file of the template of its samples
 RECORD_FORMAT = 1
 # next to the scripts, so that they work from any directory
 DEFAULT_ROLES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "roles.json")
@@ -69,17 +71,23 @@ def build_system_prompt(role: str, description: str, template: str = SYSTEM_TEMP
     return template.format(role=role, description=description.strip())
 
 
-def load_roles(path: str) -> dict[str, str]:
-    """A roles file: a JSON object role name -> description. A bad file is a UserError naming it."""
-    return check_roles(read_json(path, "roles file"), path)
+def name_problem(name: str) -> str | None:
+    """What is wrong with a role name, or None. A name is printed in messages, in the page's role
+    list and in the API's model list, so a control or bidi character in it could forge an `error:`
+    line, clear the terminal or reverse the text around it."""
+    if not name.strip():
+        return "empty role name"
+    char = unsafe_character(name)
+    return f"role name {name!r} contains {char}, refused" if char else None
 
 
 def check_roles(roles, path: str) -> dict[str, str]:
+    """A roles file's value (a JSON object role name -> description), checked."""
     if not isinstance(roles, dict) or not roles:
         raise UserError(f"{path}: expected a non-empty JSON object of role name -> description")
     for name, description in roles.items():
-        if not name.strip():
-            raise UserError(f"{path}: empty role name")
+        if name_problem(name):
+            raise UserError(f"{path}: {name_problem(name)}")
         if not isinstance(description, str) or not description.strip():
             raise UserError(f"{path}: description of {name!r} must be a non-empty string")
     return roles
@@ -90,14 +98,25 @@ def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prom
     """The roles of a roles file, of a character card (JSON or PNG, utils.cards) or of a folder of
     cards; a card's own system_prompt is used with `card_system_prompt`, and its {{user}} becomes
     `user_name` (default utils.cards.USER_NAME)."""
-    from utils import cards  # it builds on this module
-
-    found, roles_file = cards.read_roles_source(path)
+    found, roles_file = read_roles_source(path)
     if found:
-        return {card.name: cards.card_role(card, template, card_system_prompt, user_name or cards.USER_NAME)
-                for card in found}
+        return {card.name: card_role(card, template, card_system_prompt, user_name or USER_NAME) for card in found}
     return {name: Role(name, build_system_prompt(name, description, template))
             for name, description in check_roles(roles_file, path).items()}
+
+
+def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False,
+              user_name: str = USER_NAME) -> Role:
+    """The role a card plays (utils.cards' docstring says how): its system prompt and greeting."""
+    description = card_description(card, user_name)
+    built = build_system_prompt(card.name, description, template) if description else ""
+    system = built
+    if card_system_prompt and card.system_prompt.strip():
+        system = substitute(card.system_prompt.replace("{{original}}", built), card.name, user_name)
+    if not system:
+        raise UserError(f"{card.path}: the card has no description, personality or scenario to build "
+                        f"{card.name}'s system prompt from")
+    return Role(card.name, system, substitute(card.first_mes, card.name, user_name) or None)
 
 
 # ---------------------------------------------------------------- the record a model carries
@@ -129,6 +148,8 @@ def read_record(directory: str) -> dict | None:
     if not isinstance(roles, dict) or not roles or record.get("format") != RECORD_FORMAT:
         raise UserError(f"{path}: not a prompt record of format {RECORD_FORMAT} with at least one role")
     for name, role in roles.items():
+        if name_problem(name):
+            raise UserError(f"{path}: {name_problem(name)}")
         if not isinstance(role, dict) or not isinstance(role.get("system"), str):
             raise UserError(f"{path}: role {name!r} has no system prompt")
     return record
@@ -140,11 +161,9 @@ def record_roles(record: dict) -> dict[str, Role]:
 
 @dataclass(frozen=True)
 class Prompts:
-    """The roles a front end offers, and the template that built them."""
+    """The roles a front end offers."""
 
     roles: dict[str, Role]
-    template: str
-    source: str  # where they came from, for messages
 
 
 def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None,
@@ -152,21 +171,20 @@ def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: s
     """The roles to serve a model with: `roles_file` (a roles file, a card or a folder of cards) when
     given, its prompts built with the model's own template; else the model's record (the adapter's
     first), else data/roles.json with a note."""
-    record, where = None, None
+    record = None
     for directory in (adapter_path, model_path):
         if directory and os.path.isdir(directory):
             record = read_record(directory)
             if record is not None:
-                where = os.path.join(directory, RECORD_FILE)
                 break
     template = record["system_template"] if record and record.get("system_template") else SYSTEM_TEMPLATE
     if roles_file is not None:
-        return Prompts(roles_from_file(roles_file, template, card_system_prompt), template, roles_file)
+        return Prompts(roles_from_file(roles_file, template, card_system_prompt))
     if record is not None:
-        return Prompts(record_roles(record), template, where)
+        return Prompts(record_roles(record))
     print(f"note: {adapter_path or model_path} carries no {RECORD_FILE} (a base model, or one trained before "
           f"prompt records): using the roles of {os.path.relpath(DEFAULT_ROLES_FILE)}", file=sys.stderr)
-    return Prompts(roles_from_file(DEFAULT_ROLES_FILE), SYSTEM_TEMPLATE, DEFAULT_ROLES_FILE)
+    return Prompts(roles_from_file(DEFAULT_ROLES_FILE))
 
 
 def check_role(roles: dict[str, Role], name) -> Role:

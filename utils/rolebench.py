@@ -7,7 +7,8 @@ with the addressee and a full-width comma (`张飞，…`); only that prefix is 
 import os
 import shutil
 
-from utils import UserError, read_jsonl
+from utils import UserError
+from utils.files import MAX_LINE_BYTES, read_jsonl
 
 DEFAULT_ROLES = ["孙悟空", "张飞", "李白"]
 SPLITS = ("train", "test")
@@ -15,7 +16,6 @@ KINDS = ("general", "role_specific")
 INPUT_FILES = {(kind, split): f"rolebench-zh_{kind}_{split}.jsonl" for kind in KINDS for split in SPLITS}
 HUB_REPO_ID = "ZenMoore/RoleBench"
 HUB_PATHS = {key: f"rolebench-zh/{key[0]}/{key[1]}.jsonl" for key in INPUT_FILES}
-MAX_LINE_BYTES = 1_000_000
 FULLWIDTH_COMMA = "，"
 
 
@@ -58,11 +58,12 @@ def parse_row(row) -> dict:
     return {"role": row["role"], "question": question, "replies": row["generated"]}
 
 
-def read_rows(path: str, on_bad=None):
-    """The checked rows of one RoleBench-format file, in file order. A bad line is a UserError
-    naming file and line, or, with `on_bad`, handed to it and skipped. An empty file is an error."""
+def read_rows(path: str, on_bad=None, max_line_bytes: int = MAX_LINE_BYTES):
+    """The checked rows of one RoleBench-format file, in file order. A bad line (or one longer than
+    `max_line_bytes`) is a UserError naming file and line, or, with `on_bad`, handed to it and
+    skipped. An empty file is an error."""
     seen = False
-    for number, value in read_jsonl(path, MAX_LINE_BYTES, on_bad):
+    for number, value in read_jsonl(path, max_line_bytes, on_bad):
         seen = True
         try:
             row = parse_row(value)
