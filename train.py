@@ -120,6 +120,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
 def dry_run(config: TrainConfig) -> None:
     """Parameter counts and a rough per-GPU memory estimate, from the model's config alone."""
     import torch
@@ -284,7 +288,7 @@ def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: d
 def main():
     from utils.signals import STOP
 
-    args = build_parser().parse_args()
+    args = parse_args()
     STOP.install()  # before torch starts threads (utils.signals)
     config = TrainConfig.from_args(args)
     exit_on_problems(config.problems())
