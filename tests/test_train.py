@@ -281,6 +281,10 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     # transformers' per-weight bar is off; the load is one line with its time
     assert "Loading weights" not in output
     assert len(re.findall(r"^loaded \S+ \(4-bit, cpu\) in [0-9.]+ s$", output, re.M)) == 1
+    # the config, printed at start, one line a section
+    assert "\nlora: lora_dim=8, lora_alpha=30.0, lora_dropout=0.1\n" in output
+    assert re.search(r"^data: train_path=\S+train.jsonl, test_path=\S+test.jsonl, .*max_len=384, max_src_len=64,", output,
+                     re.M)
     # --save_total_limit 2: the newest two, and the best by eval loss, which `best` points to
     evals = {int(step): float(loss) for step, loss in EVAL_LINE.findall(output)}
     assert sorted(evals) == [4, 8, 12]
