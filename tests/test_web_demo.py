@@ -22,9 +22,10 @@ import pytest  # noqa: E402
 
 import web_demo  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
-from helpers import RecordingModel, assert_one_line_error, card_png, serve, wait_for  # noqa: E402
+from helpers import CountingSlots, RecordingModel, assert_one_line_error, card_png, serve, wait_for  # noqa: E402
 from utils import UserError  # noqa: E402
-from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
+from utils.chat import Sampling, role_messages  # noqa: E402
+from utils.engine import ChatEngine  # noqa: E402
 from utils.prompts import Role, load_prompts  # noqa: E402
 
 # Gradio 6.31's queue statistics use pandas options that pandas 3 deprecates; not ours to fix
@@ -70,7 +71,7 @@ def hold_and_fill(chat, model, client, running: int, waiting: int) -> list:
     jobs = [submit(client, "排队") for _ in range(running)]
     wait_for(lambda: len(model.calls) == calls + running, what=f"{running} requests generating")
     jobs += [submit(client, "排队") for _ in range(waiting)]
-    wait_for(lambda: chat.slots.inside == running + waiting, what=f"{waiting} requests waiting")
+    wait_for(lambda: chat.engine.slots.inside == running + waiting, what=f"{waiting} requests waiting")
     return jobs
 
 
@@ -82,17 +83,18 @@ def recording(loaded):
     return RecordingModel(loaded[0])
 
 
-def make_chat(model, tokenizer, roles, running=1, waiting=2):
-    return web_demo.RolePlayChat(model, tokenizer, roles, GenerationSlots(running, waiting))
+def make_chat(model, tokenizer, roles, running=1, waiting=2, defaults=Sampling(), **limits):
+    engine = ChatEngine(model, tokenizer, roles, CountingSlots(running, waiting), defaults, **limits)
+    return web_demo.RolePlayChat(engine)
 
 
 @pytest.fixture(scope="module")
 def page_server(loaded, roles):
     """The page with a small bound (1 generating + 2 waiting), greedy, 12-token replies."""
     model = RecordingModel(loaded[0])
-    chat = make_chat(model, loaded[1], roles)
-    demo = web_demo.build_demo(chat, "孙悟空", Sampling(12, 0.8, 0))
-    with serve(web_demo.build_app(demo, chat)) as url:
+    chat = make_chat(model, loaded[1], roles, defaults=Sampling(12, 0.8, 0))
+    demo = web_demo.build_demo(chat, "孙悟空")
+    with serve(web_demo.build_app(demo, chat.engine)) as url:
         yield url, model, chat
         model.gate.set()
 
@@ -170,7 +172,7 @@ def test_reply_streams_and_history_goes_into_the_prompt(loaded, roles, recording
     expected = role_messages(roles["李白"], history + [{"role": "user", "content": "那你最喜欢喝什么酒？"}])
     ids = build_chat_input(tokenizer, expected, model.generation_config, model.config.model_max_length, 8)
     assert recording.calls[-1]["inputs"][0].tolist() == ids
-    assert chat.slots.inside == 0  # every finished turn gave its slot back
+    assert chat.engine.slots.inside == 0  # every finished turn gave its slot back
 
 
 def test_oldest_rounds_are_dropped_when_the_context_is_full(loaded, roles, recording):
@@ -221,7 +223,7 @@ def test_generation_failure_is_shown_not_crashed(loaded, roles):
     chat = make_chat(Broken(loaded[0]), loaded[1], roles)
     with pytest.raises(gr.Error, match="generation failed: RuntimeError: out of memory"):
         run_chat(chat, "你好", [])
-    assert chat.slots.inside == 0
+    assert chat.engine.slots.inside == 0
 
 
 def test_stop_ends_the_reply_at_once_and_frees_the_slot(loaded, roles, recording):
@@ -235,7 +237,7 @@ def test_stop_ends_the_reply_at_once_and_frees_the_slot(loaded, roles, recording
     assert list(turn) == []  # nothing streams in after Stop
     wait_for(lambda: not recording.running, timeout=5, what="generation to end")
     generated = recording.outputs[-1].shape[1] - recording.calls[-1]["inputs"].shape[1]
-    assert generated < 200 and chat.slots.inside == 0
+    assert generated < 200 and chat.engine.slots.inside == 0
     assert text_of(shown[-1][1][-1]).strip()  # what was shown stays shown
 
 
@@ -298,9 +300,9 @@ def test_requests_beyond_the_bound_are_told_busy(page_server, client):
 def test_eight_clients_two_turns_then_overflow(loaded, roles):
     """A small version of bench/bench_load.py: 8 clients at once, 2 generating and 6 waiting."""
     model = RecordingModel(loaded[0])
-    chat = make_chat(model, loaded[1], roles, running=2, waiting=6)
-    demo = web_demo.build_demo(chat, "孙悟空", Sampling(8, 0.8, 0))
-    with serve(web_demo.build_app(demo, chat)) as url:
+    chat = make_chat(model, loaded[1], roles, running=2, waiting=6, defaults=Sampling(8, 0.8, 0))
+    demo = web_demo.build_demo(chat, "孙悟空")
+    with serve(web_demo.build_app(demo, chat.engine)) as url:
         def two_turns(i):
             own = client_for(url)
             _, history = submit(own, "你好", [], ("孙悟空", "张飞", "李白")[i % 3], 8).result(timeout=120)
@@ -428,7 +430,7 @@ def test_page_stop_clear_and_role_switch_end_a_streaming_reply(page, page_server
         else:
             page.get_by_role("radio", name="张飞").check()
         # the server side ends first: no generation is left running and the slot is free
-        wait_for(lambda: not model.running and chat.slots.inside == 0 and len(model.calls) == calls + 1,
+        wait_for(lambda: not model.running and chat.engine.slots.inside == 0 and len(model.calls) == calls + 1,
                  timeout=10, what="the reply's generation to end")
         generated = model.outputs[-1].shape[1] - model.calls[-1]["inputs"].shape[1]
         assert generated < 12, "the reply ran to its end: it was not stopped"
@@ -453,10 +455,10 @@ def test_page_stop_while_waiting_for_a_slot_leaves_no_empty_reply(page, page_ser
     try:
         jobs = hold_and_fill(chat, model, client, 1, 1)
         send(page, "等一个位置")
-        wait_for(lambda: chat.slots.inside == 3, what="the page's request to wait for a slot")
+        wait_for(lambda: chat.engine.slots.inside == 3, what="the page's request to wait for a slot")
         page.locator("#chatbot [data-testid=user]").wait_for()
         page.locator("#stop").click()
-        wait_for(lambda: chat.slots.inside == 2, timeout=10, what="the page's request to give up its place")
+        wait_for(lambda: chat.engine.slots.inside == 2, timeout=10, what="the page's request to give up its place")
         page.wait_for_function("""() => {
             const tracker = document.querySelector('#chatbot [data-testid=status-tracker]');
             return document.querySelectorAll('#chatbot [data-testid=user], #chatbot [data-testid=bot]').length === 0
@@ -528,9 +530,9 @@ def test_page_offers_exactly_the_trained_roles_and_greets(browser, loaded):
 @contextlib.contextmanager
 def page_of_roles(browser, model, tokenizer, roles):
     """The page for `roles` (the first one selected), served and open in the browser."""
-    chat = make_chat(model, tokenizer, roles)
-    demo = web_demo.build_demo(chat, next(iter(roles)), Sampling(6, 0.8, 0))
-    with serve(web_demo.build_app(demo, chat)) as url:
+    chat = make_chat(model, tokenizer, roles, defaults=Sampling(6, 0.8, 0))
+    demo = web_demo.build_demo(chat, next(iter(roles)))
+    with serve(web_demo.build_app(demo, chat.engine)) as url:
         page = open_page(browser, url)
         try:
             yield page
@@ -661,7 +663,7 @@ def test_a_port_taken_between_the_check_and_gradio_is_a_user_error(loaded, roles
     port = held.getsockname()[1]
     # the checked socket, as if closed for Gradio and the port then taken by someone else
     checked = types.SimpleNamespace(getsockname=lambda: ("127.0.0.1", port), close=lambda: None)
-    demo = web_demo.build_demo(make_chat(loaded[0], loaded[1], roles), "孙悟空", Sampling())
+    demo = web_demo.build_demo(make_chat(loaded[0], loaded[1], roles), "孙悟空")
     try:
         with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}"):
             web_demo.launch(demo, checked, web_demo.parse_args(["--model_path", "m", "--share", "--no_api_key"]))
