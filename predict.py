@@ -119,8 +119,8 @@ def main(argv=None) -> None:
     engine = ChatEngine.load(args, roles)
     sampling = replace(engine.defaults, temperature=0) if args.greedy else engine.defaults
     if args.question is not None:
-        answer(engine.start_reply(engine.prompt(role, [*role.opening(), {"role": "user", "content": args.question}]),
-                                  sampling))
+        messages = engine.prompt(role, [*role.opening(), {"role": "user", "content": args.question}])
+        answer(engine.start_reply(messages, sampling))
     else:
         interactive(engine, role, sampling)
 

@@ -20,7 +20,9 @@ model's roleplay.json; --roles_file plays other roles, from a roles file or char
 role with a greeting (a card's first_mes) opens the chat with it, and it stays in the prompt as
 the first assistant turn. Switching role starts a new conversation.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
-Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
+Submit is disabled while a reply runs (a message typed meanwhile waits in the box). Earlier turns go
+into the prompt; when the context is full the oldest whole rounds are dropped. A conversation of
+more than --max_messages messages is refused: start a new one.
 
 At most `--concurrency` replies are generated at once and `--max_queue` more wait for a slot, the
 page's and the API's together; beyond that a request is turned away with "busy" (the API: 429 with

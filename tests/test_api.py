@@ -317,7 +317,7 @@ def hold(model, engine, client, streams: int) -> tuple[ThreadPoolExecutor, list]
 
 
 def test_full_bound_is_429_with_retry_after(client, api_server):
-    url, model, engine = api_server
+    _, model, engine = api_server
     try:
         pool, jobs = hold(model, engine, client, 2)  # 1 generating + 1 waiting: this server's bound
         with pytest.raises(openai.RateLimitError) as error:

@@ -84,7 +84,7 @@ def recording(loaded):
     return RecordingModel(loaded[0])
 
 
-def make_chat(model, tokenizer, roles, running=1, waiting=2, defaults=Sampling(), **limits):
+def make_chat(model, tokenizer, roles, running=1, waiting=2, defaults=None, **limits):
     engine = ChatEngine(model, tokenizer, roles, CountingSlots(running, waiting), defaults, **limits)
     return web_demo.RolePlayChat(engine)
 

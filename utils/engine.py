@@ -61,15 +61,15 @@ class ChatEngine:
 
     Limits: `max_message_chars` per new message, `max_messages` per conversation, and a reply of at
     most `max_new_tokens_limit` tokens (half the context, so that a prompt always keeps room).
-    `defaults` is the sampling a request that sets none gets.
+    `defaults` is the sampling a request that sets none gets (None: Sampling's own).
     """
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
-                 defaults: Sampling = Sampling(), max_message_chars: int = MAX_MESSAGE_CHARS,
+                 defaults: Sampling | None = None, max_message_chars: int = MAX_MESSAGE_CHARS,
                  max_messages: int = MAX_MESSAGES):
         self.model, self.tokenizer, self.roles = model, tokenizer, roles
         self.slots = slots or GenerationSlots(1, 0)  # predict.py: one reply at a time, nobody waiting
-        self.defaults = defaults
+        self.defaults = defaults or Sampling()
         self.max_message_chars, self.max_messages = max_message_chars, max_messages
         self.model_max_length = model.config.model_max_length
         self.max_new_tokens_limit = max(1, self.model_max_length // 2)
