@@ -77,10 +77,7 @@ def greet(role) -> list[dict]:
     return role.opening()
 
 
-def interactive(model, tokenizer, roles, role, sampling) -> None:
-    from utils.chat import role_messages, start_reply
-    from utils.prompts import check_role
-
+def interactive(engine, role, sampling) -> None:
     print(f"chatting with {role.name}; /clear starts over, /role NAME switches, /exit quits", file=sys.stderr)
     history = greet(role)
     while (line := read_line("你> ")) is not None:
@@ -95,7 +92,7 @@ def interactive(model, tokenizer, roles, role, sampling) -> None:
             continue
         if line.startswith("/role"):
             try:
-                role = check_role(roles, line[len("/role"):].strip())
+                role = engine.role(line[len("/role"):].strip())
                 print(f"(now chatting with {role.name}; conversation cleared)", file=sys.stderr)
                 history = greet(role)
             except UserError as error:  # a typo here should not end the session, only be reported
@@ -103,7 +100,7 @@ def interactive(model, tokenizer, roles, role, sampling) -> None:
             continue
         history.append({"role": "user", "content": line})
         sys.stdout.write(f"{role.name}> ")
-        reply = answer(start_reply(model, tokenizer, role_messages(role, history), sampling))
+        reply = answer(engine.start_reply(engine.prompt(role, history), sampling))
         history.append({"role": "assistant", "content": reply})
 
 
@@ -114,20 +111,18 @@ def main(argv=None) -> None:
     from utils import quiet_third_party
 
     quiet_third_party()
-    from utils.chat import Sampling, role_messages, start_reply
-    from utils.models import load_for_inference
-    from utils.prompts import check_role, load_prompts
+    from dataclasses import replace
 
-    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
-    role = check_role(prompts.roles, args.role or next(iter(prompts.roles)))
-    model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
-                                          args.quantization_bit)
-    sampling = Sampling(args.max_new_tokens, args.top_p, 0 if args.greedy else args.temperature)
+    from utils.engine import ChatEngine, read_roles
+
+    roles, role = read_roles(args, args.role)
+    engine = ChatEngine.load(args, roles)
+    sampling = replace(engine.defaults, temperature=0) if args.greedy else engine.defaults
     if args.question is not None:
-        messages = role_messages(role, [*role.opening(), {"role": "user", "content": args.question}])
-        answer(start_reply(model, tokenizer, messages, sampling))
+        messages = engine.prompt(role, [*role.opening(), {"role": "user", "content": args.question}])
+        answer(engine.start_reply(messages, sampling))
     else:
-        interactive(model, tokenizer, prompts.roles, role, sampling)
+        interactive(engine, role, sampling)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ model's roleplay.json; --roles_file plays other roles, from a roles file or char
 role with a greeting (a card's first_mes) opens the chat with it, and it stays in the prompt as
 the first assistant turn. Switching role starts a new conversation.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
-Earlier turns go into the prompt; when the context is full the oldest whole rounds are dropped.
+Submit is disabled while a reply runs (a message typed meanwhile waits in the box). Earlier turns go
+into the prompt; when the context is full the oldest whole rounds are dropped. A conversation of
+more than --max_messages messages is refused: start a new one.
 
 At most `--concurrency` replies are generated at once and `--max_queue` more wait for a slot, the
 page's and the API's together; beyond that a request is turned away with "busy" (the API: 429 with
@@ -40,6 +42,7 @@ import threading
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
+from utils.engine import MAX_MESSAGES
 
 logger = logging.getLogger("web_demo")
 
@@ -57,71 +60,32 @@ class _Turn:
 
 
 class RolePlayChat:
-    """The page's handlers, kept apart from the layout so that tests can call them directly.
+    """The page's handlers over a ChatEngine, kept apart from the layout so that tests can call them
+    directly.
 
     Each running reply has a stop event, filed under its browser session: Stop, Clear and a role
     switch set the session's events, and each of its replies then ends at once, yielding nothing
     more, which frees its slot.
     """
 
-    def __init__(self, model, tokenizer, roles, slots, max_message_chars: int = MAX_MESSAGE_CHARS):
-        self.model, self.tokenizer, self.roles, self.slots = model, tokenizer, roles, slots
-        self.max_message_chars = max_message_chars
-        self.model_max_length = model.config.model_max_length
-        self.max_new_tokens_limit = max(1, self.model_max_length // 2)  # a reply may use half the context
+    def __init__(self, engine):
+        self.engine = engine
         self._stops: dict[str, set[_Turn]] = {}
         self._stops_lock = threading.Lock()
-
-    def clean_history(self, history) -> list[dict]:
-        """The conversation from the browser or an API client as {"role", "content": str} dicts,
-        checked like any input, and cut to the newest messages that could fit in the context."""
-        from utils.chat import content_text, newest_history
-
-        if history is None:
-            return []
-        if not isinstance(history, list):
-            raise UserError("the history must be a list of messages")
-        messages = []
-        for message in history:
-            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-                raise UserError("the history may only hold messages with role 'user' or 'assistant'")
-            messages.append({"role": message["role"], "content": content_text(message.get("content"))})
-        return newest_history(messages, self.model_max_length)
-
-    def check(self, message, history, role, max_new_tokens, top_p, temperature):
-        """Every check of one turn's input, in the order of the inputs; returns the cleaned history."""
-        from utils.chat import check_message, check_settings
-        from utils.prompts import check_role
-
-        check_message(message, self.max_message_chars)
-        history = self.clean_history(history)
-        check_role(self.roles, role)
-        check_settings(max_new_tokens, top_p, temperature, self.max_new_tokens_limit)
-        return history
 
     def validate(self, message, history, role, max_new_tokens, top_p, temperature) -> list:
         """Gradio validator of chat(): runs before a request joins the queue, so bad input never
         waits in line; each problem shows next to its input (gradio_client: ValidationError)."""
         import gradio as gr
 
-        from utils.chat import check_max_new_tokens, check_message, check_temperature, check_top_p
-        from utils.prompts import check_role
+        from utils.chat import Sampling
+        from utils.engine import TURN_FIELDS, InputError
 
-        def verdict(check, *args):
-            try:
-                check(*args)
-            except UserError as error:
-                return gr.validate(False, str(error))
-            return gr.validate(True, "")
-
-        return [
-            verdict(check_message, message, self.max_message_chars),
-            verdict(self.clean_history, history),
-            verdict(check_role, self.roles, role),
-            verdict(check_max_new_tokens, max_new_tokens, self.max_new_tokens_limit),
-            verdict(check_top_p, top_p),
-            verdict(check_temperature, temperature),
-        ]
+        try:
+            self.engine.turn(message, history, role, Sampling(max_new_tokens, top_p, temperature))
+        except InputError as error:
+            return [gr.validate(field not in error.problems, error.problems.get(field, "")) for field in TURN_FIELDS]
+        return [gr.validate(True, "") for _ in TURN_FIELDS]
 
     def stop(self, request=None, restart: list | None = None) -> None:
         """End this session's running replies, if any. With `restart`, each reply's last update shows
@@ -136,24 +100,23 @@ class RolePlayChat:
         """One turn: show the message, then stream the reply into the chat. Yields (text box, chat)."""
         import gradio as gr
 
-        from utils.chat import Busy, Cancelled, Sampling, role_messages, start_reply
+        from utils.chat import Busy, Cancelled, Sampling
 
-        try:
-            history = self.check(message, history, role, max_new_tokens, top_p, temperature)
+        sampling = Sampling(max_new_tokens, top_p, temperature)
+        try:  # the validator's checks again: a direct caller of this handler gets them too
+            messages = self.engine.turn(message, history, role, sampling)
         except UserError as error:
             raise gr.Error(str(error), print_exception=False) from None
         session, turn = getattr(request, "session_hash", None), _Turn()
         with self._stops_lock:
             self._stops.setdefault(session, set()).add(turn)
-        history.append({"role": "user", "content": message})
-        messages = role_messages(self.roles[role], history)
+        history = messages[1:]  # what the prompt holds: the chat shown is the one the model sees
         reply = ""
         try:
-            with self.slots.place() as slot:
+            with self.engine.slots.place() as slot:
                 yield "", [*history, {"role": "assistant", "content": reply}]
                 with slot(turn.stop):
-                    for reply in start_reply(self.model, self.tokenizer, messages,
-                                             Sampling(max_new_tokens, top_p, temperature), turn.stop):
+                    for reply in self.engine.start_reply(messages, sampling, turn.stop):
                         if turn.stop.is_set():
                             break
                         # the text box is left alone while streaming: the user may be typing the next message
@@ -183,13 +146,15 @@ class RolePlayChat:
     def greeting(self, role) -> list[dict]:
         """The chat a role starts with: its greeting, when it has one, which then goes back into the
         prompt as the first assistant turn."""
-        return self.roles[role].opening() if role in self.roles else []
+        return self.engine.roles[role].opening() if role in self.engine.roles else []
 
 
-def build_demo(chat: RolePlayChat, default_role: str, sampling):
-    """The chat page (a small gr.Blocks, as Gradio's chatbot_streaming demo)."""
+def build_demo(chat: RolePlayChat, default_role: str):
+    """The chat page (a small gr.Blocks, as Gradio's chatbot_streaming demo); the sliders start at
+    the engine's default sampling."""
     import gradio as gr
 
+    defaults, limit = chat.engine.defaults, chat.engine.max_new_tokens_limit
     # analytics off: a local demo should not report its use to Gradio's servers
     with gr.Blocks(title="Baichuan2 角色扮演 role-play", analytics_enabled=False) as demo:
         gr.Markdown("## Baichuan2 角色扮演 · role-play chat")
@@ -207,59 +172,70 @@ def build_demo(chat: RolePlayChat, default_role: str, sampling):
                     stop = gr.Button("停止 Stop", elem_id="stop")
                     clear = gr.Button("清空 Clear", elem_id="clear")
             with gr.Column(scale=1):
-                role = gr.Radio(list(chat.roles), value=default_role, elem_id="role",
+                role = gr.Radio(list(chat.engine.roles), value=default_role, elem_id="role",
                                 label="角色 Role (switching starts a new chat)")
-                limit = chat.max_new_tokens_limit
-                new_tokens = gr.Slider(1, limit, value=min(sampling.max_new_tokens, limit), step=1,
-                                       label="max new tokens", elem_id="max_new_tokens")
-                nucleus = gr.Slider(0.05, 1.0, value=sampling.top_p, step=0.05, label="top_p", elem_id="top_p")
-                heat = gr.Slider(0.0, 2.0, value=sampling.temperature, step=0.05, label="temperature (0 = greedy)",
-                                 elem_id="temperature")
-
-        # Gradio hands a handler the request (and so the browser session) through this annotation
-        def respond(message, history, role, max_new_tokens, top_p, temperature, request: gr.Request):
-            yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request)
-
-        def stop_reply(request: gr.Request):
-            chat.stop(request)
-
-        def start_over(role, request: gr.Request):
-            chat.stop(request, restart=chat.greeting(role))
-            return chat.greeting(role)
-
-        def clear_chat(role, request: gr.Request):
-            return start_over(role, request), ""
-
-        # Enter and Submit run the same streaming handler (api_name "chat" for clients); its progress
-        # and errors show on the chat only, never hiding the message being typed.
-        gr.on([msg.submit, submit.click], respond, [msg, chatbot, role, new_tokens, nucleus, heat],
-                     [msg, chatbot], api_name="chat", validator=chat.validate, preprocess=False,
-                     show_progress_on=chatbot)
-        # Stop keeps what was shown; Clear (the button or the chat's trash icon) and a new role start
-        # over, keeping a draft message on a role switch. Each ends the running reply at once (its
-        # stop event), and the reply's own last update shows the new start.
-        private = {"queue": False, "api_visibility": "private"}
-        stop.click(stop_reply, None, None, **private)
-        clear.click(clear_chat, role, [chatbot, msg], **private)
-        chatbot.clear(start_over, role, chatbot, **private)
-        role.change(start_over, role, chatbot, **private)
-    # the bound on concurrent replies is chat.slots, shared with the API: Gradio only runs the handlers
+                settings = [
+                    gr.Slider(1, limit, value=min(defaults.max_new_tokens, limit), step=1, label="max new tokens",
+                              elem_id="max_new_tokens"),
+                    gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top_p", elem_id="top_p"),
+                    gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)",
+                              elem_id="temperature")]
+        wire(chat, msg, chatbot, role, settings, submit, stop, clear)
+    # the bound on concurrent replies is chat.engine.slots, shared with the API: Gradio only runs the handlers
     demo.queue(default_concurrency_limit=None, max_size=None)
     return demo
 
 
-def build_app(demo, chat: RolePlayChat, defaults=None, api_key: str | None = None):
+def wire(chat: RolePlayChat, msg, chatbot, role, settings: list, submit, stop, clear) -> None:
+    """The page's events, inside its gr.Blocks."""
+    import gradio as gr
+
+    # Gradio hands a handler the request (and so the browser session) through this annotation
+    def respond(message, history, role, max_new_tokens, top_p, temperature, request: gr.Request):
+        yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request)
+
+    def stop_reply(request: gr.Request):
+        chat.stop(request)
+
+    def start_over(role, request: gr.Request):
+        chat.stop(request, restart=chat.greeting(role))
+        return chat.greeting(role)
+
+    def clear_chat(role, request: gr.Request):
+        return start_over(role, request), ""
+
+    private = {"queue": False, "api_visibility": "private"}
+    inputs = [msg, chatbot, role, *settings]
+    # Submit is disabled while a reply streams: Gradio ignores a new send until the running one ends
+    # (trigger_mode "once"), and a message left in the box should say why. The lock runs the
+    # validator (only queued events do), so that refused input leaves Submit as it was: Gradio
+    # starts no .then after a refusal, and nothing would unlock it.
+    lock = gr.on([msg.submit, submit.click], lambda *_: gr.Button(interactive=False), inputs, submit,
+                 validator=chat.validate, preprocess=False, show_progress="hidden", api_visibility="private")
+    # Enter and Submit then run the streaming handler (api_name "chat" for clients, validated again
+    # there); its progress and errors show on the chat only, never hiding the message being typed.
+    reply = lock.success(respond, inputs, [msg, chatbot], api_name="chat", validator=chat.validate,
+                         preprocess=False, show_progress_on=chatbot)
+    # Submit back once the reply ends, whatever its outcome: Gradio 6.31's page starts no .then after
+    # an error (only .failure), so both outcomes are listed
+    for outcome in (reply.success, reply.failure):
+        outcome(lambda: gr.Button(interactive=True), None, submit, **private)
+    # Stop keeps what was shown; Clear (the button or the chat's trash icon) and a new role start
+    # over, keeping a draft message on a role switch. Each ends the running reply at once (its
+    # stop event), and the reply's own last update shows the new start.
+    stop.click(stop_reply, None, None, **private)
+    clear.click(clear_chat, role, [chatbot, msg], **private)
+    chatbot.clear(start_over, role, chatbot, **private)
+    role.change(start_over, role, chatbot, **private)
+
+
+def build_app(demo, engine, api_key: str | None = None):
     """The OpenAI-compatible API under /v1 and the page (None: the API alone) as one FastAPI app;
-    both answer from `chat`, within its one bound. `defaults` (a Sampling) fills the settings an
-    API request leaves out. With `api_key`, API requests need it as their bearer token, and the
-    page asks for it as the password of a login form (any user name)."""
-    from fastapi import FastAPI
+    both answer from `engine`, within its one bound. With `api_key`, API requests need it as their
+    bearer token, and the page asks for it as the password of a login form (any user name)."""
+    from utils.api import api_app
 
-    from utils.api import add_api
-    from utils.chat import Sampling
-
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    add_api(app, chat, defaults or Sampling(), api_key)  # first: the page's mount at the root would take /v1 too
+    app = api_app(engine, api_key)  # first: the page's mount at the root would take /v1 too
     if demo is None:
         return app
     import gradio as gr
@@ -333,8 +309,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument_group("model").add_argument(
         "--default_role", help="role selected when the page opens (default: the model's first role)")
-    add_generation_args(parser, "generation (the sliders' starting values, the API's defaults)").add_argument(
-        "--max_message_chars", type=int, default=MAX_MESSAGE_CHARS, help="longer messages are refused")
+    group = add_generation_args(parser, "generation (the sliders' starting values, the API's defaults)")
+    group.add_argument("--max_message_chars", type=int, default=MAX_MESSAGE_CHARS, help="longer messages are refused")
+    group.add_argument("--max_messages", type=int, default=MAX_MESSAGES,
+                       help="conversations of more messages (the page's history, an API request's messages) "
+                            "are refused: each costs work, and only the newest few fit in the context")
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on; 0.0.0.0 opens the page and the API to the network (needs a key)")
@@ -360,7 +339,7 @@ def validate_args(args) -> list[str]:
     from utils.chat import check_settings
 
     problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
-                for name in ("max_message_chars", "concurrency", "max_queue") if getattr(args, name) < 1]
+                for name in ("max_message_chars", "max_messages", "concurrency", "max_queue") if getattr(args, name) < 1]
     if not 0 <= args.port < 65536:
         problems.append(f"--port must be in 0..65535, got {args.port}")
     key = api_key(args)
@@ -392,23 +371,18 @@ def main(argv=None) -> None:
     from utils import quiet_third_party
 
     quiet_third_party()
-    from utils.chat import GenerationSlots, Sampling
-    from utils.models import load_for_inference
-    from utils.prompts import check_role, load_prompts
+    from utils.chat import GenerationSlots
+    from utils.engine import ChatEngine, read_roles
 
-    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt)
-    default_role = check_role(prompts.roles, args.default_role or next(iter(prompts.roles))).name
+    roles, default_role = read_roles(args, args.default_role)
     with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
-        model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
-                                              args.quantization_bit)
-        chat = RolePlayChat(model, tokenizer, prompts.roles, GenerationSlots(args.concurrency, args.max_queue),
-                            args.max_message_chars)
-        defaults = Sampling(args.max_new_tokens, args.top_p, args.temperature)
-        demo = None if args.api_only else build_demo(chat, default_role, defaults)
+        engine = ChatEngine.load(args, roles, slots=GenerationSlots(args.concurrency, args.max_queue),
+                                 max_message_chars=args.max_message_chars, max_messages=args.max_messages)
+        demo = None if args.api_only else build_demo(RolePlayChat(engine), default_role.name)
         if args.share:
             launch(demo, sock, args)
         else:
-            run_server(build_app(demo, chat, defaults, api_key(args)), sock, args.host, args.api_only)
+            run_server(build_app(demo, engine, api_key(args)), sock, args.host, args.api_only)
 
 
 if __name__ == "__main__":

@@ -129,3 +129,28 @@ def assert_packing_is_exact(model, examples: list[dict], packed: list[dict], pad
     torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+class CountingSlots:
+    """utils.chat.GenerationSlots that also count the requests holding a place (generating or
+    waiting) in `inside`, for a test to wait until the bound is as full as it means it to be."""
+
+    def __init__(self, running: int, waiting: int):
+        from utils.chat import GenerationSlots
+
+        self.slots = GenerationSlots(running, waiting)
+        self.inside = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def place(self):
+        counted = False
+        try:
+            with self.slots.place() as turn:  # Busy: never counted
+                with self._lock:
+                    self.inside, counted = self.inside + 1, True
+                yield turn
+        finally:  # once the real place is given back
+            if counted:
+                with self._lock:
+                    self.inside -= 1

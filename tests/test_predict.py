@@ -12,6 +12,7 @@ import predict
 from baichuan.generation_utils import build_chat_input
 from utils import UserError, exit_on_user_error
 from utils.chat import Sampling, role_messages
+from utils.engine import ChatEngine
 from utils.models import load_for_inference
 from utils.prompts import roles_from_file
 
@@ -84,7 +85,7 @@ def test_interactive_prompt_holds_earlier_turns_and_settings(tiny_model_dir, mon
     model, tokenizer = load_for_inference(str(tiny_model_dir), device="cpu")
     recording = Recording(model)
     monkeypatch.setattr(sys, "stdin", io.StringIO("第一问\n第二问\n/role 张飞\n第三问\n"))
-    predict.interactive(recording, tokenizer, ROLES, ROLES["李白"], Sampling(5, 0.7, 0.9))
+    predict.interactive(ChatEngine(recording, tokenizer, ROLES), ROLES["李白"], Sampling(5, 0.7, 0.9))
 
     first, second, third = recording.calls
     assert (second["max_new_tokens"], second["top_p"], second["temperature"], second["do_sample"]) == (5, 0.7, 0.9, True)
@@ -113,7 +114,7 @@ def test_a_cards_greeting_opens_the_chat_and_stays_in_the_prompt(tiny_model_dir,
     model, tokenizer = load_for_inference(str(tiny_model_dir), device="cpu")
     recording = Recording(model)
     monkeypatch.setattr(sys, "stdin", io.StringIO("绣一朵荷花\n/clear\n"))
-    predict.interactive(recording, tokenizer, prompts.roles, role, Sampling(4, 0.8, 0))
+    predict.interactive(ChatEngine(recording, tokenizer, prompts.roles), role, Sampling(4, 0.8, 0))
     out = capsys.readouterr().out
     assert out.startswith("阿绣> 客官，你想绣点什么？\n") and out.count("阿绣> 客官，你想绣点什么？\n") == 2  # and after /clear
     expected = role_messages(role, [{"role": "assistant", "content": "客官，你想绣点什么？"},

@@ -14,7 +14,7 @@ import predict
 import web_demo
 from conftest import REPO_ROOT, assert_normal_permissions
 from helpers import RecordingModel
-from utils.chat import GenerationSlots
+from utils.engine import ChatEngine
 from utils.prompts import RECORD_FILE, load_prompts
 
 TEMPLATE = "现在由你来演{role}。人物小传：{description}\n记住，别出戏。"
@@ -99,7 +99,7 @@ def test_the_web_demo_offers_the_trained_roles_with_their_prompts(pipeline):
     assert list(prompts.roles) == ["孙悟空", "张飞"]
     model, tokenizer = load_for_inference(str(pipeline["merged"]), device="cpu")
     recording = RecordingModel(model)
-    chat = web_demo.RolePlayChat(recording, tokenizer, prompts.roles, GenerationSlots(1, 1))
+    chat = web_demo.RolePlayChat(ChatEngine(recording, tokenizer, prompts.roles))
     list(chat.chat("俺老孙来也", [], "孙悟空", 3, 0.8, 0))
     ids = recording.calls[-1]["inputs"][0].tolist()
     system = tokenizer.encode(expected_system("孙悟空"), add_special_tokens=False)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible chat API that web_demo.py serves beside its page: the same model, the same
-prompt contract (utils.chat, baichuan.generation_utils) and the same bound on generation
-(chat.slots), so a SillyTavern, Open WebUI or `openai` client and the page wait in one line.
+prompt contract and the same bound on generation: one utils.engine.ChatEngine answers both, so a
+SillyTavern, Open WebUI or `openai` client and the page wait in one line.
 
     GET  /v1/models              the model's roles, one model each
     GET  /v1/models/{role}       one of them
@@ -18,6 +18,7 @@ at most 256 characters: the reply ends before the first, which is not included),
 < 2**63), stream and stream_options.include_usage. A string that is no valid Unicode (a lone
 surrogate such as "\\ud800") is a 400.
 Refused with a 400: n > 1, tools and functions, logprobs, a response_format other than text.
+A conversation of more messages than the server's --max_messages is a 400 naming the limit.
 Other fields (frequency_penalty, logit_bias, user, ...) are ignored, as many local servers do.
 `usage` counts the prompt's tokens and every token generated (eos excluded); finish_reason is
 "length" when max_tokens ended the reply, else "stop".
@@ -39,27 +40,26 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from utils import UserError
-from utils.chat import (
-    CHARS_PER_TOKEN_BOUND,
-    Busy,
-    Cancelled,
-    Sampling,
-    check_max_new_tokens,
-    check_message,
-    check_temperature,
-    check_top_p,
-    content_text,
-    newest_history,
-    start_reply,
-)
+from utils.chat import Busy, Cancelled, Sampling, content_text
+from utils.engine import ChatEngine, InputError
+from utils.prompts import Role
 
 logger = logging.getLogger("web_demo.api")
 
@@ -142,6 +142,30 @@ class ChatRequest(_Lenient):
     response_format: dict | None = None
 
 
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON; none at all is taken as JSON, as FastAPI takes it."""
+    kind = (content_type or "application/json").partition(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def parse_request(engine: ChatEngine, raw: bytes) -> ChatRequest:
+    """The request body as a ChatRequest, or an OpenAI-shaped 400 naming the field at fault. Parsed
+    here rather than by FastAPI, which parses on the event loop, so that it can run off it; too
+    many messages are refused before they are validated one by one (200,000 take seconds)."""
+    try:
+        data = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, or bytes that are no UTF-8/16/32
+        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
+    if isinstance(data, dict) and isinstance(data.get("messages"), list):
+        checked("messages", engine.check_length, data["messages"])
+    try:
+        return ChatRequest.model_validate(data)
+    except ValidationError as error:
+        raise invalid(error.errors()) from None
+
+
 def refuse_unsupported(body: ChatRequest) -> None:
     asked = {
         "n": body.n not in (None, 1),
@@ -157,54 +181,65 @@ def refuse_unsupported(body: ChatRequest) -> None:
                                 f"no tools, no logprobs, no JSON mode)", param, "unsupported_parameter")
 
 
-def checked(param: str, check, *args) -> None:
-    """Run a utils.chat check; its UserError becomes a 400 naming the request field."""
-    try:
-        check(*args)
-    except UserError as error:
-        message, name = str(error), check.__name__.removeprefix("check_")
-        message = param + message[len(name):] if message.startswith(name) else f"{param}: {message}"
-        raise ApiError(400, message, param) from None
-
-
-def prompt_messages(chat, body: ChatRequest) -> list[dict]:
-    """The system prompt (the request's own, else the role's) and the conversation, checked."""
-    systems = []
-    while len(systems) < len(body.messages) and body.messages[len(systems)].role in SYSTEM_ROLES:
-        systems.append(body.messages[len(systems)].text())
-    conversation = []
-    for i, message in enumerate(body.messages[len(systems):], start=len(systems)):
+def conversation_of(engine: ChatEngine, body: ChatRequest) -> tuple[list[str], list[dict]]:
+    """The texts of the request's leading system messages, and the conversation after them as the
+    engine cleans any conversation."""
+    systems = 0
+    while systems < len(body.messages) and body.messages[systems].role in SYSTEM_ROLES:
+        systems += 1
+    for i, message in enumerate(body.messages[systems:], start=systems):
         if message.role in SYSTEM_ROLES:
             raise ApiError(400, f"messages[{i}]: a system message may only come before the conversation (the "
                                 f"model has one system prompt; SillyTavern: Prompt Post-Processing 'Semi-strict')",
                            f"messages[{i}].role")
-        conversation.append({"role": message.role, "content": message.text()})
-    if not conversation:
+    if systems == len(body.messages):
         raise ApiError(400, "messages: there is no user message to answer", "messages")
-    role = chat.roles.get(body.model)
-    if not systems and role is None:
+    conversation = checked("messages", engine.clean_history, [m.model_dump() for m in body.messages[systems:]])
+    return [message.text() for message in body.messages[:systems]], conversation
+
+
+def prompt_messages(engine: ChatEngine, body: ChatRequest) -> list[dict]:
+    """The system prompt (the request's own, else the role's) and the conversation, checked by the
+    engine as the page's are; each problem a 400 (404: no such role) naming the request field."""
+    systems, conversation = conversation_of(engine, body)
+    if not systems and body.model not in engine.roles:
         raise ApiError(404, f"The model `{body.model}` does not exist: use one of this server's roles "
-                            f"({', '.join(chat.roles)}), or send your own system message", "model", "model_not_found")
-    system = "\n\n".join(systems) if systems else role.system
-    if len(system) > CHARS_PER_TOKEN_BOUND * chat.model_max_length:
-        raise ApiError(400, f"the system prompt is too long ({len(system)} characters)", "messages[0].content")
-    checked(f"messages[{len(body.messages) - 1}].content", check_message, conversation[-1]["content"],
-            chat.max_message_chars)
-    return [{"role": "system", "content": system}, *newest_history(conversation, chat.model_max_length)]
+                            f"({', '.join(engine.roles)}), or send your own system message", "model",
+                       "model_not_found")
+    role = Role(body.model, "\n\n".join(systems)) if systems else engine.roles[body.model]
+    checked(f"messages[{len(body.messages) - 1}].content", engine.check_message, conversation[-1]["content"])
+    try:
+        return engine.prompt(role, conversation)
+    except InputError as error:  # the system prompt, the only InputError of prompt()
+        raise ApiError(400, str(error), "messages[0].content") from None
 
 
-def sampling_of(chat, body: ChatRequest, defaults: Sampling) -> Sampling:
-    """The request's settings, the server's where it has none."""
+def checked(param: str, check, *args):
+    """Run a check (and return what it returns); its UserError becomes a 400 naming the request field."""
+    try:
+        return check(*args)
+    except UserError as error:
+        raise ApiError(400, renamed(str(error), check.__name__.removeprefix("check_"), param), param) from None
+
+
+def renamed(message: str, name: str, param: str) -> str:
+    """A check's message about `name` ("max_new_tokens must be ...") told about the request's field."""
+    return param + message[len(name):] if message.startswith(name) else f"{param}: {message}"
+
+
+def sampling_of(engine: ChatEngine, body: ChatRequest) -> Sampling:
+    """The request's settings, the server's where it has none, checked by the engine."""
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    defaults = engine.defaults
     if max_tokens is None:
-        max_tokens = min(defaults.max_new_tokens, chat.max_new_tokens_limit)
-    checked(param, check_max_new_tokens, max_tokens, chat.max_new_tokens_limit)
-    temperature = defaults.temperature if body.temperature is None else body.temperature
-    top_p = defaults.top_p if body.top_p is None else body.top_p
-    checked("temperature", check_temperature, temperature)
-    checked("top_p", check_top_p, top_p)
-    return Sampling(max_tokens, top_p, temperature, body.seed)
+        max_tokens = min(defaults.max_new_tokens, engine.max_new_tokens_limit)
+    sampling = Sampling(max_tokens, defaults.top_p if body.top_p is None else body.top_p,
+                        defaults.temperature if body.temperature is None else body.temperature, body.seed)
+    for field, problem in engine.check_sampling(sampling).items():
+        name = param if field == "max_new_tokens" else field
+        raise ApiError(400, renamed(problem, field, name), name)
+    return sampling
 
 
 def stop_strings(body: ChatRequest) -> tuple[str, ...]:
@@ -353,7 +388,19 @@ def key_check(api_key: str | None):
     return check
 
 
-def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
+def prepare(engine: ChatEngine, body: ChatRequest):
+    """The stream of the reply to `body` (not started) and its stop strings, once every check has
+    passed. Linear in the request's size, and run off the event loop (tokenising too): a huge
+    request delays no other."""
+    refuse_unsupported(body)
+    messages, sampling, stops = prompt_messages(engine, body), sampling_of(engine, body), stop_strings(body)
+    try:
+        return engine.start_reply(messages, sampling, threading.Event()), stops
+    except UserError as error:
+        raise ApiError(400, str(error), "messages") from None
+
+
+def router(engine: ChatEngine, api_key: str | None = None) -> APIRouter:
     routes = APIRouter(prefix="/v1", dependencies=[Depends(key_check(api_key))])
     created = int(time.time())
 
@@ -362,24 +409,24 @@ def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
 
     @routes.get("/models")
     def models():
-        return {"object": "list", "data": [card(name) for name in chat.roles]}
+        return {"object": "list", "data": [card(name) for name in engine.roles]}
 
     @routes.get("/models/{name:path}")  # a role's name may hold a '/'
     def model(name: str):
-        if name not in chat.roles:
+        if name not in engine.roles:
             raise ApiError(404, f"The model `{name}` does not exist", "model", "model_not_found")
         return card(name)
 
     @routes.post("/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        refuse_unsupported(body)
-        messages, sampling, stops = prompt_messages(chat, body), sampling_of(chat, body, defaults), stop_strings(body)
-        try:
-            stream = await run_in_threadpool(start_reply, chat.model, chat.tokenizer, messages, sampling,
-                                             threading.Event())
-        except UserError as error:
-            raise ApiError(400, str(error), "messages") from None
-        reply = Reply(chat.slots, stream, stops)
+    async def chat_completions(request: Request):
+        if not is_json(request.headers.get("content-type")):
+            raise ApiError(400, "the request body must be a JSON object, sent as application/json")
+        raw = await request.body()
+        # reading the request and preparing its prompt are linear in its size, but a large one
+        # still takes a while: off the event loop, where it would hold up every other request
+        body = await run_in_threadpool(parse_request, engine, raw)
+        stream, stops = await run_in_threadpool(prepare, engine, body)
+        reply = Reply(engine.slots, stream, stops)
         if not await reply.admitted:
             raise ApiError(429, "every generation slot and waiting place is taken; try again in a moment",
                            code="rate_limit_exceeded", kind="requests", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -404,10 +451,10 @@ def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
 
 
 def field_path(loc) -> str:
-    """`messages[0].content` from pydantic's ('body', 'messages', 0, 'content', 'str'): the
-    names of failed union members ('str', 'list[TextPart]') are left out."""
+    """`messages[0].content` from pydantic's ('messages', 0, 'content', 'str'): the names of failed
+    union members ('str', 'list[TextPart]') are left out."""
     path = ""
-    for part in loc[1:]:
+    for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
         elif part not in ("str", "int", "float", "bool", "none") and "[" not in part:
@@ -415,16 +462,13 @@ def field_path(loc) -> str:
     return path
 
 
-def validation_error(request, error: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 for a malformed body, as OpenAI's 400: the most specific problem, its field."""
-    problems = error.errors()
+def invalid(problems: list[dict]) -> ApiError:
+    """pydantic's problems with a request body as OpenAI's 400: the most specific one, its field."""
     worst = max(problems, key=lambda problem: len(problem["loc"]))
-    if worst["type"] == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON: {worst['ctx']['error']}").response()
     param = field_path(worst["loc"])
     if not param:
-        return ApiError(400, "the request body must be a JSON object, sent as application/json").response()
-    return ApiError(400, f"{param}: {worst['msg']}", param).response()
+        return ApiError(400, "the request body must be a JSON object, sent as application/json")
+    return ApiError(400, f"{param}: {worst['msg']}", param)
 
 
 def server_error(request, error: Exception) -> JSONResponse:
@@ -432,11 +476,13 @@ def server_error(request, error: Exception) -> JSONResponse:
     return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
 
 
-def add_api(app: FastAPI, chat, defaults: Sampling, api_key: str | None = None) -> None:
-    """Serve the API from `app`, before anything mounted at its root can answer /v1/* instead."""
-    app.include_router(router(chat, defaults, api_key))
+def api_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
+    """The API alone, as an app (no docs pages: they would be one more thing to secure). web_demo.py
+    mounts its page on it, after the API's routes, which then answer /v1/* first."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(router(engine, api_key))
     app.add_exception_handler(ApiError, lambda request, error: error.response())
-    app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, lambda request, error: ApiError(
         error.status_code, str(error.detail), headers=error.headers).response())
     app.add_exception_handler(Exception, server_error)
+    return app

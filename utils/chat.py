@@ -1,6 +1,6 @@
-"""The chat core that every front end shares (predict.py, web_demo.py and its API): the model
-flags, the checks of what a user sends, the sampling settings, the messages of a turn, the
-streamed reply with its stop event, and the one bound on concurrent generation.
+"""The parts of a chat that utils.engine.ChatEngine puts together for every front end (predict.py,
+web_demo.py and its API): the model flags, the checks of what a user sends, the sampling
+settings, the messages of a turn, and the one bound on concurrent generation.
 
 Nothing heavy is imported here at module level, so that the scripts' `--help` stays instant.
 """
@@ -102,19 +102,20 @@ def content_text(content) -> str:
 
 def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
     """The newest messages that could fit in the context; when older ones are cut, starting on a
-    whole round (a conversation that opens with the role's greeting keeps it while it fits)."""
+    whole round (a conversation that opens with the role's greeting keeps it while it fits).
+    One pass from the newest message back, then one slice: linear in the messages kept."""
     budget = CHARS_PER_TOKEN_BOUND * model_max_length
-    kept, total = [], 0
-    for message in reversed(messages):
-        total += len(message["content"])
-        if kept and total > budget:
+    start, total = len(messages), 0
+    while start > 0:
+        total += len(messages[start - 1]["content"])
+        if start < len(messages) and total > budget:
             break
-        kept.insert(0, message)
+        start -= 1
     # cut inside the conversation: start on a whole round. Uncut, a leading assistant turn (a
     # role's greeting) stays, as the first turn of the chat.
-    while len(kept) < len(messages) and len(kept) > 1 and kept[0]["role"] != "user":
-        kept.pop(0)
-    return kept
+    while 0 < start < len(messages) - 1 and messages[start]["role"] != "user":
+        start += 1
+    return messages[start:]
 
 
 # ---------------------------------------------------------------- one turn
@@ -138,21 +139,6 @@ def role_messages(role: Role, history: list[dict]) -> list[dict]:
     return [{"role": "system", "content": role.system}, *history]
 
 
-def start_reply(model, tokenizer, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None):
-    """A ChatStream of the reply to `messages` (iterate it for the text so far).
-
-    A seed makes the reply reproducible when one reply is generated at a time (torch has one
-    global generator, which concurrent replies share).
-    """
-    from baichuan.generation_utils import ChatStream
-
-    try:
-        return ChatStream(model, tokenizer, messages, int(sampling.max_new_tokens), stop=stop, seed=sampling.seed,
-                          **sampling.generate_kwargs())
-    except ValueError as error:  # build_chat_input: the prompt leaves no room for the reply
-        raise UserError(str(error)) from None
-
-
 # ---------------------------------------------------------------- the bound on concurrent generation
 
 
@@ -173,11 +159,6 @@ class GenerationSlots:
         self._slots = threading.Semaphore(running)
         self._lock = threading.Lock()
         self._inside = 0
-
-    @property
-    def inside(self) -> int:
-        """Requests generating or waiting."""
-        return self._inside
 
     @contextlib.contextmanager
     def place(self):

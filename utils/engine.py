@@ -1,0 +1,170 @@
+"""The chat engine: the one object beneath every front end. web_demo.py's page, its OpenAI-compatible
+API (utils/api.py) and predict.py each build one and only format what it gives:
+
+    roles, role = read_roles(args, args.role)          # before the slow model load: bad names fail fast
+    engine = ChatEngine.load(args, roles)              # the model flags of utils.chat.add_model_args
+    messages = engine.turn(message, history, role.name, sampling)   # every input check, then the prompt
+    for reply in engine.start_reply(messages, sampling, stop): ...   # the reply so far, as it grows
+
+It holds the model and tokenizer, the roles with their prompts, the bound on concurrent generation
+(GenerationSlots, which the page and the API share), the limits of what a request may ask, and the
+default sampling. Nothing heavy is imported at module level, so that the scripts' `--help` stays instant.
+"""
+
+import threading
+
+from utils import UserError
+from utils.chat import (
+    CHARS_PER_TOKEN_BOUND,
+    MAX_MESSAGE_CHARS,
+    GenerationSlots,
+    Sampling,
+    check_max_new_tokens,
+    check_message,
+    check_temperature,
+    check_top_p,
+    content_text,
+    newest_history,
+    role_messages,
+)
+from utils.prompts import Role, check_role
+
+# A conversation longer than this is refused before any of it is read: each message costs work
+# (and the page's history travels both ways on every turn), while a context of a few thousand
+# tokens only ever holds the newest few dozen.
+MAX_MESSAGES = 1000
+TURN_FIELDS = ("message", "history", "role", "max_new_tokens", "top_p", "temperature")
+
+
+class InputError(UserError):
+    """Bad input, by the input it is about (`problems`: field -> text, in the inputs' order), so that
+    a front end can show each problem where it belongs: the page beside its input, the API as the
+    error's `param`. Its text is the first problem."""
+
+    def __init__(self, problems: dict[str, str]):
+        super().__init__(next(iter(problems.values())))
+        self.problems = problems
+
+
+def read_roles(args, name: str | None = None) -> tuple[dict[str, Role], Role]:
+    """The roles that the model flags give (the model's prompt record, or --roles_file) and the one
+    called `name` (None: the first). Read before the model loads, so that a bad roles file or role
+    name is told at once."""
+    from utils.prompts import load_prompts
+
+    roles = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt).roles
+    return roles, check_role(roles, name or next(iter(roles)))
+
+
+class ChatEngine:
+    """One model serving role-play chats: checks a turn's input, builds its prompt, starts its reply.
+
+    Limits: `max_message_chars` per new message, `max_messages` per conversation, and a reply of at
+    most `max_new_tokens_limit` tokens (half the context, so that a prompt always keeps room).
+    `defaults` is the sampling a request that sets none gets (None: Sampling's own).
+    """
+
+    def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
+                 defaults: Sampling | None = None, max_message_chars: int = MAX_MESSAGE_CHARS,
+                 max_messages: int = MAX_MESSAGES):
+        self.model, self.tokenizer, self.roles = model, tokenizer, roles
+        self.slots = slots or GenerationSlots(1, 0)  # predict.py: one reply at a time, nobody waiting
+        self.defaults = defaults or Sampling()
+        self.max_message_chars, self.max_messages = max_message_chars, max_messages
+        self.model_max_length = model.config.model_max_length
+        self.max_new_tokens_limit = max(1, self.model_max_length // 2)
+
+    @classmethod
+    def load(cls, args, roles: dict[str, Role], **options) -> "ChatEngine":
+        """The engine of the model that the flags of utils.chat.add_model_args and add_generation_args
+        name (the latter give the default sampling); `options` are the constructor's other arguments."""
+        from utils.models import load_for_inference
+
+        model, tokenizer = load_for_inference(args.model_path, args.adapter, args.device, args.trust_remote_code,
+                                              args.quantization_bit)
+        return cls(model, tokenizer, roles, defaults=Sampling(args.max_new_tokens, args.top_p, args.temperature),
+                   **options)
+
+    # ------------------------------------------------------------ the checks, one per input
+
+    def check_message(self, text) -> None:
+        check_message(text, self.max_message_chars)
+
+    def clean_history(self, history) -> list[dict]:
+        """A conversation from a browser or an API client as {"role", "content": str} dicts: only user
+        and assistant turns, their content as plain text. Linear, and refused past `max_messages`
+        before anything else, so that no request can make it slow."""
+        if history is None:
+            return []
+        if not isinstance(history, list):
+            raise UserError("the history must be a list of messages")
+        self.check_length(history)
+        messages = []
+        for message in history:
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                raise UserError("the history may only hold messages with role 'user' or 'assistant'")
+            messages.append({"role": message["role"], "content": content_text(message.get("content"))})
+        return messages
+
+    def check_length(self, conversation: list) -> None:
+        """Refuse a conversation of more than `max_messages`: checked before any message is read."""
+        if len(conversation) > self.max_messages:
+            raise UserError(f"the conversation has {len(conversation)} messages, more than the server's limit of "
+                            f"{self.max_messages} (--max_messages): start a new one")
+
+    def role(self, name) -> Role:
+        return check_role(self.roles, name)
+
+    def check_sampling(self, sampling: Sampling) -> dict[str, str]:
+        """The problems of `sampling` (field -> text), each a setting that generate() would reject
+        with an obscure message, or that asks for more than the context can give."""
+        checks = {"max_new_tokens": (check_max_new_tokens, sampling.max_new_tokens, self.max_new_tokens_limit),
+                  "top_p": (check_top_p, sampling.top_p), "temperature": (check_temperature, sampling.temperature)}
+        return problems_of(checks)
+
+    # ------------------------------------------------------------ one turn
+
+    def turn(self, message, history, role, sampling: Sampling) -> list[dict]:
+        """The prompt's messages for a new user `message` after `history`, to `role` (a name), once
+        every input is checked; else an InputError holding every problem (fields: TURN_FIELDS)."""
+        checks = {"message": (self.check_message, message), "history": (self.clean_history, history),
+                  "role": (self.role, role)}
+        results: dict = {}
+        problems = {**problems_of(checks, results), **self.check_sampling(sampling)}
+        if problems:
+            raise InputError(problems)
+        return self.prompt(results["role"], [*results["history"], {"role": "user", "content": message}])
+
+    def prompt(self, role: Role, conversation: list[dict]) -> list[dict]:
+        """The role's system prompt, then the newest messages of `conversation` that could fit in the
+        context (build_chat_input then keeps the newest whole rounds that do fit, in tokens)."""
+        if len(role.system) > CHARS_PER_TOKEN_BOUND * self.model_max_length:
+            raise InputError({"system": f"the system prompt is too long ({len(role.system)} characters)"})
+        return role_messages(role, newest_history(conversation, self.model_max_length))
+
+    def start_reply(self, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None):
+        """A ChatStream of the reply to `messages` (iterate it for the text so far); setting `stop`
+        ends it at the next token. A seed makes the reply reproducible when one reply is generated at
+        a time (torch has one global generator, which concurrent replies share)."""
+        from baichuan.generation_utils import ChatStream
+
+        try:
+            return ChatStream(self.model, self.tokenizer, messages, int(sampling.max_new_tokens), stop=stop,
+                              seed=sampling.seed, **sampling.generate_kwargs())
+        except ValueError as error:  # build_chat_input: the prompt leaves no room for the reply
+            raise UserError(str(error)) from None
+
+
+def problems_of(checks: dict, results: dict | None = None) -> dict[str, str]:
+    """Run each check (field -> (function, *arguments)); the UserErrors' texts by field, and what
+    each passing check returned in `results`."""
+    problems = {}
+    for field, (check, *arguments) in checks.items():
+        try:
+            value = check(*arguments)
+        except UserError as error:
+            problems[field] = str(error)
+        else:
+            if results is not None:
+                results[field] = value
+    return problems
