@@ -9,7 +9,7 @@
     utils.chat       the chat core of the front ends: loading a model, settings, streaming with a stop event
 
 This module holds what every script needs and imports nothing heavy, so that `--help` stays instant:
-the one error class, how a script reports bad arguments and exits, an atomic writer for files and
+the one error class, how a script reports bad arguments and exits (its lines printable), an atomic writer for files and
 directories, a jsonl reader, and the silencing of third-party start-up noise.
 """
 
@@ -21,11 +21,20 @@ import os
 import shutil
 import sys
 import tempfile
+import unicodedata
 import warnings
 
 
 class UserError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+def printable(text: str) -> str:
+    """`text` with its control, bidi and other invisible format characters written as escapes
+    (\\x1b, \\u202e), so that a name from a file cannot move the cursor, clear the terminal, forge a
+    line or reorder what is shown around it. Joiners (U+200C, U+200D) stay: emoji and scripts need them."""
+    return "".join(ascii(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Zl", "Zp")
+                   and ch not in "\u200c\u200d" else ch for ch in text)
 
 
 def exit_on_user_error(main, *args) -> None:
@@ -34,7 +43,7 @@ def exit_on_user_error(main, *args) -> None:
     try:
         main(*args)
     except UserError as error:
-        print(f"error: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
+        print(f"error: {printable(' '.join(str(error).split(chr(10))))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -59,7 +68,7 @@ def exit_on_problems(problems: list[str]) -> None:
     """Report every argument problem at once, one `error:` line each, and exit 2 as argparse does."""
     if problems:
         for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {printable(problem)}", file=sys.stderr)
         sys.exit(2)
 
 
