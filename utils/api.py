@@ -30,7 +30,6 @@ next token and frees its place.
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -38,7 +37,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -342,19 +341,9 @@ async def until_done(reply: Reply, request: Request) -> None:
 # ---------------------------------------------------------------- the routes
 
 
-def key_check(api_key: str | None):
-    """A dependency that refuses requests without `Authorization: Bearer <api_key>` (none: no check)."""
-    def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if api_key is not None and not (scheme.lower() == "bearer"
-                                        and hmac.compare_digest(token.strip().encode(), api_key.encode())):
-            raise ApiError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return check
-
-
-def router(chat, defaults: Sampling, api_key: str | None = None) -> APIRouter:
-    routes = APIRouter(prefix="/v1", dependencies=[Depends(key_check(api_key))])
+def router(chat, defaults: Sampling) -> APIRouter:
+    """The routes; the key is checked before them, on the headers alone (utils.guard.RequestLimits)."""
+    routes = APIRouter(prefix="/v1")
     created = int(time.time())
 
     def card(name: str) -> dict:
@@ -432,9 +421,9 @@ def server_error(request, error: Exception) -> JSONResponse:
     return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
 
 
-def add_api(app: FastAPI, chat, defaults: Sampling, api_key: str | None = None) -> None:
+def add_api(app: FastAPI, chat, defaults: Sampling) -> None:
     """Serve the API from `app`, before anything mounted at its root can answer /v1/* instead."""
-    app.include_router(router(chat, defaults, api_key))
+    app.include_router(router(chat, defaults))
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, lambda request, error: ApiError(
