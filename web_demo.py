@@ -36,10 +36,12 @@ import argparse
 import hmac
 import logging
 import os
+import re
 import threading
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
+from utils.guard import MAX_BODY_BYTES, READ_TIMEOUT_S
 
 logger = logging.getLogger("web_demo")
 
@@ -190,15 +192,18 @@ def build_demo(chat: RolePlayChat, default_role: str, sampling):
     """The chat page (a small gr.Blocks, as Gradio's chatbot_streaming demo)."""
     import gradio as gr
 
+    from utils.guard import CHAT_TEXT_TAGS
+
     # analytics off: a local demo should not report its use to Gradio's servers
     with gr.Blocks(title="Baichuan2 角色扮演 role-play", analytics_enabled=False) as demo:
         gr.Markdown("## Baichuan2 角色扮演 · role-play chat")
         with gr.Row():
             with gr.Column(scale=4):
-                # sanitize_html strips scripts and event handlers; allow_tags=False also drops custom
-                # tags, so neither a message nor a model reply can inject markup
+                # sanitize_html strips scripts and event handlers but keeps forms, inputs and images:
+                # the tags of CHAT_TEXT_TAGS are shown as text instead (and PAGE_CSP stops any fetch
+                # from elsewhere), so neither a message, a greeting nor a reply can inject them
                 chatbot = gr.Chatbot(chat.greeting(default_role), label="对话 Chat", elem_id="chatbot", height=480,
-                                     sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                                     sanitize_html=True, allow_tags=CHAT_TEXT_TAGS, buttons=["copy", "copy_all"],
                                      feedback_options=None)
                 msg = gr.Textbox(label="消息 Message", elem_id="message", lines=1, max_lines=6,
                                  placeholder="输入消息，按 Enter 发送 (type a message, Enter sends)")
@@ -207,7 +212,8 @@ def build_demo(chat: RolePlayChat, default_role: str, sampling):
                     stop = gr.Button("停止 Stop", elem_id="stop")
                     clear = gr.Button("清空 Clear", elem_id="clear")
             with gr.Column(scale=1):
-                role = gr.Radio(list(chat.roles), value=default_role, elem_id="role",
+                # a name's control and bidi characters are shown escaped; the value stays the name
+                role = gr.Radio([(printable(name), name) for name in chat.roles], value=default_role, elem_id="role",
                                 label="角色 Role (switching starts a new chat)")
                 limit = chat.max_new_tokens_limit
                 new_tokens = gr.Slider(1, limit, value=min(sampling.max_new_tokens, limit), step=1,
@@ -248,18 +254,21 @@ def build_demo(chat: RolePlayChat, default_role: str, sampling):
     return demo
 
 
-def build_app(demo, chat: RolePlayChat, defaults=None, api_key: str | None = None):
+def build_app(demo, chat: RolePlayChat, defaults=None, api_key: str | None = None, limits=None):
     """The OpenAI-compatible API under /v1 and the page (None: the API alone) as one FastAPI app;
     both answer from `chat`, within its one bound. `defaults` (a Sampling) fills the settings an
     API request leaves out. With `api_key`, API requests need it as their bearer token, and the
-    page asks for it as the password of a login form (any user name)."""
+    page asks for it as the password of a login form (any user name). `limits` (utils.guard.Limits,
+    default: its defaults, for 127.0.0.1) bound what a request may be; utils.guard says how."""
     from fastapi import FastAPI
 
     from utils.api import add_api
     from utils.chat import Sampling
+    from utils.guard import Limits, protect
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    add_api(app, chat, defaults or Sampling(), api_key)  # first: the page's mount at the root would take /v1 too
+    add_api(app, chat, defaults or Sampling())  # first: the page's mount at the root would take /v1 too
+    protect(app, api_key, limits or Limits())
     if demo is None:
         return app
     import gradio as gr
@@ -314,18 +323,22 @@ def launch(demo, sock, args) -> None:
         raise UserError(f"cannot serve on {address(args.host, port)}: {error}") from None
 
 
-def run_server(app, sock, host: str, api_only: bool) -> None:
+def run_server(app, sock, host: str, api_only: bool, read_timeout: float) -> None:
     """Serve `app` on `sock` (bound to `host`) until Ctrl-C, saying where first."""
     url = "http://" + address(host, sock.getsockname()[1])
     print(f"serving on {'' if api_only else url + ' (page), '}{url}/v1 (OpenAI-compatible API)", flush=True)
-    make_server(app).run(sockets=[sock])
+    make_server(app, read_timeout).run(sockets=[sock])
 
 
-def make_server(app):
-    """A uvicorn server for `app`; `.run(sockets=[listen(...)])` serves until Ctrl-C."""
+def make_server(app, read_timeout: float | None = None):
+    """A uvicorn server for `app`; `.run(sockets=[listen(...)])` serves until Ctrl-C. A request's
+    headers are due within `read_timeout` seconds (default utils.guard.READ_TIMEOUT_S)."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none"))
+    from utils.guard import READ_TIMEOUT_S, timed_h11
+
+    protocol = timed_h11(READ_TIMEOUT_S if read_timeout is None else read_timeout)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", http=protocol))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -350,6 +363,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--no_api_key", action="store_true",
                        help="serve a non-loopback --host or --share without a key, knowing that anyone who "
                             "reaches it can use it")
+    group.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
+                       help="let web pages of this origin (e.g. http://localhost:3000; repeatable) call the API "
+                            "and the page from a browser; without it no CORS header is sent (default: none)")
+    group.add_argument("--allowed_host", action="append", default=[], metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable; e.g. the name a reverse "
+                            "proxy passes on). Loopback names and --host are always answered; others get a 400, "
+                            "so that a web page cannot reach the server by rebinding its DNS name (default: none)")
+    group.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                       help="larger request bodies are refused with a 413 before they are read")
+    group.add_argument("--read_timeout", type=float, default=READ_TIMEOUT_S,
+                       help="seconds a client has to send a request's headers, and then its body; a slower "
+                            "connection is closed (a body: 408)")
     group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
                        help="requests waiting for a generation slot; more are told the server is busy")
@@ -360,7 +385,12 @@ def validate_args(args) -> list[str]:
     from utils.chat import check_settings
 
     problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
-                for name in ("max_message_chars", "concurrency", "max_queue") if getattr(args, name) < 1]
+                for name in ("max_message_chars", "concurrency", "max_queue", "max_body_bytes")
+                if getattr(args, name) < 1]
+    if not args.read_timeout > 0:
+        problems.append(f"--read_timeout must be more than 0 seconds, got {args.read_timeout}")
+    problems += [f"--cors_origin {origin!r} is not an origin (scheme://host[:port], e.g. http://localhost:3000, "
+                 f"or *)" for origin in args.cors_origin if not re.fullmatch(r"https?://[^/\s?#]+|\*", origin)]
     if not 0 <= args.port < 65536:
         problems.append(f"--port must be in 0..65535, got {args.port}")
     key = api_key(args)
@@ -393,6 +423,7 @@ def main(argv=None) -> None:
 
     quiet_third_party()
     from utils.chat import GenerationSlots, Sampling
+    from utils.guard import Limits
     from utils.models import load_for_inference
     from utils.prompts import check_role, load_prompts
 
@@ -408,7 +439,9 @@ def main(argv=None) -> None:
         if args.share:
             launch(demo, sock, args)
         else:
-            run_server(build_app(demo, chat, defaults, api_key(args)), sock, args.host, args.api_only)
+            limits = Limits(args.max_body_bytes, args.read_timeout, args.cors_origin, [args.host, *args.allowed_host])
+            run_server(build_app(demo, chat, defaults, api_key(args), limits), sock, args.host, args.api_only,
+                       args.read_timeout)
 
 
 if __name__ == "__main__":
