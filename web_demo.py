@@ -363,10 +363,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--no_api_key", action="store_true",
                        help="serve a non-loopback --host or --share without a key, knowing that anyone who "
                             "reaches it can use it")
-    group.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
+    group.add_argument("--cors_origin", action="append", metavar="ORIGIN",
                        help="let web pages of this origin (e.g. http://localhost:3000; repeatable) call the API "
                             "and the page from a browser; without it no CORS header is sent (default: none)")
-    group.add_argument("--allowed_host", action="append", default=[], metavar="NAME",
+    group.add_argument("--allowed_host", action="append", metavar="NAME",
                        help="also answer requests whose Host header is NAME (repeatable; e.g. the name a reverse "
                             "proxy passes on). Loopback names and --host are always answered; others get a 400, "
                             "so that a web page cannot reach the server by rebinding its DNS name (default: none)")
@@ -390,7 +390,7 @@ def validate_args(args) -> list[str]:
     if not args.read_timeout > 0:
         problems.append(f"--read_timeout must be more than 0 seconds, got {args.read_timeout}")
     problems += [f"--cors_origin {origin!r} is not an origin (scheme://host[:port], e.g. http://localhost:3000, "
-                 f"or *)" for origin in args.cors_origin if not re.fullmatch(r"https?://[^/\s?#]+|\*", origin)]
+                 f"or *)" for origin in args.cors_origin or () if not re.fullmatch(r"https?://[^/\s?#]+|\*", origin)]
     if not 0 <= args.port < 65536:
         problems.append(f"--port must be in 0..65535, got {args.port}")
     key = api_key(args)
@@ -439,7 +439,8 @@ def main(argv=None) -> None:
         if args.share:
             launch(demo, sock, args)
         else:
-            limits = Limits(args.max_body_bytes, args.read_timeout, args.cors_origin, [args.host, *args.allowed_host])
+            limits = Limits(args.max_body_bytes, args.read_timeout, args.cors_origin or [],
+                            [args.host, *(args.allowed_host or ())])
             run_server(build_app(demo, chat, defaults, api_key(args), limits), sock, args.host, args.api_only,
                        args.read_timeout)
 

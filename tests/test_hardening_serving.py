@@ -194,7 +194,8 @@ def test_a_body_over_the_limit_is_a_413_naming_it(keyed, keyless):
                                                                    "Content-Type": "application/json"})
             assert response.status_code == 413 and error_of(response)["code"] == "request_too_large", path
         ok = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                       json={"model": "李白", "messages": [{"role": "user", "content": "你好" * 1000}], "max_tokens": 1})
+                       json={"model": "李白", "messages": [{"role": "user", "content": "你好" * 1000}],
+                             "max_tokens": 1})
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["role"] == "assistant"
 
 
@@ -312,7 +313,8 @@ def test_a_page_of_another_local_port_cannot_read_the_server(keyless, browser):
     Promise.all([
         attempt('config', '{target}/config', {{credentials: 'include'}}),
         attempt('chat', '{target}/gradio_api/call/chat', {{method: 'POST', credentials: 'include',
-            headers: {{'Content-Type': 'application/json'}}, body: JSON.stringify({{data: ['hi', [], '李白', 4, 0.8, 0]}})}}),
+            headers: {{'Content-Type': 'application/json'}},
+            body: JSON.stringify({{data: ['hi', [], '李白', 4, 0.8, 0]}})}}),
     ]).then(() => document.body.dataset.done = '1');
     </script>"""
     with recorder(f"<html><body>{script}</body></html>") as (port, _):
@@ -464,8 +466,8 @@ def test_role_names_in_an_error_line_are_escaped(tiny_model_dir, tmp_path):
     """A roles file whose names hold a newline, ESC, U+202E and CR: what reaches the terminal is one
     `error:` line with those characters escaped, whatever refuses the names."""
     roles = tmp_path / "roles.json"
-    roles.write_text(json.dumps({"error: fake\nline": "一个角色。", "清屏\x1b[2J": "一个角色。", "\u202eevil\r": "一个角色。"}),
-                     encoding="utf-8")
+    names = ["error: fake\nline", "清屏\x1b[2J", "\u202eevil\r"]
+    roles.write_text(json.dumps({name: "一个角色。" for name in names}), encoding="utf-8")
     proc = subprocess.run([sys.executable, "web_demo.py", "--model_path", str(tiny_model_dir), "--roles_file",
                            str(roles), "--default_role", "nobody", "--port", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -481,7 +483,7 @@ def test_role_names_in_an_error_line_are_escaped(tiny_model_dir, tmp_path):
 def test_the_boundary_flags_and_their_defaults():
     args = web_demo.parse_args(["--model_path", "m"])
     assert (args.max_body_bytes, args.read_timeout, args.cors_origin, args.allowed_host) == (4 * 1024 * 1024, 30.0,
-                                                                                            [], [])
+                                                                                            None, None)
     args = web_demo.parse_args(["--model_path", "m", "--cors_origin", "http://localhost:3000", "--cors_origin",
                                 "https://chat.example", "--allowed_host", "box.lan", "--max_body_bytes", "0",
                                 "--read_timeout", "0"])
