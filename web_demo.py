@@ -38,11 +38,13 @@ import argparse
 import hmac
 import logging
 import os
+import re
 import threading
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
 from utils.engine import MAX_MESSAGES
+from utils.guard import MAX_BODY_BYTES, READ_TIMEOUT_S
 
 logger = logging.getLogger("web_demo")
 
@@ -155,15 +157,18 @@ def build_demo(chat: RolePlayChat, default_role: str):
     import gradio as gr
 
     defaults, limit = chat.engine.defaults, chat.engine.max_new_tokens_limit
+    from utils.guard import CHAT_TEXT_TAGS
+
     # analytics off: a local demo should not report its use to Gradio's servers
     with gr.Blocks(title="Baichuan2 角色扮演 role-play", analytics_enabled=False) as demo:
         gr.Markdown("## Baichuan2 角色扮演 · role-play chat")
         with gr.Row():
             with gr.Column(scale=4):
-                # sanitize_html strips scripts and event handlers; allow_tags=False also drops custom
-                # tags, so neither a message nor a model reply can inject markup
+                # sanitize_html strips scripts and event handlers but keeps forms, inputs and images:
+                # the tags of CHAT_TEXT_TAGS are shown as text instead (and PAGE_CSP stops any fetch
+                # from elsewhere), so neither a message, a greeting nor a reply can inject them
                 chatbot = gr.Chatbot(chat.greeting(default_role), label="对话 Chat", elem_id="chatbot", height=480,
-                                     sanitize_html=True, allow_tags=False, buttons=["copy", "copy_all"],
+                                     sanitize_html=True, allow_tags=CHAT_TEXT_TAGS, buttons=["copy", "copy_all"],
                                      feedback_options=None)
                 msg = gr.Textbox(label="消息 Message", elem_id="message", lines=1, max_lines=6,
                                  placeholder="输入消息，按 Enter 发送 (type a message, Enter sends)")
@@ -172,7 +177,8 @@ def build_demo(chat: RolePlayChat, default_role: str):
                     stop = gr.Button("停止 Stop", elem_id="stop")
                     clear = gr.Button("清空 Clear", elem_id="clear")
             with gr.Column(scale=1):
-                role = gr.Radio(list(chat.engine.roles), value=default_role, elem_id="role",
+                # a name's control and bidi characters are shown escaped; the value stays the name
+                role = gr.Radio([(printable(name), name) for name in chat.engine.roles], value=default_role, elem_id="role",
                                 label="角色 Role (switching starts a new chat)")
                 settings = [
                     gr.Slider(1, limit, value=min(defaults.max_new_tokens, limit), step=1, label="max new tokens",
@@ -229,13 +235,15 @@ def wire(chat: RolePlayChat, msg, chatbot, role, settings: list, submit, stop, c
     role.change(start_over, role, chatbot, **private)
 
 
-def build_app(demo, engine, api_key: str | None = None):
+def build_app(demo, engine, api_key: str | None = None, limits=None):
     """The OpenAI-compatible API under /v1 and the page (None: the API alone) as one FastAPI app;
     both answer from `engine`, within its one bound. With `api_key`, API requests need it as their
-    bearer token, and the page asks for it as the password of a login form (any user name)."""
+    bearer token, and the page asks for it as the password of a login form (any user name). `limits`
+    (utils.guard.Limits, default: its defaults, for 127.0.0.1) bound what a request may be; utils.guard
+    says how."""
     from utils.api import api_app
 
-    app = api_app(engine, api_key)  # first: the page's mount at the root would take /v1 too
+    app = api_app(engine, api_key, limits)  # first: the page's mount at the root would take /v1 too
     if demo is None:
         return app
     import gradio as gr
@@ -290,18 +298,22 @@ def launch(demo, sock, args) -> None:
         raise UserError(f"cannot serve on {address(args.host, port)}: {error}") from None
 
 
-def run_server(app, sock, host: str, api_only: bool) -> None:
+def run_server(app, sock, host: str, api_only: bool, read_timeout: float) -> None:
     """Serve `app` on `sock` (bound to `host`) until Ctrl-C, saying where first."""
     url = "http://" + address(host, sock.getsockname()[1])
     print(f"serving on {'' if api_only else url + ' (page), '}{url}/v1 (OpenAI-compatible API)", flush=True)
-    make_server(app).run(sockets=[sock])
+    make_server(app, read_timeout).run(sockets=[sock])
 
 
-def make_server(app):
-    """A uvicorn server for `app`; `.run(sockets=[listen(...)])` serves until Ctrl-C."""
+def make_server(app, read_timeout: float | None = None):
+    """A uvicorn server for `app`; `.run(sockets=[listen(...)])` serves until Ctrl-C. A request's
+    headers are due within `read_timeout` seconds (default utils.guard.READ_TIMEOUT_S)."""
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none"))
+    from utils.guard import READ_TIMEOUT_S, timed_h11
+
+    protocol = timed_h11(READ_TIMEOUT_S if read_timeout is None else read_timeout)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", http=protocol))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -329,6 +341,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--no_api_key", action="store_true",
                        help="serve a non-loopback --host or --share without a key, knowing that anyone who "
                             "reaches it can use it")
+    group.add_argument("--cors_origin", action="append", metavar="ORIGIN",
+                       help="let web pages of this origin (e.g. http://localhost:3000; repeatable) call the API "
+                            "and the page from a browser; without it no CORS header is sent (default: none)")
+    group.add_argument("--allowed_host", action="append", metavar="NAME",
+                       help="also answer requests whose Host header is NAME (repeatable; e.g. the name a reverse "
+                            "proxy passes on). Loopback names and --host are always answered; others get a 400, "
+                            "so that a web page cannot reach the server by rebinding its DNS name (default: none)")
+    group.add_argument("--max_body_bytes", type=int, default=MAX_BODY_BYTES,
+                       help="larger request bodies are refused with a 413 before they are read")
+    group.add_argument("--read_timeout", type=float, default=READ_TIMEOUT_S,
+                       help="seconds a client has to send a request's headers, and then its body; a slower "
+                            "connection is closed (a body: 408)")
     group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
                        help="requests waiting for a generation slot; more are told the server is busy")
@@ -339,7 +363,12 @@ def validate_args(args) -> list[str]:
     from utils.chat import check_settings
 
     problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
-                for name in ("max_message_chars", "max_messages", "concurrency", "max_queue") if getattr(args, name) < 1]
+                for name in ("max_message_chars", "max_messages", "concurrency", "max_queue", "max_body_bytes")
+                if getattr(args, name) < 1]
+    if not args.read_timeout > 0:
+        problems.append(f"--read_timeout must be more than 0 seconds, got {args.read_timeout}")
+    problems += [f"--cors_origin {origin!r} is not an origin (scheme://host[:port], e.g. http://localhost:3000, "
+                 f"or *)" for origin in args.cors_origin or () if not re.fullmatch(r"https?://[^/\s?#]+|\*", origin)]
     if not 0 <= args.port < 65536:
         problems.append(f"--port must be in 0..65535, got {args.port}")
     key = api_key(args)
@@ -373,6 +402,7 @@ def main(argv=None) -> None:
     quiet_third_party()
     from utils.chat import GenerationSlots
     from utils.engine import ChatEngine, read_roles
+    from utils.guard import Limits
 
     roles, default_role = read_roles(args, args.default_role)
     with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
@@ -382,7 +412,10 @@ def main(argv=None) -> None:
         if args.share:
             launch(demo, sock, args)
         else:
-            run_server(build_app(demo, engine, api_key(args)), sock, args.host, args.api_only)
+            limits = Limits(args.max_body_bytes, args.read_timeout, args.cors_origin or [],
+                            [args.host, *(args.allowed_host or ())])
+            run_server(build_app(demo, engine, api_key(args), limits), sock, args.host, args.api_only,
+                       args.read_timeout)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
 from helpers import CountingSlots, RecordingModel, serve, wait_for  # noqa: E402
 from utils.api import api_app  # noqa: E402
+from utils.guard import Limits  # noqa: E402
 from utils.chat import GenerationSlots, Sampling, role_messages  # noqa: E402
 from utils.engine import ChatEngine  # noqa: E402
 from utils.models import load_for_inference  # noqa: E402
@@ -45,7 +46,8 @@ def api_server(loaded, roles):
     model = RecordingModel(loaded[0])
     engine = ChatEngine(model, loaded[1], roles, CountingSlots(1, 1), defaults=Sampling(MAX_TOKENS, 0.8, 0),
                         max_messages=MAX_MESSAGES)
-    with serve(api_app(engine, KEY)) as url:
+    # a body cap above the 7.6 MB of the huge-history test, which pins the message cap behind it
+    with serve(api_app(engine, KEY, Limits(max_body_bytes=16 * 2**20))) as url:
         yield url, model, engine
         model.gate.set()
 

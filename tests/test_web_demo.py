@@ -726,7 +726,7 @@ def test_a_taken_port_is_told_before_the_model_loads(tmp_path, share):
 
 def test_an_ipv6_host_is_printed_in_brackets(tiny_model_dir, monkeypatch, capsys):
     ports = []
-    monkeypatch.setattr(web_demo, "make_server", lambda app: types.SimpleNamespace(
+    monkeypatch.setattr(web_demo, "make_server", lambda app, read_timeout: types.SimpleNamespace(
         run=lambda sockets: ports.append(sockets[0].getsockname()[1])))
     web_demo.main(["--model_path", str(tiny_model_dir), "--api_only", "--host", "::1", "--port", "0",
                    "--device", "cpu"])

@@ -31,7 +31,6 @@ next token and frees its place.
 """
 
 import asyncio
-import hmac
 import json
 import logging
 import threading
@@ -39,7 +38,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import (
     AfterValidator,
@@ -377,17 +376,6 @@ async def until_done(reply: Reply, request: Request) -> None:
 # ---------------------------------------------------------------- the routes
 
 
-def key_check(api_key: str | None):
-    """A dependency that refuses requests without `Authorization: Bearer <api_key>` (none: no check)."""
-    def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if api_key is not None and not (scheme.lower() == "bearer"
-                                        and hmac.compare_digest(token.strip().encode(), api_key.encode())):
-            raise ApiError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return check
-
-
 def prepare(engine: ChatEngine, body: ChatRequest):
     """The stream of the reply to `body` (not started) and its stop strings, once every check has
     passed. Linear in the request's size, and run off the event loop (tokenising too): a huge
@@ -400,8 +388,9 @@ def prepare(engine: ChatEngine, body: ChatRequest):
         raise ApiError(400, str(error), "messages") from None
 
 
-def router(engine: ChatEngine, api_key: str | None = None) -> APIRouter:
-    routes = APIRouter(prefix="/v1", dependencies=[Depends(key_check(api_key))])
+def router(engine: ChatEngine) -> APIRouter:
+    """The routes; the key is checked before them, on the headers alone (utils.guard.RequestLimits)."""
+    routes = APIRouter(prefix="/v1")
     created = int(time.time())
 
     def card(name: str) -> dict:
@@ -476,11 +465,15 @@ def server_error(request, error: Exception) -> JSONResponse:
     return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
 
 
-def api_app(engine: ChatEngine, api_key: str | None = None) -> FastAPI:
+def api_app(engine: ChatEngine, api_key: str | None = None, limits=None) -> FastAPI:
     """The API alone, as an app (no docs pages: they would be one more thing to secure). web_demo.py
-    mounts its page on it, after the API's routes, which then answer /v1/* first."""
+    mounts its page on it, after the API's routes, which then answer /v1/* first. The boundary
+    (utils.guard: the key on the headers, `limits`, default Limits()) wraps the app, the page too."""
+    from utils.guard import Limits, protect
+
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    app.include_router(router(engine, api_key))
+    app.include_router(router(engine))
+    protect(app, api_key, limits or Limits())
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(HTTPException, lambda request, error: ApiError(
         error.status_code, str(error.detail), headers=error.headers).response())

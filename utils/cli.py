@@ -19,7 +19,7 @@ def exit_on_user_error(main, *args) -> None:
     try:
         main(*args)
     except UserError as error:
-        print(f"error: {' '.join(str(error).split(chr(10)))}", file=sys.stderr)
+        print(f"error: {printable(' '.join(str(error).split(chr(10))))}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -44,7 +44,7 @@ def exit_on_problems(problems: list[str]) -> None:
     """Report every argument problem at once, one `error:` line each, and exit 2 as argparse does."""
     if problems:
         for problem in problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {printable(problem)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -69,6 +69,15 @@ def _has_cuda_device() -> bool:
 # emoji sequences need them
 _UNSAFE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 _JOINERS = ("\u200c", "\u200d")
+
+
+def printable(text: str) -> str:
+    """`text` with its unsafe characters (above) written as escapes (\\x1b, \\u202e), so that a name from
+    a file cannot move the cursor, clear the terminal, forge a line or reorder what is shown around it."""
+    import unicodedata
+
+    return "".join(ascii(char)[1:-1] if unicodedata.category(char) in _UNSAFE_CATEGORIES and char not in _JOINERS
+                   else char for char in text)
 
 
 def unsafe_character(text: str) -> str | None:
