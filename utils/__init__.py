@@ -7,10 +7,13 @@
     utils.rolebench  reading RoleBench-format files (data_helper.py and evaluate.py)
     utils.data       training samples and conversations: reading, encoding, packing, batching
     utils.models     loading base models, adapters and tokenizers, and their one-line load errors
-    utils.training   distributed set-up, the DeepSpeed config, checkpoints, evaluation, the memory estimate
+    utils.training   the training package: config (TrainConfig), distributed, deepspeed_config, sizes,
+                     schedule, steps (a step, throughput, evaluation) and checkpoints
     utils.signals    clean stops of a training run on SIGINT/SIGTERM, and the stall points of its tests
-    utils.chat       the chat core of the front ends: loading a model, settings, streaming with a stop event
-    utils.api        the OpenAI-compatible API beside the page
+    utils.chat       the chat building blocks: model and sampling flags, checks, Sampling, the generation bound
+    utils.engine     ChatEngine, beneath the page, the API and predict.py: model, roles, limits, checks, prompt
+    utils.api        the OpenAI-compatible API beside the page, on a ChatEngine
+    utils.guard      the serving boundary: Host check, CORS, the key on the headers, body and time limits
     utils.report     evaluate.py's report: tables, JSON and the written files
 
 Nothing here is imported by `import utils`: each module is imported by name, and none of them
