@@ -333,6 +333,41 @@ def _speaker_line(line: str, names: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
+def sillytavern_examples(mes_example: str, name: str, user_name: str) -> list[list[dict]]:
+    """A card's mes_example as SillyTavern 1.19.0 sends it in a Chat Completion request: per
+    `<START>` block, its lines as system messages named example_user / example_assistant, each
+    without its leading "Name:" (public/script.js parseMesExamples, public/scripts/openai.js
+    parseExampleIntoIndividual). Its quirks are kept, for the same text to the character: a line
+    starts a message only when it begins with the exact name and a colon, and lines before the
+    block's first such line join its first message. A block without such a line gives nothing."""
+    text = substitute(mes_example, name, user_name)
+    if not text or text == "<START>":
+        return []
+    if not text.startswith("<START>"):  # SillyTavern's test, in this letter case
+        text = "<START>\n" + text
+    blocks = []
+    for block in _START.split(text)[1:]:
+        messages, lines, speaker = [], [], None
+
+        def add():
+            said = "\n".join(lines).replace(f"{speaker[1]}:", "", 1).strip()
+            messages.append({"role": "system", "content": said, "name": speaker[0]})
+            lines.clear()
+
+        for line in block.strip().split("\n"):
+            starts = ("example_user", user_name) if line.startswith(user_name + ":") else \
+                ("example_assistant", name) if line.startswith(name + ":") else None
+            if starts and speaker and starts[0] != speaker[0]:
+                add()
+            speaker = starts or speaker
+            lines.append(line)
+        if speaker:
+            add()
+        if messages:
+            blocks.append(messages)
+    return blocks
+
+
 def card_dialogues(card: Card, user_name: str = USER_NAME) -> list[list[dict]]:
     """The card's example dialogues (mes_example) as lists of user and assistant messages; a block
     without a line of the character's is left out."""
