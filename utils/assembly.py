@@ -125,9 +125,9 @@ def assemble(messages: list[dict], names: Names) -> Assembly:
             origin.append(index)
     if not conversation:
         raise AssemblyError("messages: there is no user message to answer (only system messages)")
-    last = conversation[-1]
-    if last["role"] == "assistant" and not last["content"].strip():
-        raise AssemblyError(f"messages[{origin[-1]}]: the conversation ends with an empty assistant message: "
-                            f"there is nothing to continue (leave it out to get a new reply, or give it the text "
-                            f"the reply should start with)", f"messages[{origin[-1]}].content")
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        last = len(messages) - 1
+        raise AssemblyError(f"messages[{last}]: the conversation ends with an empty assistant message: there is "
+                            f"nothing to continue (leave it out to get a new reply, or give it the text the reply "
+                            f"should start with)", f"messages[{last}].content")
     return Assembly(parts, conversation, origin)
