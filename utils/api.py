@@ -2,15 +2,19 @@
 prompt contract and the same bound on generation: one utils.engine.ChatEngine answers both, so a
 SillyTavern, Open WebUI or `openai` client and the page wait in one line.
 
-    GET  /v1/models              the model's roles, one model each
+    GET  /v1/models              the model's roles, one model each, and the client's-own-prompt id
     GET  /v1/models/{role}       one of them
     POST /v1/chat/completions    a reply, whole or streamed (server-sent events, then `data: [DONE]`)
 
-`model` names a role, whose trained system prompt opens the prompt. Leading `system` (or
-`developer`) messages replace it, joined by blank lines: a card-driven front end plays its own
-character. With such a message any `model` name is taken (a front end sends whatever name its
-user picked); without one, a name that is no role is a 404. A system message after the
-conversation has started is refused (the layout has one system prompt).
+The messages become a prompt through utils/assembly.py (its docstring: later system messages join
+the user turn beside them, named example messages become "Name: text" lines, a trailing assistant
+message is continued and the reply is only the new text; an empty one is a 400). `model` names a
+role, whose trained system prompt opens the prompt; the client's leading system messages are then
+dropped, used instead, or appended, as the engine's client_system policy says (web_demo.py
+--client_system). A `model` that is no role plays the client's system prompt; without one it is a
+404, except for the engine's client_model id, which the model list offers for just that.
+Every request writes one line to the `web_demo.requests` logger at INFO (web_demo.py --log_requests).
+OpenAI's paths without /v1 answer a 404 that says the API is under /v1.
 
 Honoured: max_tokens (or max_completion_tokens; default the server's --max_new_tokens, at most
 half the context), temperature (0..2, 0 or below 1e-5 = greedy), top_p, stop (up to 4 strings of

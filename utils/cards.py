@@ -15,6 +15,8 @@ How a card becomes a role (utils.prompts.card_role, and `card_dialogues` here):
     mes_example    -> training dialogues, one per `<START>` block; lines `{{user}}: ...` are the
         user's turns and `{{char}}: ...` the character's (a line without a speaker continues the turn)
 {{char}} and {{user}} (and the old <BOT>/<USER>) become the name and `user_name` everywhere.
+In SillyTavern's prompt style (utils/prompts.py), mes_example is also read as SillyTavern reads it
+(`sillytavern_examples`), for the examples in the system prompt.
 Not used yet, with a one-line note: the lorebook (character_book), post_history_instructions
 (Baichuan2's layout has no place after the history) and alternate_greetings.
 

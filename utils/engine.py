@@ -5,6 +5,7 @@ API (utils/api.py) and predict.py each build one and only format what it gives:
     engine = ChatEngine.load(args, roles)              # the model flags of utils.chat.add_model_args
     messages = engine.turn(message, history, role.name, sampling)   # every input check, then the prompt
     for reply in engine.start_reply(messages, sampling, stop): ...   # the reply so far, as it grows
+    prompt = engine.request_prompt(model, client_messages)          # an API client's list (utils/assembly.py)
 
 It holds the model and tokenizer, the roles with their prompts, the bound on concurrent generation
 (GenerationSlots, which the page and the API share), the limits of what a request may ask, and the
