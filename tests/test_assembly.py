@@ -20,8 +20,10 @@ from baichuan.generation_utils import build_chat_input, chat_token_ids, encode_c
 from helpers import RecordingModel, serve
 from utils.api import api_app
 from utils.assembly import AssemblyError, Names, assemble, names_of
+from utils.cards import sillytavern_examples
 from utils.chat import GenerationSlots, Sampling
 from utils.engine import ChatEngine, InputError
+from utils.prompts import sillytavern_messages
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -308,3 +310,21 @@ def test_outside_v1_a_404_says_where_the_api_is(server):
     inside = httpx.get(url + "/v1/no/such", timeout=60)
     assert inside.status_code == 404 and "under /v1" not in inside.json()["error"]["message"]
 
+
+
+def test_example_dialogues_are_read_as_sillytavern_reads_them():
+    """Pinned to what SillyTavern 1.19.0's own parseMesExamples and parseExampleIntoIndividual (run in node)
+    made of this mes_example: a line before the first speaker joins the first message, only the first
+    "Name:" is taken out, a speaker's second line in a row stays in its message, an empty block is an empty
+    dialogue."""
+    mes_example = ("前言一行\n{{user}}: 你好\n还有一行\n{{char}}: 客官请坐\n{{char}}: 要喝茶么\n老王:好\n<START>\n"
+                   "{{char}}: 只有我\n<START>\n\n<START>\n无人说话")
+    user_line, char_line = {"role": "system", "name": "example_user"}, {"role": "system", "name": "example_assistant"}
+    assert sillytavern_examples(mes_example, "阿绣", "老王") == [
+        [{**user_line, "content": "前言一行\n 你好\n还有一行"}, {**char_line, "content": "客官请坐\n阿绣: 要喝茶么"},
+         {**user_line, "content": "好"}],
+        [{**char_line, "content": "只有我"}], [], []]
+    messages = sillytavern_messages("阿绣", "绣娘", mes_example="{{char}}: 只有我\n<START>", user_name="老王")
+    assert [m["content"] for m in messages] == [
+        "Write 阿绣's next reply in a fictional chat between 阿绣 and 老王.", "绣娘", "[Example Chat]", "只有我",
+        "[Example Chat]", "[Start a new Chat]"]

@@ -341,8 +341,9 @@ def sillytavern_examples(mes_example: str, name: str, user_name: str) -> list[li
     without its leading "Name:" (public/script.js parseMesExamples, public/scripts/openai.js
     parseExampleIntoIndividual). Its quirks are kept, for the same text to the character: a line
     starts a message only when it begins with the exact name and a colon, and lines before the
-    block's first such line join its first message. A block without such a line gives nothing."""
-    text = substitute(mes_example, name, user_name)
+    block's first such line join its first message, and a block without such a line is an empty
+    dialogue (SillyTavern still marks it "[Example Chat]")."""
+    text = substitute(mes_example, name, user_name).replace("\r", "")
     if not text or text == "<START>":
         return []
     if not text.startswith("<START>"):  # SillyTavern's test, in this letter case
@@ -365,8 +366,7 @@ def sillytavern_examples(mes_example: str, name: str, user_name: str) -> list[li
             lines.append(line)
         if speaker:
             add()
-        if messages:
-            blocks.append(messages)
+        blocks.append(messages)
     return blocks
 
 
