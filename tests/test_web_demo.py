@@ -666,6 +666,7 @@ def test_parse_args_defaults_are_safe():
     assert args.trust_remote_code is False and args.adapter is None and args.roles_file is None
     assert (args.concurrency, args.max_queue, args.max_message_chars, args.max_messages) == (1, 16, 2000, 1000)
     assert (args.max_new_tokens, args.top_p, args.temperature) == (512, 0.8, 0.8)
+    assert (args.client_system, args.log_requests) == ("role", False)  # a role plays its trained prompt
 
 
 def test_missing_model_dir_is_one_line_error(tmp_path):

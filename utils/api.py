@@ -522,7 +522,8 @@ def invalid(problems: list[dict]) -> ApiError:
 def http_error(request: Request, error: HTTPException) -> JSONResponse:
     """Starlette's errors in OpenAI's shape; a 404 outside /v1 says where the API is."""
     message = str(error.detail)
-    if error.status_code == 404 and not request.url.path.startswith("/v1/"):
+    path = request.url.path
+    if error.status_code == 404 and not (path == "/v1" or path.startswith("/v1/")):
         message = not_under_v1_message(request)
     return ApiError(error.status_code, message, headers=error.headers).response()
 
