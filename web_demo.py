@@ -241,15 +241,17 @@ def build_app(demo, engine, api_key: str | None = None, limits=None):
     bearer token, and the page asks for it as the password of a login form (any user name). `limits`
     (utils.guard.Limits, default: its defaults, for 127.0.0.1) bound what a request may be; utils.guard
     says how."""
-    from utils.api import api_app
+    from utils.api import api_app, page_not_found
 
     app = api_app(engine, api_key, limits)  # first: the page's mount at the root would take /v1 too
     if demo is None:
         return app
     import gradio as gr
 
+    # a path neither answers (a client's base URL without /v1) is told where the API is
     return gr.mount_gradio_app(app, demo, path="", auth=page_login(api_key),
-                               auth_message="password: the server's API key")
+                               auth_message="password: the server's API key",
+                               app_kwargs={"exception_handlers": {404: page_not_found}})
 
 
 def page_login(api_key: str | None):

@@ -14,7 +14,8 @@ dropped, used instead, or appended, as the engine's client_system policy says (w
 --client_system). A `model` that is no role plays the client's system prompt; without one it is a
 404, except for the engine's client_model id, which the model list offers for just that.
 Every request writes one line to the `web_demo.requests` logger at INFO (web_demo.py --log_requests).
-OpenAI's paths without /v1 answer a 404 that says the API is under /v1.
+A 404 outside /v1 (a base URL without /v1) says that the API is under /v1 (page_not_found does it
+for the page's app, which web_demo.py mounts at the root).
 
 Honoured: max_tokens (or max_completion_tokens; default the server's --max_new_tokens, at most
 half the context), temperature (0..2, 0 or below 1e-5 = greedy), top_p, stop (up to 4 strings of
@@ -69,9 +70,6 @@ logger = logging.getLogger("web_demo.api")
 requests_log = logging.getLogger("web_demo.requests")
 
 RETRY_AFTER_S = 1
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-# OpenAI's endpoints, which a client whose base URL lacks /v1 asks for at the root
-OPENAI_PATHS = ("/chat/completions", "/completions", "/models", "/models/{name:path}", "/embeddings")
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # cut_at_stop's hold-back costs the square of a stop string's length, for each piece
 
@@ -472,24 +470,11 @@ def router(engine: ChatEngine) -> APIRouter:
 
     routes.add_api_route("/chat/completions", logged(engine, chat_completions), methods=["POST"])
 
-    @routes.api_route("/{path:path}", methods=METHODS)
+    @routes.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unknown(path: str, request: Request):
         raise ApiError(404, f"Invalid URL ({request.method} /v1/{path})")
 
     return routes
-
-
-def outside_v1() -> APIRouter:
-    """OpenAI's paths without /v1 (a client given the server's address without /v1 as its base URL):
-    a 404 that says where the API is. Only these: the page, mounted at the root, answers the rest."""
-    routes = APIRouter()
-    for path in OPENAI_PATHS:
-        routes.add_api_route(path, not_under_v1, methods=METHODS)
-    return routes
-
-
-def not_under_v1(request: Request):
-    raise ApiError(404, not_under_v1_message(request))
 
 
 def not_under_v1_message(request: Request) -> str:
@@ -528,6 +513,17 @@ def http_error(request: Request, error: HTTPException) -> JSONResponse:
     return ApiError(error.status_code, message, headers=error.headers).response()
 
 
+async def page_not_found(request: Request, error: HTTPException):
+    """For the page's app (web_demo.py mounts it at the root, which takes every path the API does
+    not): a path it has no route for (Starlette's bare "Not Found") says where the API is; its own
+    404s (a missing file, ...) stay as the page sends them."""
+    if error.detail == "Not Found":
+        return ApiError(404, not_under_v1_message(request)).response()
+    from fastapi.exception_handlers import http_exception_handler
+
+    return await http_exception_handler(request, error)
+
+
 def server_error(request, error: Exception) -> JSONResponse:
     """Any other failure as OpenAI's 500, its traceback in the log only (Starlette logs it)."""
     return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
@@ -541,7 +537,6 @@ def api_app(engine: ChatEngine, api_key: str | None = None, limits=None) -> Fast
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(router(engine))
-    app.include_router(outside_v1())
     protect(app, api_key, limits or Limits())
     app.add_exception_handler(ApiError, lambda request, error: error.response())
     app.add_exception_handler(HTTPException, http_error)
