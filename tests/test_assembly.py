@@ -19,7 +19,7 @@ import pytest
 from baichuan.generation_utils import build_chat_input, chat_token_ids, encode_conversation, encode_text
 from helpers import RecordingModel, serve
 from utils.api import api_app
-from utils.assembly import AssemblyError, Names, assemble, names_of
+from utils.assembly import AssemblyError, Names, assemble, leading, names_of
 from utils.cards import sillytavern_examples
 from utils.chat import GenerationSlots, Sampling
 from utils.engine import ChatEngine, InputError
@@ -38,13 +38,18 @@ def body(name: str) -> dict:
     return json.loads((BODIES / f"{name}.json").read_text(encoding="utf-8"))["body"]
 
 
+def after_leading(messages: list[dict]) -> list[dict]:
+    """The messages after the leading system ones: the conversation as SillyTavern sent it."""
+    return messages[len(leading(messages)):]
+
+
 ALL = sorted(path.stem for path in BODIES.glob("*.json"))
 SEMISTRICT = [name for name in ALL if name.startswith("semistrict-")]
 # one-on-one chats (group scenes are issue 19's); those whose later system messages SillyTavern
 # itself folded ("Semi-strict"), or that have none, give the conversation as it is trained
 ONE_ON_ONE = [name for name in ALL if "-group-" not in name]
 AS_TRAINED = [name for name in ONE_ON_ONE if name.startswith("semistrict-")
-              or all(m["role"] != "system" for m in body(name)["messages"][11:])]
+              or all(m["role"] != "system" for m in after_leading(body(name)["messages"]))]
 
 
 def user(text):
@@ -59,7 +64,10 @@ def plain(messages):
 
 
 def test_recorded_bodies_are_there():
-    assert len(ALL) == 20 and len(SEMISTRICT) == 10 and len(AS_TRAINED) == 11
+    """Both post-processing modes, for each chat state; one-on-one bodies without later system messages."""
+    assert len(ALL) >= 20 and {name.removeprefix("none-") for name in ALL if name.startswith("none-")} == \
+        {name.removeprefix("semistrict-") for name in SEMISTRICT}
+    assert len(AS_TRAINED) > len(SEMISTRICT) // 2 and any(name.startswith("none-") for name in AS_TRAINED)
     assert {m.get("name") for m in body("none-send")["messages"]} >= {"example_user", "example_assistant"}
 
 
@@ -85,10 +93,12 @@ def test_a_none_body_assembles_as_semistrict_sent_the_same_chat(chat):
 
 def test_later_system_messages_fold_into_the_user_turn_beside_them():
     messages = body("none-authors-note")["messages"]
-    assert [m["role"] for m in messages[14:17]] == ["user", "system", "assistant"]
+    note = next(i for i, m in enumerate(messages) if m["role"] == "system" and i >= len(leading(messages)))
+    assert [m["role"] for m in messages[note - 1:note + 2]] == ["user", "system", "assistant"]
     assembly = assemble(messages, names_of(messages))
-    assert assembly.conversation[3] == user(messages[14]["content"] + "\n\n" + messages[15]["content"])
-    assert assembly.origin[3] == 15 and len(assembly.conversation) == len(messages) - 12
+    turn = assembly.origin.index(note)
+    assert assembly.conversation[turn] == user(messages[note - 1]["content"] + "\n\n" + messages[note]["content"])
+    assert len(assembly.conversation) == len(after_leading(messages)) - 1
     continued = body("none-continue")["messages"]
     assembly = assemble(continued, names_of(continued))
     assert assembly.conversation[-1] == user("[Continue your last message without repeating its original content.]")
@@ -190,7 +200,7 @@ def test_the_clients_own_prompt_is_the_trained_one_to_the_token(name, trained, c
     _, model, engine = server
     request = body(name)
     messages = request["messages"]
-    conversation = plain(messages[1:] if name.startswith("semistrict-") else messages[11:])
+    conversation = plain(after_leading(messages))
     character = names_of(messages).char
     answer = client.chat.completions.create(model=CLIENT_ID, messages=messages, max_tokens=MAX_TOKENS)
     expected = training_prompt_ids(engine.tokenizer, engine.model.generation_config, trained[character], conversation)
@@ -239,7 +249,7 @@ def test_each_policy_sends_what_it_says(roles, loaded):
         systems[policy] = (prompt.system, prompt.source)
         assert prompt.messages[1:] == assemble(messages, names_of(messages)).conversation
         assert engine.request_prompt(CLIENT_ID, messages).system == client_system  # the client id: always its own
-        without = engine.request_prompt("孙悟空", messages[11:])  # a client that sends no system prompt
+        without = engine.request_prompt("孙悟空", after_leading(messages))  # a client that sends no system prompt
         assert (without.system, without.source) == (trained, "role 孙悟空")
     assert systems == {"role": (trained, "role 孙悟空"), "client": (client_system, "client"),
                        "append": (trained + "\n\n" + client_system, "role 孙悟空 + client")}
