@@ -11,6 +11,8 @@ Your own character: a card (JSON or PNG, or a folder of cards) and your own mult
     python data_helper.py --card cards/阿绣.png --dialogues my_chats.jsonl
 Mixed with RoleBench roles (name them: with --card or --dialogues, none are taken by default):
     python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
+The prompts as SillyTavern sends them (to serve with web_demo.py --client_system client):
+    python data_helper.py --card cards/阿绣.png --prompt_style sillytavern --user_name 老王
 
 Input: --data_dir holds the four RoleBench-zh files under their RoleBench names
 (rolebench-zh_{general,role_specific}_{train,test}.jsonl). For each split the general file and
@@ -25,7 +27,8 @@ random.Random(seed), and of a question with more than --max_replies replies that
 Characters of your own (utils/cards.py): --card takes a SillyTavern/TavernAI character card
 (JSON V1/V2/V3, or PNG with the card in its `chara` or `ccv3` chunk) or a folder of them. Its name,
 description, personality and scenario make the system prompt through --system_template (its own
-system_prompt with --card_system_prompt), first_mes its greeting, and each <START> block of
+system_prompt with --card_system_prompt; --prompt_style sillytavern writes it as SillyTavern's default
+Chat Completion preset joins it instead, utils/prompts.py), first_mes its greeting, and each <START> block of
 mes_example one multi-turn sample. --dialogues takes jsonl files of your own conversations, as
 OpenAI {"messages": [...]} or ShareGPT {"conversations": [...], "system": ...} rows; a row names its
 character with "role" (or belongs to the only character given), and its system prompt becomes that
@@ -55,7 +58,8 @@ from collections import Counter
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.cards import USER_NAME
 from utils.files import MAX_LINE_BYTES
-from utils.prompts import DEFAULT_ROLES_FILE, PROMPTS_FILE, SYSTEM_TEMPLATE
+from utils.assembly import DEFAULT_USER
+from utils.prompts import DEFAULT_ROLES_FILE, PROMPT_STYLES, PROMPTS_FILE, SYSTEM_TEMPLATE, default_user_name
 from utils.rolebench import DEFAULT_ROLES, HUB_REPO_ID, INPUT_FILES, KINDS, SPLITS
 
 
@@ -80,7 +84,9 @@ def parse_args(argv=None):
     group.add_argument("--card_system_prompt", action="store_true",
                        help="use a card's own system_prompt ({{original}}: the one --system_template builds) "
                             "instead of the built one")
-    group.add_argument("--user_name", default=USER_NAME, help="what {{user}} stands for in cards")
+    group.add_argument("--user_name",
+                       help=f"what {{{{user}}}} stands for in cards (default: {USER_NAME}; with --prompt_style "
+                            f"sillytavern {DEFAULT_USER}, SillyTavern's default persona name: set it to yours)")
     group.add_argument("--test_ratio", type=float, default=0.1,
                        help="share of each character's card and dialogue samples that go to --test_out")
     group = parser.add_argument_group("output")
@@ -89,6 +95,13 @@ def parse_args(argv=None):
     group.add_argument("--system_template", default=SYSTEM_TEMPLATE,
                        help="system prompt template with {role} and {description} placeholders "
                             "(default: the built-in Chinese template, utils/prompts.py)")
+    group.add_argument("--prompt_style", choices=PROMPT_STYLES, default="project",
+                       help="how each role's or card's system prompt is written: 'project' fills "
+                            "--system_template; 'sillytavern' joins it as SillyTavern 1.19.0's default Chat "
+                            "Completion preset sends it (Main Prompt, description, personality, scenario, "
+                            "[Example Chat] and the examples, [Start a new Chat]; a card's system_prompt replaces "
+                            "the Main Prompt), so that a model served with web_demo.py --client_system client "
+                            "sees the prompt it trained on")
     group = parser.add_argument_group("selection")
     group.add_argument("--roles",
                        help=f"comma-separated RoleBench roles to keep, each in --roles_file; rows of other roles are "
@@ -105,6 +118,7 @@ def parse_args(argv=None):
                             "(it would be read, and trained on, whole)")
     args = parser.parse_args(argv)
     args.card, args.dialogues = args.card or [], args.dialogues or []
+    args.user_name = default_user_name(args.prompt_style) if args.user_name is None else args.user_name
     return args
 
 
@@ -136,7 +150,8 @@ def validate_args(args):
     template = SYSTEM_TEMPLATE if template_problem else args.system_template
     if selected:
         try:
-            known = roles_from_file(args.roles_file, template, args.card_system_prompt, args.user_name)
+            known = roles_from_file(args.roles_file, template, args.card_system_prompt, args.user_name,
+                                    args.prompt_style)
         except UserError as error:
             problems.append(str(error))
         else:
@@ -154,7 +169,8 @@ def validate_args(args):
         cards = read_cards(args.card, problems.append)
         for card in cards:  # a card of a RoleBench role's name gives that role its prompt
             try:
-                roles[card.name] = card_role(card, template, args.card_system_prompt, args.user_name)
+                roles[card.name] = card_role(card, template, args.card_system_prompt, args.user_name,
+                                             args.prompt_style)
             except UserError as error:
                 problems.append(str(error))
     problems += [f"{path}: dialogues file not found" for path in args.dialogues if not os.path.isfile(path)]
@@ -338,7 +354,8 @@ def main(argv=None):
         if name not in trained:
             print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
                   f"--dialogues): it is not trained", file=sys.stderr)
-    side_file = {"system_template": args.system_template}  # train.py takes the roles' prompts from the samples
+    # train.py takes the roles' prompts from the samples
+    side_file = {"system_template": args.system_template, "prompt_style": args.prompt_style}
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),

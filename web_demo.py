@@ -43,7 +43,7 @@ import threading
 
 from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
-from utils.engine import MAX_MESSAGES
+from utils.engine import CLIENT_SYSTEM, MAX_MESSAGES
 from utils.guard import MAX_BODY_BYTES, READ_TIMEOUT_S
 
 logger = logging.getLogger("web_demo")
@@ -241,15 +241,17 @@ def build_app(demo, engine, api_key: str | None = None, limits=None):
     bearer token, and the page asks for it as the password of a login form (any user name). `limits`
     (utils.guard.Limits, default: its defaults, for 127.0.0.1) bound what a request may be; utils.guard
     says how."""
-    from utils.api import api_app
+    from utils.api import api_app, page_not_found
 
     app = api_app(engine, api_key, limits)  # first: the page's mount at the root would take /v1 too
     if demo is None:
         return app
     import gradio as gr
 
+    # a path neither answers (a client's base URL without /v1) is told where the API is
     return gr.mount_gradio_app(app, demo, path="", auth=page_login(api_key),
-                               auth_message="password: the server's API key")
+                               auth_message="password: the server's API key",
+                               app_kwargs={"exception_handlers": {404: page_not_found}})
 
 
 def page_login(api_key: str | None):
@@ -353,6 +355,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--read_timeout", type=float, default=READ_TIMEOUT_S,
                        help="seconds a client has to send a request's headers, and then its body; a slower "
                             "connection is closed (a body: 408)")
+    group.add_argument("--client_system", choices=CLIENT_SYSTEM, default="role",
+                       help="when an API request's model names a trained role and it brings system messages of "
+                            "its own (SillyTavern sends its Main Prompt and the card): 'role' plays the role's "
+                            "trained prompt and drops the client's leading system messages, 'client' plays the "
+                            "client's, 'append' the trained prompt followed by the client's. System messages "
+                            "later in the conversation join the user turn beside them in every case. A model "
+                            "that is no role always plays the client's (the model list offers one such id, the "
+                            "model directory's name)")
+    group.add_argument("--log_requests", action="store_true",
+                       help="print one line per API request: the client, the policy, the system prompt's source "
+                            "and tokens, the parameters used and ignored, the status")
     group.add_argument("--concurrency", type=int, default=1, help="replies generated at the same time")
     group.add_argument("--max_queue", type=int, default=16,
                        help="requests waiting for a generation slot; more are told the server is busy")
@@ -389,6 +402,23 @@ def validate_args(args) -> list[str]:
     return problems
 
 
+def client_model(args, roles) -> str:
+    """The model id meaning "the client's own system prompt": the model directory's (or hub id's)
+    last part, e.g. roleplay-merged, marked as such if a role has that name."""
+    name = os.path.basename(os.path.normpath(args.model_path)) or "client"
+    return name if name not in roles else f"{name} (client prompt)"
+
+
+def log_requests() -> None:
+    """The API's request lines (utils.api.requests_log) on stderr, as they come."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s request %(message)s", "%H:%M:%S"))
+    requests = logging.getLogger("web_demo.requests")
+    requests.addHandler(handler)
+    requests.setLevel(logging.INFO)
+    requests.propagate = False
+
+
 def api_key(args) -> str | None:
     return args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
 
@@ -407,7 +437,10 @@ def main(argv=None) -> None:
     roles, default_role = read_roles(args, args.default_role)
     with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
         engine = ChatEngine.load(args, roles, slots=GenerationSlots(args.concurrency, args.max_queue),
-                                 max_message_chars=args.max_message_chars, max_messages=args.max_messages)
+                                 max_message_chars=args.max_message_chars, max_messages=args.max_messages,
+                                 client_system=args.client_system, client_model=client_model(args, roles))
+        if args.log_requests:
+            log_requests()
         demo = None if args.api_only else build_demo(RolePlayChat(engine), default_role.name)
         if args.share:
             launch(demo, sock, args)

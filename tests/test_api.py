@@ -22,7 +22,7 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from baichuan.generation_utils import build_chat_input  # noqa: E402
+from baichuan.generation_utils import build_chat_input, encode_text  # noqa: E402
 from helpers import CountingSlots, RecordingModel, serve, wait_for  # noqa: E402
 from utils.api import api_app  # noqa: E402
 from utils.guard import Limits  # noqa: E402
@@ -127,16 +127,11 @@ def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles)
     assert "举杯邀明月" in engine.tokenizer.decode(model.calls[-1]["inputs"][0].tolist())
 
     card = [{"role": "system", "content": "你是嫦娥，"}, {"role": "system", "content": "住在月宫。"}, *history]
-    prompts = []
-    for name in ("SillyTavern 随便起的名字", "李白"):  # any name with a system message; it overrides a role's
-        ask(client, card, name, max_tokens=6)
-        prompts.append(model.calls[-1]["inputs"][0].tolist())
+    ask(client, card, "SillyTavern 随便起的名字", max_tokens=6)  # no role: the client's prompt plays
     own = [{"role": "system", "content": "你是嫦娥，\n\n住在月宫。"}, *history]
-    assert prompts == [prompt_ids(engine, own, 6)] * 2
-
-    with pytest.raises(openai.BadRequestError) as error:
-        ask(client, [*history[:3], {"role": "system", "content": "换个角色"}, history[3]])
-    assert error.value.body["param"] == "messages[3].role"
+    assert model.calls[-1]["inputs"][0].tolist() == prompt_ids(engine, own, 6)
+    ask(client, card, "李白", max_tokens=6)  # a role: its trained prompt (the default --client_system role)
+    assert model.calls[-1]["inputs"][0].tolist() == prompt_ids(engine, role_messages(roles["李白"], history), 6)
 
 
 @pytest.mark.parametrize(
@@ -419,12 +414,14 @@ def test_quantized_model_answers_and_its_logits_stay_close(tiny_model_dir, tiny_
 # ---------------------------------------------------------------- command line
 
 
-def test_api_only_server_in_4_bit(tiny_model_dir, roles):
-    """web_demo.py --api_only --quantization_bit 4, its key from the environment, on a free port."""
+def test_api_only_server_in_4_bit(tiny_model_dir, roles, loaded):
+    """web_demo.py --api_only --quantization_bit 4, its key from the environment, on a free port; its
+    model list ends with the id of the client's own prompt (the directory's name), --log_requests
+    writes a line per request, and a path outside /v1 says where the API is."""
     env = {**os.environ, "ROLEPLAY_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     server = subprocess.Popen([sys.executable, "web_demo.py", "--model_path", str(tiny_model_dir), "--api_only",
                                "--port", "0", "--quantization_bit", "4", "--device", "cpu", "--temperature", "0",
-                               "--max_new_tokens", "6"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               "--max_new_tokens", "6", "--log_requests"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
@@ -437,9 +434,18 @@ def test_api_only_server_in_4_bit(tiny_model_dir, roles):
         base = line.split()[2]
         assert base.endswith("/v1") and "(page)" not in line
         api = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
-        assert [m.id for m in api.models.list()] == list(roles)  # the tiny model carries none of its own
-        answer = api.chat.completions.create(model="张飞", messages=[user("你好")])
+        # the tiny model carries no roles of its own
+        assert [m.id for m in api.models.list()] == [*roles, tiny_model_dir.name]
+        answer = api.chat.completions.create(model="张飞", messages=[user("你好")], frequency_penalty=0.5)
         assert answer.choices[0].message.content.strip() and answer.usage.completion_tokens <= 6
+        tokens = len(encode_text(loaded[1], roles["张飞"].system))
+        wait_for(lambda: any(" POST /v1/chat/completions " in line for line in lines), what="the request's log line")
+        logged = [line for line in lines if " POST /v1/chat/completions " in line]
+        assert len(logged) == 1 and logged[0].split(" request ")[1].startswith("127.0.0.1:"), lines
+        assert (f"policy=role model='张飞' system='role 张飞' ({tokens} tokens) used=- "
+                f"ignored=frequency_penalty status=200\n") in logged[0]
+        root = httpx.post(base.removesuffix("/v1") + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+        assert root.status_code == 404 and "under /v1" in root.json()["error"]["message"]
         assert httpx.get(base.removesuffix("/v1") + "/").status_code == 404  # no page
         assert httpx.get(base + "/models").status_code == 401  # no key
     finally:

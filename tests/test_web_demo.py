@@ -18,6 +18,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from tests
 
 import gradio as gr  # noqa: E402
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 
 import web_demo  # noqa: E402
@@ -666,6 +667,7 @@ def test_parse_args_defaults_are_safe():
     assert args.trust_remote_code is False and args.adapter is None and args.roles_file is None
     assert (args.concurrency, args.max_queue, args.max_message_chars, args.max_messages) == (1, 16, 2000, 1000)
     assert (args.max_new_tokens, args.top_p, args.temperature) == (512, 0.8, 0.8)
+    assert (args.client_system, args.log_requests) == ("role", False)  # a role plays its trained prompt
 
 
 def test_missing_model_dir_is_one_line_error(tmp_path):
@@ -783,3 +785,14 @@ def test_open_host_without_key_exits_with_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: --host 0.0.0.0 lets the network in: give a key (--api_key KEY or $ROLEPLAY_API_KEY), "
         "or --no_api_key to serve without one"]
+
+
+def test_a_path_outside_v1_says_where_the_api_is(page_server):
+    """A client whose base URL lacks /v1 reaches the page's app, mounted at the root: its 404 says where the
+    API is, in OpenAI's shape; the page itself is still there."""
+    url = page_server[0]
+    for method, path in (("POST", "/chat/completions"), ("GET", "/models"), ("GET", "/no/such/page")):
+        response = httpx.request(method, url + path, timeout=30)
+        assert response.status_code == 404, (path, response.text)
+        assert response.json()["error"]["message"].endswith(f"under /v1; use the base URL {url}/v1"), path
+    assert httpx.get(url + "/", timeout=30).status_code == 200

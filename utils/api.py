@@ -2,15 +2,20 @@
 prompt contract and the same bound on generation: one utils.engine.ChatEngine answers both, so a
 SillyTavern, Open WebUI or `openai` client and the page wait in one line.
 
-    GET  /v1/models              the model's roles, one model each
+    GET  /v1/models              the model's roles, one model each, and the client's-own-prompt id
     GET  /v1/models/{role}       one of them
     POST /v1/chat/completions    a reply, whole or streamed (server-sent events, then `data: [DONE]`)
 
-`model` names a role, whose trained system prompt opens the prompt. Leading `system` (or
-`developer`) messages replace it, joined by blank lines: a card-driven front end plays its own
-character. With such a message any `model` name is taken (a front end sends whatever name its
-user picked); without one, a name that is no role is a 404. A system message after the
-conversation has started is refused (the layout has one system prompt).
+The messages become a prompt through utils/assembly.py (its docstring: later system messages join
+the user turn beside them, named example messages become "Name: text" lines, a trailing assistant
+message is continued and the reply is only the new text; an empty one is a 400). `model` names a
+role, whose trained system prompt opens the prompt; the client's leading system messages are then
+dropped, used instead, or appended, as the engine's client_system policy says (web_demo.py
+--client_system). A `model` that is no role plays the client's system prompt; without one it is a
+404, except for the engine's client_model id, which the model list offers for just that.
+Every request writes one line to the `web_demo.requests` logger at INFO (web_demo.py --log_requests).
+A 404 outside /v1 (a base URL without /v1) says that the API is under /v1 (page_not_found does it
+for the page's app, which web_demo.py mounts at the root).
 
 Honoured: max_tokens (or max_completion_tokens; default the server's --max_new_tokens, at most
 half the context), temperature (0..2, 0 or below 1e-5 = greedy), top_p, stop (up to 4 strings of
@@ -31,6 +36,7 @@ next token and frees its place.
 """
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -57,15 +63,15 @@ from starlette.exceptions import HTTPException
 
 from utils import UserError
 from utils.chat import Busy, Cancelled, Sampling, content_text
-from utils.engine import ChatEngine, InputError
-from utils.prompts import Role
+from utils.engine import ChatEngine, InputError, RequestPrompt, UnknownModel
 
 logger = logging.getLogger("web_demo.api")
+# one line per request, at INFO (web_demo.py --log_requests shows them)
+requests_log = logging.getLogger("web_demo.requests")
 
 RETRY_AFTER_S = 1
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 256  # cut_at_stop's hold-back costs the square of a stop string's length, for each piece
-SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
 
 
 class ApiError(Exception):
@@ -110,16 +116,22 @@ class TextPart(_Lenient):
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart]
+    name: Text | None = None  # a speaker: SillyTavern's example_user/example_assistant, a group's member
 
-    def text(self) -> str:
-        return content_text(self.model_dump()["content"])  # the page's join of text parts
+    def as_dict(self) -> dict:
+        """The message as utils.assembly takes it: its content as text (the page's join of text parts)."""
+        return {"role": self.role, "content": content_text(self.model_dump()["content"]),
+                **({"name": self.name} if self.name else {})}
 
 
 class StreamOptions(_Lenient):
     include_usage: StrictBool = False
 
 
-class ChatRequest(_Lenient):
+class ChatRequest(BaseModel):
+    # the fields this API has no use for are kept, unread, for the request log's "ignored"
+    model_config = ConfigDict(extra="allow")
+
     model: Text
     messages: list[Message]
     max_tokens: StrictInt | None = None
@@ -180,37 +192,18 @@ def refuse_unsupported(body: ChatRequest) -> None:
                                 f"no tools, no logprobs, no JSON mode)", param, "unsupported_parameter")
 
 
-def conversation_of(engine: ChatEngine, body: ChatRequest) -> tuple[list[str], list[dict]]:
-    """The texts of the request's leading system messages, and the conversation after them as the
-    engine cleans any conversation."""
-    systems = 0
-    while systems < len(body.messages) and body.messages[systems].role in SYSTEM_ROLES:
-        systems += 1
-    for i, message in enumerate(body.messages[systems:], start=systems):
-        if message.role in SYSTEM_ROLES:
-            raise ApiError(400, f"messages[{i}]: a system message may only come before the conversation (the "
-                                f"model has one system prompt; SillyTavern: Prompt Post-Processing 'Semi-strict')",
-                           f"messages[{i}].role")
-    if systems == len(body.messages):
-        raise ApiError(400, "messages: there is no user message to answer", "messages")
-    conversation = checked("messages", engine.clean_history, [m.model_dump() for m in body.messages[systems:]])
-    return [message.text() for message in body.messages[:systems]], conversation
-
-
-def prompt_messages(engine: ChatEngine, body: ChatRequest) -> list[dict]:
-    """The system prompt (the request's own, else the role's) and the conversation, checked by the
-    engine as the page's are; each problem a 400 (404: no such role) naming the request field."""
-    systems, conversation = conversation_of(engine, body)
-    if not systems and body.model not in engine.roles:
-        raise ApiError(404, f"The model `{body.model}` does not exist: use one of this server's roles "
-                            f"({', '.join(engine.roles)}), or send your own system message", "model",
-                       "model_not_found")
-    role = Role(body.model, "\n\n".join(systems)) if systems else engine.roles[body.model]
-    checked(f"messages[{len(body.messages) - 1}].content", engine.check_message, conversation[-1]["content"])
+def prompt_messages(engine: ChatEngine, body: ChatRequest) -> RequestPrompt:
+    """The prompt of the request's messages, put together by the engine (utils.assembly, and the
+    server's --client_system policy); each problem a 400 (404: no such role) naming the request field."""
+    messages = [message.as_dict() for message in body.messages]
     try:
-        return engine.prompt(role, conversation)
-    except InputError as error:  # the system prompt, the only InputError of prompt()
-        raise ApiError(400, str(error), "messages[0].content") from None
+        return engine.request_prompt(body.model, messages)
+    except UnknownModel as error:
+        raise ApiError(404, str(error), "model", "model_not_found") from None
+    except InputError as error:
+        param, text = next(iter(error.problems.items()))
+        param = "messages[0].content" if param == "system" else param  # the system prompt is too long
+        raise ApiError(400, text if text.startswith("messages") else f"{param}: {text}", param) from None
 
 
 def checked(param: str, check, *args):
@@ -376,16 +369,58 @@ async def until_done(reply: Reply, request: Request) -> None:
 # ---------------------------------------------------------------- the routes
 
 
-def prepare(engine: ChatEngine, body: ChatRequest):
+def prepare(engine: ChatEngine, body: ChatRequest, state=None):
     """The stream of the reply to `body` (not started) and its stop strings, once every check has
     passed. Linear in the request's size, and run off the event loop (tokenising too): a huge
-    request delays no other."""
+    request delays no other. The prompt is kept on `state` (the request's), for its log line."""
     refuse_unsupported(body)
-    messages, sampling, stops = prompt_messages(engine, body), sampling_of(engine, body), stop_strings(body)
+    prompt, sampling, stops = prompt_messages(engine, body), sampling_of(engine, body), stop_strings(body)
+    if state is not None:
+        state.prompt = prompt
     try:
-        return engine.start_reply(messages, sampling, threading.Event()), stops
+        return engine.start_reply(prompt.messages, sampling, threading.Event()), stops
     except UserError as error:
         raise ApiError(400, str(error), "messages") from None
+
+
+def log_line(engine: ChatEngine, request: Request, status: str) -> str:
+    """The request log's line: the client, the policy, where the system prompt came from and its
+    tokens, the parameters used and ignored, the status."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+    body, prompt = getattr(request.state, "body", None), getattr(request.state, "prompt", None)
+    fields = [client, f"{request.method} {request.url.path}", f"policy={engine.client_system}"]
+    if body is not None:
+        fields.append(f"model={body.model!r}")
+    if prompt is not None:
+        from baichuan.generation_utils import encode_text  # torch: loaded by then, the model is
+
+        tokens = len(encode_text(engine.tokenizer, prompt.system))
+        fields.append(f"system={prompt.source!r} ({tokens} tokens){' prefill' if prompt.prefill else ''}")
+    if body is not None:
+        used = sorted(body.model_fields_set & ChatRequest.model_fields.keys() - {"model", "messages"})
+        fields += [f"used={','.join(used) or '-'}", f"ignored={','.join(sorted(body.model_extra or ())) or '-'}"]
+    return " ".join([*fields, f"status={status}"])
+
+
+def logged(engine: ChatEngine, route):
+    """`route`, writing one requests_log line per request once its status is known."""
+    @functools.wraps(route)
+    async def answer(request: Request):
+        if not requests_log.isEnabledFor(logging.INFO):
+            return await route(request)
+        try:
+            response = await route(request)
+        except ApiError as error:
+            requests_log.info(log_line(engine, request, f"{error.status} {error.code or error.kind}"))
+            raise
+        except Exception:
+            requests_log.info(log_line(engine, request, "500"))
+            raise
+        streamed = isinstance(response, StreamingResponse)
+        requests_log.info(log_line(engine, request, "200 stream" if streamed else "200"))
+        return response
+
+    return answer
 
 
 def router(engine: ChatEngine) -> APIRouter:
@@ -393,28 +428,29 @@ def router(engine: ChatEngine) -> APIRouter:
     routes = APIRouter(prefix="/v1")
     created = int(time.time())
 
+    names = [*engine.roles, *([engine.client_model] if engine.client_model else [])]
+
     def card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "roleplay"}
 
     @routes.get("/models")
     def models():
-        return {"object": "list", "data": [card(name) for name in engine.roles]}
+        return {"object": "list", "data": [card(name) for name in names]}
 
     @routes.get("/models/{name:path}")  # a role's name may hold a '/'
     def model(name: str):
-        if name not in engine.roles:
+        if name not in names:
             raise ApiError(404, f"The model `{name}` does not exist", "model", "model_not_found")
         return card(name)
 
-    @routes.post("/chat/completions")
     async def chat_completions(request: Request):
         if not is_json(request.headers.get("content-type")):
             raise ApiError(400, "the request body must be a JSON object, sent as application/json")
         raw = await request.body()
         # reading the request and preparing its prompt are linear in its size, but a large one
         # still takes a while: off the event loop, where it would hold up every other request
-        body = await run_in_threadpool(parse_request, engine, raw)
-        stream, stops = await run_in_threadpool(prepare, engine, body)
+        body = request.state.body = await run_in_threadpool(parse_request, engine, raw)
+        stream, stops = await run_in_threadpool(prepare, engine, body, request.state)
         reply = Reply(engine.slots, stream, stops)
         if not await reply.admitted:
             raise ApiError(429, "every generation slot and waiting place is taken; try again in a moment",
@@ -432,11 +468,19 @@ def router(engine: ChatEngine) -> APIRouter:
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": stream.finish_reason}
         return {**head, "object": "chat.completion", "choices": [choice], "usage": reply.usage()}
 
+    routes.add_api_route("/chat/completions", logged(engine, chat_completions), methods=["POST"])
+
     @routes.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     def unknown(path: str, request: Request):
         raise ApiError(404, f"Invalid URL ({request.method} /v1/{path})")
 
     return routes
+
+
+def not_under_v1_message(request: Request) -> str:
+    base = str(request.base_url).rstrip("/")
+    return (f"Invalid URL ({request.method} {request.url.path}): this server's OpenAI-compatible API is under "
+            f"/v1; use the base URL {base}/v1")
 
 
 def field_path(loc) -> str:
@@ -460,6 +504,26 @@ def invalid(problems: list[dict]) -> ApiError:
     return ApiError(400, f"{param}: {worst['msg']}", param)
 
 
+def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's errors in OpenAI's shape; a 404 outside /v1 says where the API is."""
+    message = str(error.detail)
+    path = request.url.path
+    if error.status_code == 404 and not (path == "/v1" or path.startswith("/v1/")):
+        message = not_under_v1_message(request)
+    return ApiError(error.status_code, message, headers=error.headers).response()
+
+
+async def page_not_found(request: Request, error: HTTPException):
+    """For the page's app (web_demo.py mounts it at the root, which takes every path the API does
+    not): a path it has no route for (Starlette's bare "Not Found") says where the API is; its own
+    404s (a missing file, ...) stay as the page sends them."""
+    if error.detail == "Not Found":
+        return ApiError(404, not_under_v1_message(request)).response()
+    from fastapi.exception_handlers import http_exception_handler
+
+    return await http_exception_handler(request, error)
+
+
 def server_error(request, error: Exception) -> JSONResponse:
     """Any other failure as OpenAI's 500, its traceback in the log only (Starlette logs it)."""
     return ApiError(500, f"internal server error ({type(error).__name__})", kind="server_error").response()
@@ -475,7 +539,6 @@ def api_app(engine: ChatEngine, api_key: str | None = None, limits=None) -> Fast
     app.include_router(router(engine))
     protect(app, api_key, limits or Limits())
     app.add_exception_handler(ApiError, lambda request, error: error.response())
-    app.add_exception_handler(HTTPException, lambda request, error: ApiError(
-        error.status_code, str(error.detail), headers=error.headers).response())
+    app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
     return app

@@ -15,6 +15,8 @@ How a card becomes a role (utils.prompts.card_role, and `card_dialogues` here):
     mes_example    -> training dialogues, one per `<START>` block; lines `{{user}}: ...` are the
         user's turns and `{{char}}: ...` the character's (a line without a speaker continues the turn)
 {{char}} and {{user}} (and the old <BOT>/<USER>) become the name and `user_name` everywhere.
+In SillyTavern's prompt style (utils/prompts.py), mes_example is also read as SillyTavern reads it
+(`sillytavern_examples`), for the examples in the system prompt.
 Not used yet, with a one-line note: the lorebook (character_book), post_history_instructions
 (Baichuan2's layout has no place after the history) and alternate_greetings.
 
@@ -331,6 +333,41 @@ def _speaker_line(line: str, names: dict[str, str]) -> tuple[str, str] | None:
             if rest[:1] in (":", "："):
                 return role, rest[2:] if rest[1:2].isspace() else rest[1:]
     return None
+
+
+def sillytavern_examples(mes_example: str, name: str, user_name: str) -> list[list[dict]]:
+    """A card's mes_example as SillyTavern 1.19.0 sends it in a Chat Completion request: per
+    `<START>` block, its lines as system messages named example_user / example_assistant, each
+    without its leading "Name:" (public/script.js parseMesExamples, public/scripts/openai.js
+    parseExampleIntoIndividual). Its quirks are kept, for the same text to the character: a line
+    starts a message only when it begins with the exact name and a colon, and lines before the
+    block's first such line join its first message, and a block without such a line is an empty
+    dialogue (SillyTavern still marks it "[Example Chat]")."""
+    text = substitute(mes_example, name, user_name).replace("\r", "")
+    if not text or text == "<START>":
+        return []
+    if not text.startswith("<START>"):  # SillyTavern's test, in this letter case
+        text = "<START>\n" + text
+    blocks = []
+    for block in _START.split(text)[1:]:
+        messages, lines, speaker = [], [], None
+
+        def add():
+            said = "\n".join(lines).replace(f"{speaker[1]}:", "", 1).strip()
+            messages.append({"role": "system", "content": said, "name": speaker[0]})
+            lines.clear()
+
+        for line in block.strip().split("\n"):
+            starts = ("example_user", user_name) if line.startswith(user_name + ":") else \
+                ("example_assistant", name) if line.startswith(name + ":") else None
+            if starts and speaker and starts[0] != speaker[0]:
+                add()
+            speaker = starts or speaker
+            lines.append(line)
+        if speaker:
+            add()
+        blocks.append(messages)
+    return blocks
 
 
 def card_dialogues(card: Card, user_name: str = USER_NAME) -> list[list[dict]]:

@@ -5,6 +5,7 @@ API (utils/api.py) and predict.py each build one and only format what it gives:
     engine = ChatEngine.load(args, roles)              # the model flags of utils.chat.add_model_args
     messages = engine.turn(message, history, role.name, sampling)   # every input check, then the prompt
     for reply in engine.start_reply(messages, sampling, stop): ...   # the reply so far, as it grows
+    prompt = engine.request_prompt(model, client_messages)          # an API client's list (utils/assembly.py)
 
 It holds the model and tokenizer, the roles with their prompts, the bound on concurrent generation
 (GenerationSlots, which the page and the API share), the limits of what a request may ask, and the
@@ -12,8 +13,10 @@ default sampling. Nothing heavy is imported at module level, so that the scripts
 """
 
 import threading
+from dataclasses import dataclass
 
 from utils import UserError
+from utils.assembly import JOIN, AssemblyError, assemble, names_of
 from utils.chat import (
     CHARS_PER_TOKEN_BOUND,
     MAX_MESSAGE_CHARS,
@@ -34,6 +37,9 @@ from utils.prompts import Role, check_role
 # tokens only ever holds the newest few dozen.
 MAX_MESSAGES = 1000
 TURN_FIELDS = ("message", "history", "role", "max_new_tokens", "top_p", "temperature")
+# What a client's system prompt does when `model` names a trained role (web_demo.py --client_system):
+# the role's trained prompt alone, the client's instead, or the trained prompt followed by the client's
+CLIENT_SYSTEM = ("role", "client", "append")
 
 
 class InputError(UserError):
@@ -44,6 +50,25 @@ class InputError(UserError):
     def __init__(self, problems: dict[str, str]):
         super().__init__(next(iter(problems.values())))
         self.problems = problems
+
+
+class UnknownModel(UserError):
+    """A request's `model` is no role, and it brings no system prompt to play instead."""
+
+
+@dataclass(frozen=True)
+class RequestPrompt:
+    """The prompt of a client's message list: its messages (system first), where the system text
+    came from ("role NAME", "client", "role NAME + client", for the request log) and whether the
+    last turn is a prefill that the reply continues."""
+
+    messages: list[dict]
+    source: str
+    prefill: bool
+
+    @property
+    def system(self) -> str:
+        return self.messages[0]["content"]
 
 
 def read_roles(args, name: str | None = None) -> tuple[dict[str, Role], Role]:
@@ -62,11 +87,19 @@ class ChatEngine:
     Limits: `max_message_chars` per new message, `max_messages` per conversation, and a reply of at
     most `max_new_tokens_limit` tokens (half the context, so that a prompt always keeps room).
     `defaults` is the sampling a request that sets none gets (None: Sampling's own).
+    A client's message list (`request_prompt`) is played with the policy `client_system` (one of
+    CLIENT_SYSTEM) when it names a role; `client_model`, a name that is no role, means "the
+    client's own system prompt" (the API lists it beside the roles; None: not listed).
     """
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
                  defaults: Sampling | None = None, max_message_chars: int = MAX_MESSAGE_CHARS,
-                 max_messages: int = MAX_MESSAGES):
+                 max_messages: int = MAX_MESSAGES, client_system: str = "role", client_model: str | None = None):
+        if client_system not in CLIENT_SYSTEM:
+            raise ValueError(f"client_system must be one of {', '.join(CLIENT_SYSTEM)}, got {client_system!r}")
+        if client_model in roles:
+            raise ValueError(f"client_model {client_model!r} is the name of a role")
+        self.client_system, self.client_model = client_system, client_model
         self.model, self.tokenizer, self.roles = model, tokenizer, roles
         self.slots = slots or GenerationSlots(1, 0)  # predict.py: one reply at a time, nobody waiting
         self.defaults = defaults or Sampling()
@@ -141,6 +174,35 @@ class ChatEngine:
         if len(role.system) > CHARS_PER_TOKEN_BOUND * self.model_max_length:
             raise InputError({"system": f"the system prompt is too long ({len(role.system)} characters)"})
         return role_messages(role, newest_history(conversation, self.model_max_length))
+
+    def request_prompt(self, model: str, messages: list[dict]) -> RequestPrompt:
+        """The prompt for a client's `messages` (dicts with role, content as text, optionally name)
+        sent to `model`, put together by utils.assembly and the client_system policy: a role's
+        trained prompt, the client's system prompt, or both. Problems: an InputError by request
+        field (messages[i]...), an UnknownModel for a name that is no role without a system prompt."""
+        role = self.roles.get(model)
+        try:
+            assembly = assemble(messages, names_of(messages, role.name if role else model))
+        except AssemblyError as error:
+            raise InputError({error.param: str(error)}) from None
+        client = assembly.system
+        if role is None:
+            if not client and model != self.client_model:
+                raise UnknownModel(f"The model `{model}` does not exist: use one of this server's roles "
+                                   f"({', '.join(self.roles)}), or send your own system message")
+            role, source = Role(model, client), "client"
+        elif client and self.client_system == "client":
+            role, source = Role(model, client), "client"
+        elif client and self.client_system == "append":
+            role, source = Role(model, role.system + JOIN + client), f"role {model} + client"
+        else:  # "role", or a client that sent no system prompt: its later ones are in the conversation
+            source = f"role {model}"
+        last = f"messages[{assembly.origin[-1]}].content"
+        try:
+            self.check_message(assembly.conversation[-1]["content"])
+        except UserError as error:
+            raise InputError({last: str(error)}) from None
+        return RequestPrompt(self.prompt(role, assembly.conversation), source, assembly.prefill)
 
     def start_reply(self, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None):
         """A ChatStream of the reply to `messages` (iterate it for the text so far); setting `stop`

@@ -26,7 +26,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from utils.cards import USER_NAME, Card, card_description, read_roles_source, substitute
+from utils.assembly import DEFAULT_USER, Names, system_text
+from utils.cards import USER_NAME, Card, card_description, read_roles_source, sillytavern_examples, substitute
 from utils.cli import UserError, unsafe_character
 from utils.files import read_json, write_json
 
@@ -36,6 +37,14 @@ SYSTEM_TEMPLATE = (
     "也绝不要透露自己是人工智能、语言模型或助手。"
     "回答要简洁、口语化，像平常聊天一样随意自然。"
 )
+# How a role's system prompt is written: the project's template, or as SillyTavern sends it
+PROMPT_STYLES = ("project", "sillytavern")
+# SillyTavern 1.19.0's default Chat Completion preset (public/scripts/openai.js): its Main Prompt
+# ({{charIfNotGroup}} is the character outside group chats), and the markers it puts before each
+# example dialogue and before the chat
+SILLYTAVERN_MAIN_PROMPT = "Write {{char}}'s next reply in a fictional chat between {{char}} and {{user}}."
+SILLYTAVERN_EXAMPLE_CHAT = "[Example Chat]"
+SILLYTAVERN_NEW_CHAT = "[Start a new Chat]"
 # The record names the layout; baichuan/generation_utils.py defines it (its docstring, in words)
 LAYOUT = "Baichuan2-Chat, as baichuan/generation_utils.py lays it out (system, then <user> q <assistant> a per round)"
 RECORD_FILE = "roleplay.json"
@@ -71,6 +80,34 @@ def build_system_prompt(role: str, description: str, template: str = SYSTEM_TEMP
     return template.format(role=role, description=description.strip())
 
 
+def default_user_name(style: str) -> str:
+    """What {{user}} stands for by default: the project's second person, or SillyTavern's default persona."""
+    return DEFAULT_USER if style == "sillytavern" else USER_NAME
+
+
+def sillytavern_messages(name: str, description: str, personality: str = "", scenario: str = "",
+                         mes_example: str = "", system_prompt: str = "", user_name: str = DEFAULT_USER) -> list[dict]:
+    """The system messages SillyTavern 1.19.0's default Chat Completion preset sends before a chat
+    with a character, in its order: the Main Prompt (a card's own system_prompt instead, its
+    {{original}} the Main Prompt, as "Prefer Char. Prompt" does by default), the description,
+    personality and scenario (the preset's formats are the bare fields), "[Example Chat]" and the
+    examples of each example dialogue, then "[Start a new Chat]". Empty fields send nothing."""
+    main = SILLYTAVERN_MAIN_PROMPT
+    if system_prompt.strip():
+        main = system_prompt.strip().replace("{{original}}", main)
+    fields = [substitute(text, name, user_name) for text in (main, description, personality, scenario)]
+    messages = [{"role": "system", "content": text} for text in fields if text]
+    for block in sillytavern_examples(mes_example, name, user_name):
+        messages += [{"role": "system", "content": SILLYTAVERN_EXAMPLE_CHAT}, *block]
+    return [*messages, {"role": "system", "content": SILLYTAVERN_NEW_CHAT}]
+
+
+def sillytavern_system(name: str, user_name: str = DEFAULT_USER, **fields) -> str:
+    """The system text that utils.assembly makes of sillytavern_messages: what a model served with
+    --client_system client (or under the client's own model id) gets from SillyTavern."""
+    return system_text(sillytavern_messages(name, user_name=user_name, **fields), Names(user_name, name))
+
+
 def name_problem(name: str) -> str | None:
     """What is wrong with a role name, or None. A name is printed in messages, in the page's role
     list and in the API's model list, so a control or bidi character in it could forge an `error:`
@@ -94,20 +131,31 @@ def check_roles(roles, path: str) -> dict[str, str]:
 
 
 def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False,
-                    user_name: str | None = None) -> dict[str, Role]:
+                    user_name: str | None = None, style: str = "project") -> dict[str, Role]:
     """The roles of a roles file, of a character card (JSON or PNG, utils.cards) or of a folder of
-    cards; a card's own system_prompt is used with `card_system_prompt`, and its {{user}} becomes
-    `user_name` (default utils.cards.USER_NAME)."""
+    cards, their prompts in `style` (PROMPT_STYLES); a card's own system_prompt is used with
+    `card_system_prompt` (always, in SillyTavern's style, as SillyTavern does), and its {{user}}
+    becomes `user_name` (default: default_user_name(style))."""
+    user_name = user_name or default_user_name(style)
     found, roles_file = read_roles_source(path)
     if found:
-        return {card.name: card_role(card, template, card_system_prompt, user_name or USER_NAME) for card in found}
+        return {card.name: card_role(card, template, card_system_prompt, user_name, style) for card in found}
+    if style == "sillytavern":
+        return {name: Role(name, sillytavern_system(name, user_name, description=description.strip()))
+                for name, description in check_roles(roles_file, path).items()}
     return {name: Role(name, build_system_prompt(name, description, template))
             for name, description in check_roles(roles_file, path).items()}
 
 
 def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: bool = False,
-              user_name: str = USER_NAME) -> Role:
+              user_name: str = USER_NAME, style: str = "project") -> Role:
     """The role a card plays (utils.cards' docstring says how): its system prompt and greeting."""
+    greeting = substitute(card.first_mes, card.name, user_name) or None
+    if style == "sillytavern":
+        system = sillytavern_system(card.name, user_name, description=card.description, personality=card.personality,
+                                    scenario=card.scenario, mes_example=card.mes_example,
+                                    system_prompt=card.system_prompt)
+        return Role(card.name, system, greeting)
     description = card_description(card, user_name)
     built = build_system_prompt(card.name, description, template) if description else ""
     system = built
@@ -116,7 +164,7 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
     if not system:
         raise UserError(f"{card.path}: the card has no description, personality or scenario to build "
                         f"{card.name}'s system prompt from")
-    return Role(card.name, system, substitute(card.first_mes, card.name, user_name) or None)
+    return Role(card.name, system, greeting)
 
 
 # ---------------------------------------------------------------- the record a model carries

@@ -1,0 +1,133 @@
+"""Prompt assembly: any OpenAI message list as the messages of the model's one layout (a system text,
+then user and assistant turns; baichuan/generation_utils.py lays those out as ids). One function,
+`assemble`, for serving (utils/engine.py, behind the page and the API) and, through `system_text`,
+for training prompts rendered the way a front end sends them (utils/prompts.py's sillytavern style).
+
+Baichuan2's layout has one system text, before the conversation; front ends send more. What
+becomes of each message, in order (SillyTavern's "Semi-strict" post-processing does the same,
+src/prompt-converters.js mergeMessages, so a body sent with post-processing "None" and the same
+body after "Semi-strict" assemble alike):
+
+    leading system/developer messages   the system text, one paragraph each, joined by JOIN
+    a later system message              a user turn (Author's Note, Continue/Impersonate nudges,
+                                        post-history instructions), merged into its neighbour
+    name "example_user"/"example_assistant"   "{user}: text" / "{char}: text" (SillyTavern's
+                                        example dialogues), unless the text already starts so
+    a user/assistant message with a name      "{name}: text" (a group chat's speakers)
+    consecutive messages of one role    one turn, joined by JOIN (an empty one adds nothing)
+    a trailing assistant message        a prefill: the reply continues its text
+    a trailing empty assistant message  refused (it asks to continue nothing)
+
+Names: SillyTavern does not send its user's and character's names with a request, but its
+default Main Prompt says them ("Write X's next reply in a fictional chat between X and Y.");
+`names_of` reads them from there, else the caller's (the role's name, DEFAULT_USER).
+
+The steps are small functions over plain message dicts, so that more can join them (lorebook
+entries, post-history notes, group scenes) without another copy of the layout.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
+JOIN = "\n\n"  # SillyTavern's join of squashed messages
+DEFAULT_USER = "User"  # SillyTavern's default persona name
+EXAMPLE_NAMES = ("example_user", "example_assistant")
+# SillyTavern 1.19.0's default Main Prompt, once its macros are filled in
+_MAIN_PROMPT = re.compile(r"Write (?P<char>.+?)'s next reply in a fictional chat between .+? and (?P<user>.+?)\.")
+
+
+class AssemblyError(ValueError):
+    """A message list that cannot be a prompt; `param` names the request field (messages[i]...)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Names:
+    user: str = DEFAULT_USER
+    char: str = ""
+
+
+@dataclass
+class Assembly:
+    """What `assemble` makes of a message list: the client's system paragraphs (their join is
+    `system`), the conversation as user/assistant turns, and whether its last turn is a prefill.
+    `origin[i]` is the index, in the list given, of the last message merged into turn i."""
+
+    system_parts: list[str]
+    conversation: list[dict]
+    origin: list[int] = field(default_factory=list)
+
+    @property
+    def system(self) -> str:
+        return JOIN.join(self.system_parts)
+
+    @property
+    def prefill(self) -> bool:
+        return bool(self.conversation) and self.conversation[-1]["role"] == "assistant"
+
+
+def names_of(messages: list[dict], char: str = "", user: str = DEFAULT_USER) -> Names:
+    """The user's and character's names for rendering examples: those the leading Main Prompt
+    says (SillyTavern's default), else `char` and `user`."""
+    for message in leading(messages):
+        found = _MAIN_PROMPT.match(message["content"])
+        if found:
+            return Names(found["user"], found["char"])
+    return Names(user, char)
+
+
+def leading(messages: list[dict]) -> list[dict]:
+    """The system messages before the conversation."""
+    count = 0
+    while count < len(messages) and messages[count]["role"] in SYSTEM_ROLES:
+        count += 1
+    return messages[:count]
+
+
+def rendered(message: dict, names: Names) -> str:
+    """A message's text with its speaker written out, as SillyTavern's mergeMessages writes it."""
+    text, name = message["content"], message.get("name")
+    if message["role"] in SYSTEM_ROLES:
+        speaker = {"example_user": names.user, "example_assistant": names.char}.get(name)
+    else:
+        speaker = name
+    if speaker and not text.startswith(f"{speaker}: "):
+        return f"{speaker}: {text}"
+    return text
+
+
+def system_text(messages: list[dict], names: Names) -> str:
+    """The system text that a list of leading system messages makes (its empty ones add nothing)."""
+    return JOIN.join(text for text in (rendered(m, names) for m in messages) if text)
+
+
+def assemble(messages: list[dict], names: Names) -> Assembly:
+    """The prompt of `messages` (dicts with role, content as text, optionally name); the module
+    docstring says what becomes of each. An AssemblyError names the message at fault."""
+    head = leading(messages)
+    parts = [text for text in (rendered(m, names) for m in head) if text]
+    conversation, origin = [], []
+    for index in range(len(head), len(messages)):
+        message = messages[index]
+        role = "user" if message["role"] in SYSTEM_ROLES else message["role"]
+        text = rendered(message, names)
+        if conversation and conversation[-1]["role"] == role:
+            if text:
+                previous = conversation[-1]["content"]
+                conversation[-1]["content"] = previous + JOIN + text if previous else text
+            origin[-1] = index
+        else:
+            conversation.append({"role": role, "content": text})
+            origin.append(index)
+    if not conversation:
+        raise AssemblyError("messages: there is no user message to answer (only system messages)")
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"].strip():
+        last = len(messages) - 1
+        raise AssemblyError(f"messages[{last}]: the conversation ends with an empty assistant message: there is "
+                            f"nothing to continue (leave it out to get a new reply, or give it the text the reply "
+                            f"should start with)", f"messages[{last}].content")
+    return Assembly(parts, conversation, origin)
