@@ -348,7 +348,7 @@ class ChatStream:
                                  **self._processors(generation_config, repetition_penalty, frequency_penalty,
                                                     presence_penalty, logit_bias, generate_kwargs)}
         eos = generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
 
     def _processors(self, generation_config, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
                     generate_kwargs) -> dict:
@@ -374,9 +374,9 @@ class ChatStream:
         return self._streamer.generated
 
     @property
-    def logprobs_so_far(self) -> list[tuple[int, float, list[tuple[int, float]]]]:
-        """With `logprobs`: (id, logprob, top [(id, logprob)]) of each generated token so far."""
-        return self._capture.entries if self._capture is not None else []
+    def logprobs_so_far(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """With `logprobs`: (id, logprob, top [(id, logprob)]) of each generated token so far; else None."""
+        return self._capture.entries if self._capture is not None else None
 
     def _generate(self, failure: list):
         device = self._model.device
@@ -413,7 +413,7 @@ class ChatStream:
             raise failure[0]
         generated = self._streamer.generated
         self.completion_tokens = len(generated)
-        ended = bool(generated) and generated[-1] in self._eos
+        ended = bool(generated) and generated[-1] in self.eos_ids
         self.completion_tokens -= ended  # the eos is not part of the reply
         self.finish_reason = "stop" if ended or self.stop.is_set() or len(generated) < self.max_new_tokens \
             else "length"

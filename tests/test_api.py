@@ -142,9 +142,9 @@ def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles)
 @pytest.mark.parametrize(
     ("kwargs", "status", "param"),
     [
-        ({"n": 2}, 400, "n"),
+        ({"n": 9}, 400, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
-        ({"logprobs": True}, 400, "logprobs"),
+        ({"top_logprobs": 3}, 400, "top_logprobs"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"temperature": 2.5}, 400, "temperature"),
         ({"top_p": 0}, 400, "top_p"),
