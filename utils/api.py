@@ -13,14 +13,20 @@ character. With such a message any `model` name is taken (a front end sends what
 user picked); without one, a name that is no role is a 404. A system message after the
 conversation has started is refused (the layout has one system prompt).
 
+A text completion's `prompt` is raw text that the client laid out itself (SillyTavern's Text
+Completion with an instruct template, tools with their own template): special-token strings in
+it are the tokens (`<reserved_106>` the user token, `<reserved_107>` the assistant's, `</s>` eos),
+which the chat endpoint never lets message text become. Any `model` name is taken there.
+
 Honoured: max_tokens (or max_completion_tokens; default the server's --max_new_tokens, at most
 half the context; more must fit beside the prompt, as vLLM asks: else a 400 with the numbers, or
 with --clamp_max_tokens it is cut to fit), temperature (0..2, 0 or below 1e-5 = greedy), top_p,
 top_k, min_p, repetition_penalty, frequency_penalty and presence_penalty (OpenAI's), logit_bias,
 logprobs and top_logprobs (0..20; the raw distribution's, as vLLM's), n (up to MAX_N replies, one
-after another), stop (up to 4 strings of at most 256 characters: the reply ends before the first,
-which is not included), seed (0 <= seed < 2**63), stream and stream_options.include_usage. A string
-that is no valid Unicode (a lone surrogate such as "\\ud800") is a 400.
+after another), stop (up to 16 strings of at most 256 characters, 1024 together: the reply ends
+before the first, which is not included), seed (0 <= seed < 2**63), stream and
+stream_options.include_usage. A string that is no valid Unicode (a lone surrogate such as
+"\\ud800") is a 400.
 Refused with a 400: tools and functions, a response_format other than text; for completions also
 echo, suffix, best_of > n, and a prompt other than one string.
 A conversation of more messages than the server's --max_messages is a 400 naming the limit.
@@ -70,8 +76,13 @@ from utils.prompts import Role
 logger = logging.getLogger("web_demo.api")
 
 RETRY_AFTER_S = 1
-MAX_STOP_STRINGS = 4  # as OpenAI
-MAX_STOP_CHARS = 256  # cut_at_stop's hold-back costs the square of a stop string's length, for each piece
+# OpenAI takes 4 stop strings, vLLM any number; SillyTavern's Text Completion sends its names and
+# instruct sequences beside the user's own, often more than 4 (and its vLLM mode does not cut them).
+MAX_STOP_STRINGS = 16
+# cut_at_stop's hold-back costs the square of a stop string's length for each piece: bounding each
+# string and their sum bounds that cost at 256 x 1024 character comparisons a piece
+MAX_STOP_CHARS = 256
+MAX_STOP_TOTAL = 1024
 SYSTEM_ROLES = ("system", "developer")
 # Replies per request: n of them hold one generation slot, one after another, as long as n
 # requests would; a bound keeps one request from holding it for many.
@@ -308,6 +319,9 @@ def stop_strings(body: SamplingRequest) -> tuple[str, ...]:
         raise ApiError(400, "stop: a stop string must not be empty", "stop")
     if max(map(len, stops), default=0) > MAX_STOP_CHARS:
         raise ApiError(400, f"stop: a stop string may be at most {MAX_STOP_CHARS} characters long", "stop")
+    if sum(map(len, stops)) > MAX_STOP_TOTAL:
+        raise ApiError(400, f"stop: the stop strings may be at most {MAX_STOP_TOTAL} characters long together",
+                       "stop")
     return stops
 
 
