@@ -364,7 +364,8 @@ class ChatStream:
         if frequency_penalty or presence_penalty:
             processors.append(OpenAIPenalties(self.prompt_tokens, float(frequency_penalty), float(presence_penalty)))
         if logit_bias:
-            processors.append(SequenceBiasLogitsProcessor([[[int(token)], float(bias)] for token, bias in logit_bias.items()]))
+            biases = [[[int(token)], float(bias)] for token, bias in logit_bias.items()]
+            processors.append(SequenceBiasLogitsProcessor(biases))
         processors.extend(generate_kwargs.get("logits_processor", []))
         return {"logits_processor": processors, "repetition_penalty": 1.0, "sequence_bias": None}
 

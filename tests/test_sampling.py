@@ -160,7 +160,7 @@ def test_logit_bias_is_added_to_the_logits(client, server):
 def test_top_k_and_min_p_reach_generate_and_cut(client, server):
     """top_k 1 and min_p 1 leave only the likeliest token: a sampled reply is then the greedy one,
     whatever the seed; without them, the same seeds give other replies."""
-    _, model, engine = server
+    model = server[1]
     greedy = chat(client, temperature=0, **NO_PENALTY).choices[0].message.content
     for cut in ({"top_k": 1}, {"min_p": 1.0}):
         for seed in (1, 2):
@@ -230,7 +230,7 @@ def test_logprobs_are_of_the_raw_distribution(client, server):
 
 
 def test_a_stop_string_cuts_the_logprobs_with_the_text(client, server):
-    _, model, engine = server
+    engine = server[2]
     eos = eos_of(engine)
     whole = chat(client, temperature=0, logit_bias={str(eos): -100}, **NO_PENALTY).choices[0].message.content
     stop = whole[len(whole) // 2:len(whole) // 2 + 1]
@@ -335,7 +335,7 @@ def layout(engine, messages) -> str:
 
 
 def test_completions_continue_a_raw_prompt_whose_special_tokens_count(client, server):
-    url, model, engine = server
+    _, model, engine = server
     text = layout(engine, MESSAGES)
     assert text == "你是李白，唐代诗人。<reserved_106>你最喜欢喝什么酒？<reserved_107>"
     whole = client.completions.create(model="李白", prompt=text, temperature=0, max_tokens=8, extra_body=NO_PENALTY)

@@ -188,8 +188,8 @@ class Sampling:
         """ChatStream's keyword arguments for these settings: only those set, so that the model's
         generation config decides the rest."""
         tokens = {"repetition_penalty": self.repetition_penalty, "logprobs": self.logprobs,
-                  "frequency_penalty": self.frequency_penalty or None, "presence_penalty": self.presence_penalty or None,
-                  "logit_bias": dict(self.logit_bias) or None}
+                  "frequency_penalty": self.frequency_penalty or None,
+                  "presence_penalty": self.presence_penalty or None, "logit_bias": dict(self.logit_bias) or None}
         tokens = {name: value for name, value in tokens.items() if value is not None}
         if self.temperature < GREEDY_BELOW:
             return {"do_sample": False, **tokens}
