@@ -337,6 +337,10 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 
 # ---------------------------------------------------------------- one reply
 
+# How far past the last shown token Choice looks for the text's end: the text lags the tokens by a
+# partial word or a held-back stop string's start, a few tokens.
+SHOWN_WINDOW = 64
+
 
 def settle(future: asyncio.Future, value) -> None:
     if not future.done():
@@ -370,25 +374,28 @@ class Choice:
         changed()
 
     def _count_shown(self, everything: bool = False) -> None:
-        """Move `shown` to the last token whose text so far (decoded from the start, as the
-        streamer decodes) is a prefix of `text`: a token in the middle of a character (a byte of
-        it) waits for the rest. `everything`: the reply is whole and uncut, all its tokens are in."""
+        """Move `shown` on over the tokens whose text (decoded from the last shown one, as the
+        streamer decodes) continues `text`: a token in the middle of a character (a byte of it)
+        waits for the rest. Each pass looks at most SHOWN_WINDOW tokens ahead, so that text that
+        never matches costs little. `everything`: the reply is whole and uncut, all its tokens are in."""
         entries, ids = self.stream.logprobs_so_far, self.stream.generated_ids
         if entries is None:
             return
         available = min(len(entries), len(ids))
-        start, pending = self._end, []
-        for k in range(self.shown + 1, available + 1):
-            if ids[k - 1] in self.stream.eos_ids:  # the end of the reply, no text of its own
-                available = k - 1
-                break
-            pending.append(start)
-            decoded = self.tokenizer.decode(ids[:k], skip_special_tokens=True)
-            if self.text.startswith(decoded):
-                self.starts += pending
-                self.shown, self._end, start, pending = k, len(decoded), len(decoded), []
-        if everything:
-            self.starts += pending
+        if available and ids[available - 1] in self.stream.eos_ids:  # the end of the reply, no text of its own
+            available -= 1
+        moved = True
+        while moved:
+            moved, pending = False, []
+            for k in range(self.shown + 1, min(available, self.shown + SHOWN_WINDOW) + 1):
+                pending.append(self._end)
+                piece = self.tokenizer.decode(ids[self.shown:k], skip_special_tokens=True)
+                if self.text.startswith(piece, self._end):
+                    self.starts += pending
+                    self.shown, self._end, moved = k, self._end + len(piece), True
+                    break
+        if everything:  # what still did not match (text the streamer decoded otherwise) starts at the end
+            self.starts += [self._end] * (available - self.shown)
             self.shown = available
 
 
