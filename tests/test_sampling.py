@@ -19,7 +19,8 @@ import openai  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from baichuan.generation_utils import OpenAIPenalties, build_chat_input  # noqa: E402
+from baichuan.generation_utils import OpenAIPenalties, build_chat_input, token_bytes  # noqa: E402
+from conftest import requires_real_tokenizer  # noqa: E402
 from helpers import RecordingModel, serve  # noqa: E402
 from utils.api import api_app  # noqa: E402
 from utils.chat import GenerationSlots, Sampling  # noqa: E402
@@ -192,6 +193,21 @@ def check_logprobs(model, prompt: list[int], ids: list[int], content: list, top:
             assert values[0] == pytest.approx(row.max().item(), abs=1e-4)
             assert values[-1] == pytest.approx(row.topk(top).values[-1].item(), abs=1e-4)
         assert sum(math.exp(v) for v in values) <= 1 + 1e-6
+
+
+@requires_real_tokenizer
+def test_token_bytes_spell_the_text_with_the_real_tokenizer(real_tokenizer_path):
+    """Each token's `bytes` (a byte-fallback piece its one byte, \u2581 a space), joined, are the
+    text's UTF-8: the emoji and the rare character go through byte pieces."""
+    from baichuan.tokenization_baichuan import BaichuanTokenizer
+
+    tokenizer = BaichuanTokenizer(str(real_tokenizer_path))
+    text = "李白举杯 said: hello  world\n😀𠀀，</s> end"
+    ids = tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(len(piece) == 1 and piece[0] >= 0x80 for piece in pieces)  # a byte piece was among them
+    assert token_bytes(tokenizer, tokenizer.eos_token_id) == b"</s>"
 
 
 def test_logprobs_of_a_greedy_reply_are_the_models_log_softmax(client, server):
