@@ -324,6 +324,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument_group("model").add_argument(
         "--default_role", help="role selected when the page opens (default: the model's first role)")
     group = add_generation_args(parser, "generation (the sliders' starting values, the API's defaults)")
+    group.add_argument("--clamp_max_tokens", action="store_true",
+                       help="an API request whose max_tokens does not fit in the context beside its prompt gets "
+                            "what fits (then finish_reason \"length\") instead of a 400 that says the numbers "
+                            "(vLLM's rule)")
     group.add_argument("--max_message_chars", type=int, default=MAX_MESSAGE_CHARS, help="longer messages are refused")
     group.add_argument("--max_messages", type=int, default=MAX_MESSAGES,
                        help="conversations of more messages (the page's history, an API request's messages) "
@@ -438,7 +442,8 @@ def main(argv=None) -> None:
     with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
         engine = ChatEngine.load(args, roles, slots=GenerationSlots(args.concurrency, args.max_queue),
                                  max_message_chars=args.max_message_chars, max_messages=args.max_messages,
-                                 client_system=args.client_system, client_model=client_model(args, roles))
+                                 client_system=args.client_system, client_model=client_model(args, roles),
+                                 clamp_max_tokens=args.clamp_max_tokens)
         if args.log_requests:
             log_requests()
         demo = None if args.api_only else build_demo(RolePlayChat(engine), default_role.name)

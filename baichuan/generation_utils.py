@@ -25,13 +25,27 @@ Everything else is labelled -100.
 Too long a conversation keeps its system text and, of the rounds, the newest whole ones that fit
 (newest_whole_rounds); the newest round alone too long is cut (build_chat_input: its oldest
 tokens; encode_conversation: its last reply's end).
+
+A reply's sampling (ChatStream) goes through transformers' logits processors; two that OpenAI's
+API defines and transformers lacks are here (OpenAIPenalties, and the log-probabilities that
+LogprobCapture records).
 """
 
+import re
 from collections.abc import Iterator, Sequence
 from threading import Event, Thread
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 
 def chat_token_ids(generation_config: GenerationConfig) -> tuple[int, int]:
@@ -195,17 +209,81 @@ def chat_template(tokenizer, generation_config: GenerationConfig) -> str:
     )
 
 
-class _CountingStreamer(TextIteratorStreamer):
-    """A text streamer that also keeps the generated ids (the first `put` is the prompt)."""
+class ContextFull(ValueError):
+    """The prompt and max_new_tokens together do not fit in the model's context."""
 
-    def __init__(self, tokenizer, **kwargs):
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, model_max_length: int):
+        super().__init__(f"the prompt takes {prompt_tokens} of the model's {model_max_length} tokens of context, "
+                         f"which leaves no room for a reply of {max_new_tokens} tokens (at most "
+                         f"{max(model_max_length - prompt_tokens, 0)})")
+        self.prompt_tokens, self.max_new_tokens, self.model_max_length = prompt_tokens, max_new_tokens, model_max_length
+
+
+class OpenAIPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties: logit[j] -= c[j] * frequency + (c[j] > 0) * presence,
+    where c[j] counts token j in what has been generated so far (the prompt does not count).
+    transformers has only the multiplicative repetition penalty, which is another thing."""
+
+    def __init__(self, prompt_tokens: int, frequency: float, presence: float):
+        self.prompt_tokens, self.frequency, self.presence = prompt_tokens, frequency, presence
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[:, self.prompt_tokens:]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class LogprobCapture(LogitsProcessor):
+    """Records, for each generated token, its log-probability and the `top` likeliest tokens' under
+    the model's raw distribution: log_softmax of the logits before any penalty, bias, temperature or
+    truncation (vLLM's default, "raw_logprobs"). It must come first among the processors; each
+    step's row waits in `pending` until `take` hears which token was picked."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.pending = None
+        self.entries: list[tuple[int, float, list[tuple[int, float]]]] = []  # (id, logprob, [(id, logprob)])
+
+    def __call__(self, input_ids, scores):
+        self.pending = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def take(self, token_id: int) -> None:
+        row, top = self.pending, []
+        if self.top:
+            values, ids = row.topk(self.top)
+            top = list(zip(ids.tolist(), values.tolist()))
+        self.entries.append((token_id, row[token_id].item(), top))
+
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes that one token stands for: a byte-fallback piece `<0xE4>` is that one byte (part of
+    a character), a sentencepiece word boundary `▁` a space; a special token its own spelling."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    byte = BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """A text streamer that also keeps the generated ids (the first `put` is the prompt), and tells
+    a LogprobCapture each picked token (put runs in the generating thread, right after the pick)."""
+
+    def __init__(self, tokenizer, capture: LogprobCapture | None = None, **kwargs):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
         self.generated: list[int] = []
+        self.capture = capture
         self._prompt_seen = False
 
     def put(self, value):
         if self._prompt_seen:
-            self.generated.extend(value.reshape(-1).tolist())
+            ids = value.reshape(-1).tolist()
+            if self.capture is not None:
+                for token_id in ids:
+                    self.capture.take(token_id)
+            self.generated.extend(ids)
         self._prompt_seen = True
         super().put(value)
 
@@ -226,26 +304,80 @@ class ChatStream:
     here once the stream ends. After the stream, `prompt_tokens`, `completion_tokens` and
     `finish_reason` ("stop": eos, or stopped by `stop`; "length": max_new_tokens reached) are set.
     A `seed` is set on torch's global generator as generation starts, which makes the reply
-    reproducible when one reply is generated at a time. `generate_kwargs` (temperature, top_p, do_sample, ...) override the generation config.
+    reproducible when one reply is generated at a time. `generate_kwargs` (temperature, top_p,
+    top_k, min_p, do_sample, ...) override the generation config.
+
+    The prompt: `messages` laid out by build_chat_input, keeping the newest rounds that leave
+    `reserve` tokens of the context (default max_new_tokens) for the reply; or `prompt_ids` as
+    they are (a raw text completion). Either way, the prompt plus max_new_tokens must fit in the
+    context (vLLM's rule): else ContextFull, or, with `clamp`, max_new_tokens is what is left.
+
+    Beside transformers' own settings: `repetition_penalty` (transformers'; None: the generation
+    config's), OpenAI's `frequency_penalty` and `presence_penalty`, `logit_bias` (token id ->
+    added to its logit) and `logprobs` (None, or how many likeliest tokens to record beside each
+    picked one: `logprobs_so_far` lists (id, logprob, [(id, logprob), ...]) per generated token).
     """
 
-    def __init__(self, model, tokenizer, messages: list[dict], max_new_tokens: int | None = None,
-                 stop: Event | None = None, timeout: float | None = None, seed: int | None = None,
-                 **generate_kwargs):
+    def __init__(self, model, tokenizer, messages: list[dict] | None, max_new_tokens: int | None = None,
+                 stop: Event | None = None, timeout: float | None = None, seed: int | None = None, *,
+                 prompt_ids: list[int] | None = None, reserve: int | None = None, clamp: bool = False,
+                 repetition_penalty: float | None = None, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logit_bias: dict[int, float] | None = None,
+                 logprobs: int | None = None, **generate_kwargs):
         generation_config = model.generation_config
+        context = model.config.model_max_length
         self.max_new_tokens = max_new_tokens or generation_config.max_new_tokens
-        self.ids = build_chat_input(tokenizer, messages, generation_config, model.config.model_max_length,
-                                    self.max_new_tokens)
+        if prompt_ids is None:
+            prompt_ids = build_chat_input(tokenizer, messages, generation_config, context,
+                                          reserve or self.max_new_tokens)
+        self.ids = list(prompt_ids)
         self.prompt_tokens = len(self.ids)
+        if self.prompt_tokens + self.max_new_tokens > context:
+            if not clamp or self.prompt_tokens >= context:
+                raise ContextFull(self.prompt_tokens, self.max_new_tokens, context)
+            self.max_new_tokens = context - self.prompt_tokens
         self.stop = stop if stop is not None else Event()
         self.completion_tokens = 0
         self.finish_reason = None
         self._seed = seed
-        self._model, self._streamer = model, _CountingStreamer(tokenizer, timeout=timeout)
+        self._capture = LogprobCapture(logprobs) if logprobs is not None else None
+        self._model = model
+        self._streamer = _CountingStreamer(tokenizer, self._capture, timeout=timeout)
         criteria = StoppingCriteriaList([*generate_kwargs.pop("stopping_criteria", []), _StopOnEvent(self.stop)])
-        self._generate_kwargs = {**generate_kwargs, "stopping_criteria": criteria}
+        self._generate_kwargs = {**generate_kwargs, "stopping_criteria": criteria,
+                                 **self._processors(generation_config, repetition_penalty, frequency_penalty,
+                                                    presence_penalty, logit_bias, generate_kwargs)}
         eos = generation_config.eos_token_id
-        self._eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
+
+    def _processors(self, generation_config, repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                    generate_kwargs) -> dict:
+        """generate()'s logits_processor, and the settings it takes over. generate() puts the
+        processors it builds itself (repetition penalty, sequence bias) before those it is given, so
+        the raw logits that LogprobCapture records would already be penalised: these two are built
+        here instead, transformers' own processors, after the capture, and turned off in generate()."""
+        if repetition_penalty is None:
+            repetition_penalty = generation_config.repetition_penalty
+        processors = LogitsProcessorList([self._capture] if self._capture is not None else [])
+        if repetition_penalty not in (None, 1.0):
+            processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+        if frequency_penalty or presence_penalty:
+            processors.append(OpenAIPenalties(self.prompt_tokens, float(frequency_penalty), float(presence_penalty)))
+        if logit_bias:
+            biases = [[[int(token)], float(bias)] for token, bias in logit_bias.items()]
+            processors.append(SequenceBiasLogitsProcessor(biases))
+        processors.extend(generate_kwargs.get("logits_processor", []))
+        return {"logits_processor": processors, "repetition_penalty": 1.0, "sequence_bias": None}
+
+    @property
+    def generated_ids(self) -> list[int]:
+        """The ids generated so far (an eos at the end included)."""
+        return self._streamer.generated
+
+    @property
+    def logprobs_so_far(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """With `logprobs`: (id, logprob, top [(id, logprob)]) of each generated token so far; else None."""
+        return self._capture.entries if self._capture is not None else None
 
     def _generate(self, failure: list):
         device = self._model.device
@@ -282,8 +414,7 @@ class ChatStream:
             raise failure[0]
         generated = self._streamer.generated
         self.completion_tokens = len(generated)
-        ended = bool(generated) and generated[-1] in self._eos
+        ended = bool(generated) and generated[-1] in self.eos_ids
         self.completion_tokens -= ended  # the eos is not part of the reply
         self.finish_reason = "stop" if ended or self.stop.is_set() or len(generated) < self.max_new_tokens \
             else "length"
-

@@ -137,15 +137,16 @@ def test_two_turns_a_role_and_a_request_system_prompt(client, api_server, roles)
 @pytest.mark.parametrize(
     ("kwargs", "status", "param"),
     [
-        ({"n": 2}, 400, "n"),
+        ({"n": 9}, 400, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, 400, "tools"),
-        ({"logprobs": True}, 400, "logprobs"),
+        ({"top_logprobs": 3}, 400, "top_logprobs"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"temperature": 2.5}, 400, "temperature"),
         ({"top_p": 0}, 400, "top_p"),
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"max_completion_tokens": 100_000}, 400, "max_completion_tokens"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"stop": [chr(0x4e00 + i) for i in range(17)]}, 400, "stop"),
+        ({"stop": ["x" * 256] * 5}, 400, "stop"),
         ({"stop": ["x" * 257]}, 400, "stop"),
         ({"seed": 2**70}, 400, "seed"),
         ({"seed": -1}, 400, "seed"),
@@ -436,14 +437,15 @@ def test_api_only_server_in_4_bit(tiny_model_dir, roles, loaded):
         api = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=60)
         # the tiny model carries no roles of its own
         assert [m.id for m in api.models.list()] == [*roles, tiny_model_dir.name]
-        answer = api.chat.completions.create(model="张飞", messages=[user("你好")], frequency_penalty=0.5)
+        answer = api.chat.completions.create(model="张飞", messages=[user("你好")], frequency_penalty=0.5,
+                                            extra_body={"typical_p": 0.9})
         assert answer.choices[0].message.content.strip() and answer.usage.completion_tokens <= 6
         tokens = len(encode_text(loaded[1], roles["张飞"].system))
         wait_for(lambda: any(" POST /v1/chat/completions " in line for line in lines), what="the request's log line")
         logged = [line for line in lines if " POST /v1/chat/completions " in line]
         assert len(logged) == 1 and logged[0].split(" request ")[1].startswith("127.0.0.1:"), lines
-        assert (f"policy=role model='张飞' system='role 张飞' ({tokens} tokens) used=- "
-                f"ignored=frequency_penalty status=200\n") in logged[0]
+        assert (f"policy=role model='张飞' system='role 张飞' ({tokens} tokens) "
+                f"used=frequency_penalty ignored=typical_p status=200\n") in logged[0]
         root = httpx.post(base.removesuffix("/v1") + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
         assert root.status_code == 404 and "under /v1" in root.json()["error"]["message"]
         assert httpx.get(base.removesuffix("/v1") + "/").status_code == 404  # no page

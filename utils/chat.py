@@ -7,6 +7,7 @@ Nothing heavy is imported here at module level, so that the scripts' `--help` st
 
 import argparse
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ CHARS_PER_TOKEN_BOUND = 16
 # overflows them to inf and sampling fails (inf/nan probabilities), while at 1e-5 the logits stay
 # far below float32's range and a sample already is the argmax unless two logits tie within ~1e-4.
 GREEDY_BELOW = 1e-5
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+MAX_LOGIT_BIAS = 100  # as OpenAI: a bias of -100..100 is added to a token's logit
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +83,47 @@ def check_settings(max_new_tokens, top_p, temperature, max_new_tokens_limit: int
     check_temperature(temperature)
 
 
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def check_top_k(top_k) -> None:
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise UserError(f"top_k must be a whole number, at least 1 (0 or -1: no top-k cut), got {top_k!r}")
+
+
+def check_min_p(min_p) -> None:
+    if min_p is not None and not (_number(min_p) and 0 <= min_p <= 1):
+        raise UserError(f"min_p must be in [0, 1] (0: no cut), got {min_p!r}")
+
+
+def check_repetition_penalty(penalty) -> None:
+    if penalty is not None and not (_number(penalty) and penalty > 0):
+        raise UserError(f"repetition_penalty must be a number above 0 (1: none), got {penalty!r}")
+
+
+def check_penalty(penalty, name: str) -> None:
+    """OpenAI's frequency and presence penalties."""
+    if not (_number(penalty) and -2 <= penalty <= 2):
+        raise UserError(f"{name} must be in [-2, 2] (0: none), got {penalty!r}")
+
+
+def check_logit_bias(logit_bias, vocab_size: int) -> None:
+    """(token id, bias) pairs: ids of the vocabulary, biases in [-100, 100]."""
+    for token, bias in logit_bias:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise UserError(f"logit_bias: {token!r} is no token id of this model (0 to {vocab_size - 1})")
+        if not (_number(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise UserError(f"logit_bias: the bias of token {token} must be in [-{MAX_LOGIT_BIAS}, "
+                            f"{MAX_LOGIT_BIAS}], got {bias!r}")
+
+
+def check_logprobs(logprobs) -> None:
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise UserError(f"logprobs must be a whole number between 0 and {MAX_TOP_LOGPROBS}, got {logprobs!r}")
+
+
 def check_message(text, max_chars: int = MAX_MESSAGE_CHARS) -> None:
     if not isinstance(text, str) or not text.strip():
         raise UserError("the message is empty: type something first")
@@ -123,15 +167,35 @@ def newest_history(messages: list[dict], model_max_length: int) -> list[dict]:
 
 @dataclass(frozen=True)
 class Sampling:
+    """How a reply is sampled, for every front end. Left at None, top_k, min_p and
+    repetition_penalty are the model's generation config's (as vLLM takes a model's defaults);
+    the page sets only the first three fields. Token-level settings apply to greedy replies too,
+    the cuts (top_p, top_k, min_p) only to sampled ones."""
+
     max_new_tokens: int = 512
     top_p: float = 0.8
     temperature: float = 0.8  # 0 (or below GREEDY_BELOW) = greedy, as in most chat front ends
     seed: int | None = None
+    top_k: int | None = None  # 0 or -1: no top-k cut (vLLM's -1)
+    min_p: float | None = None  # 0: no min-p cut
+    repetition_penalty: float | None = None  # transformers' (CTRL's): logits of seen tokens divided by it
+    frequency_penalty: float = 0.0  # OpenAI's, over the tokens generated so far
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None: no log-probabilities; k: the picked token's and the k likeliest
 
     def generate_kwargs(self) -> dict:
+        """ChatStream's keyword arguments for these settings: only those set, so that the model's
+        generation config decides the rest."""
+        tokens = {"repetition_penalty": self.repetition_penalty, "logprobs": self.logprobs,
+                  "frequency_penalty": self.frequency_penalty or None,
+                  "presence_penalty": self.presence_penalty or None, "logit_bias": dict(self.logit_bias) or None}
+        tokens = {name: value for name, value in tokens.items() if value is not None}
         if self.temperature < GREEDY_BELOW:
-            return {"do_sample": False}
-        return {"do_sample": True, "top_p": float(self.top_p), "temperature": float(self.temperature)}
+            return {"do_sample": False, **tokens}
+        cuts = {"top_k": None if self.top_k is None else max(self.top_k, 0), "min_p": self.min_p or None}
+        return {"do_sample": True, "top_p": float(self.top_p), "temperature": float(self.temperature),
+                **{name: value for name, value in cuts.items() if value is not None}, **tokens}
 
 
 def role_messages(role: Role, history: list[dict]) -> list[dict]:

@@ -22,9 +22,15 @@ from utils.chat import (
     MAX_MESSAGE_CHARS,
     GenerationSlots,
     Sampling,
+    check_logit_bias,
+    check_logprobs,
     check_max_new_tokens,
     check_message,
+    check_min_p,
+    check_penalty,
+    check_repetition_penalty,
     check_temperature,
+    check_top_k,
     check_top_p,
     content_text,
     newest_history,
@@ -85,7 +91,9 @@ class ChatEngine:
     """One model serving role-play chats: checks a turn's input, builds its prompt, starts its reply.
 
     Limits: `max_message_chars` per new message, `max_messages` per conversation, and a reply of at
-    most `max_new_tokens_limit` tokens (half the context, so that a prompt always keeps room).
+    most `max_new_tokens_limit` tokens (half the context, so that a prompt always keeps room), or,
+    where a front end asks for any length (the API), as many as fit beside the prompt: more is
+    refused, or with `clamp_max_tokens` cut to what is left.
     `defaults` is the sampling a request that sets none gets (None: Sampling's own).
     A client's message list (`request_prompt`) is played with the policy `client_system` (one of
     CLIENT_SYSTEM) when it names a role; `client_model`, a name that is no role, means "the
@@ -94,13 +102,15 @@ class ChatEngine:
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
                  defaults: Sampling | None = None, max_message_chars: int = MAX_MESSAGE_CHARS,
-                 max_messages: int = MAX_MESSAGES, client_system: str = "role", client_model: str | None = None):
+                 max_messages: int = MAX_MESSAGES, client_system: str = "role", client_model: str | None = None,
+                 clamp_max_tokens: bool = False):
         if client_system not in CLIENT_SYSTEM:
             raise ValueError(f"client_system must be one of {', '.join(CLIENT_SYSTEM)}, got {client_system!r}")
         if client_model in roles:
             raise ValueError(f"client_model {client_model!r} is the name of a role")
         self.client_system, self.client_model = client_system, client_model
         self.model, self.tokenizer, self.roles = model, tokenizer, roles
+        self.clamp_max_tokens = clamp_max_tokens
         self.slots = slots or GenerationSlots(1, 0)  # predict.py: one reply at a time, nobody waiting
         self.defaults = defaults or Sampling()
         self.max_message_chars, self.max_messages = max_message_chars, max_messages
@@ -148,11 +158,20 @@ class ChatEngine:
     def role(self, name) -> Role:
         return check_role(self.roles, name)
 
-    def check_sampling(self, sampling: Sampling) -> dict[str, str]:
+    def check_sampling(self, sampling: Sampling, any_length: bool = False) -> dict[str, str]:
         """The problems of `sampling` (field -> text), each a setting that generate() would reject
-        with an obscure message, or that asks for more than the context can give."""
-        checks = {"max_new_tokens": (check_max_new_tokens, sampling.max_new_tokens, self.max_new_tokens_limit),
-                  "top_p": (check_top_p, sampling.top_p), "temperature": (check_temperature, sampling.temperature)}
+        with an obscure message, or that asks for more than the model has. A reply is at most
+        `max_new_tokens_limit` tokens long, or with `any_length` as long as fits beside its prompt
+        (start_reply tells)."""
+        limit = None if any_length else self.max_new_tokens_limit
+        checks = {"max_new_tokens": (check_max_new_tokens, sampling.max_new_tokens, limit),
+                  "top_p": (check_top_p, sampling.top_p), "temperature": (check_temperature, sampling.temperature),
+                  "top_k": (check_top_k, sampling.top_k), "min_p": (check_min_p, sampling.min_p),
+                  "repetition_penalty": (check_repetition_penalty, sampling.repetition_penalty),
+                  "frequency_penalty": (check_penalty, sampling.frequency_penalty, "frequency_penalty"),
+                  "presence_penalty": (check_penalty, sampling.presence_penalty, "presence_penalty"),
+                  "logit_bias": (check_logit_bias, sampling.logit_bias, self.model.config.vocab_size),
+                  "logprobs": (check_logprobs, sampling.logprobs)}
         return problems_of(checks)
 
     # ------------------------------------------------------------ one turn
@@ -204,16 +223,44 @@ class ChatEngine:
             raise InputError({last: str(error)}) from None
         return RequestPrompt(self.prompt(role, assembly.conversation), source, assembly.prefill)
 
-    def start_reply(self, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None):
+    def start_reply(self, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None,
+                    clamp: bool | None = None):
         """A ChatStream of the reply to `messages` (iterate it for the text so far); setting `stop`
         ends it at the next token. A seed makes the reply reproducible when one reply is generated at
-        a time (torch has one global generator, which concurrent replies share)."""
-        from baichuan.generation_utils import ChatStream
+        a time (torch has one global generator, which concurrent replies share).
 
+        The oldest rounds are dropped to leave room for the reply, up to `max_new_tokens_limit`
+        tokens of it; a longer max_new_tokens must fit beside that prompt (vLLM's rule), else an
+        InputError on max_new_tokens, or with `clamp` (None: `clamp_max_tokens`) it is cut to fit."""
+        reserve = min(int(sampling.max_new_tokens), self.max_new_tokens_limit)
+        return self._stream(sampling, stop, clamp, messages=messages, reserve=reserve)
+
+    def start_completion(self, prompt: str, sampling: Sampling, stop: threading.Event | None = None,
+                         clamp: bool | None = None):
+        """A ChatStream that continues the raw text `prompt`, as start_reply. A client that writes
+        the chat layout itself (a text completion) means its special tokens: `<reserved_106>` in the
+        prompt is the user token, `</s>` the eos. The prompt is whole or refused: nothing is cut."""
+        if len(prompt) > CHARS_PER_TOKEN_BOUND * self.model_max_length:  # too long, before tokenising it
+            raise InputError({"prompt": f"the prompt is too long ({len(prompt)} characters for a context of "
+                                        f"{self.model_max_length} tokens)"})
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise InputError({"prompt": "the prompt is empty"})
+        if len(ids) >= self.model_max_length:
+            raise InputError({"prompt": f"the prompt takes {len(ids)} tokens, and the model's context is "
+                                        f"{self.model_max_length}: no room is left for a reply"})
+        return self._stream(sampling, stop, clamp, messages=None, prompt_ids=ids)
+
+    def _stream(self, sampling: Sampling, stop, clamp: bool | None, **prompt):
+        from baichuan.generation_utils import ChatStream, ContextFull
+
+        clamp = self.clamp_max_tokens if clamp is None else clamp
         try:
-            return ChatStream(self.model, self.tokenizer, messages, int(sampling.max_new_tokens), stop=stop,
-                              seed=sampling.seed, **sampling.generate_kwargs())
-        except ValueError as error:  # build_chat_input: the prompt leaves no room for the reply
+            return ChatStream(self.model, self.tokenizer, max_new_tokens=int(sampling.max_new_tokens), stop=stop,
+                              seed=sampling.seed, clamp=clamp, **prompt, **sampling.generate_kwargs())
+        except ContextFull as error:
+            raise InputError({"max_new_tokens": str(error)}) from None
+        except ValueError as error:  # build_chat_input: the system prompt leaves no room for the reply
             raise UserError(str(error)) from None
 
 
