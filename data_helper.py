@@ -10,8 +10,8 @@ Other roles, more replies per question, another seed:
 Your own character: a card (JSON or PNG, or a folder of cards) and your own multi-turn dialogues:
     python data_helper.py --card cards/阿绣.png --dialogues my_chats.jsonl
 With lorebooks (SillyTavern World Info files), SillyTavern chat logs and group scenes:
-    python data_helper.py --roles 孙悟空,张飞,李白 --lorebook my_world.json \
-        --st_chats data/sample/st_chats --dialogues data/sample/scenes.jsonl
+    python data_helper.py --roles 孙悟空,张飞,李白 --lorebook data/sample/world_info.json \
+        --st_chats data/sample/st_chats --dialogues data/sample/scenes/three_at_a_table.jsonl
 Mixed with RoleBench roles (name them: with --card or --dialogues, none are taken by default):
     python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
 

@@ -8,7 +8,7 @@ more than one name is a group scene (utils.scenes).
 What a message becomes:
     the shown text (`mes`, which is swipes[swipe_id]) is the message; the other non-empty swipes of
         a character's message are kept beside it as "swipes_rejected" (for preference training);
-    {{user}} becomes `user_name`, {{char}} the speaker, and the user's persona name (the metadata's
+    {{user}} becomes `user_name`, {{char}} the character (in a group log, the speaker), and the user's persona name (the metadata's
         user_name and the name on the user's messages) becomes `user_name` in every text, so that a
         model learns to address the user as it is served;
     the character's messages before the user's first are its greeting(s): kept as context,
@@ -44,8 +44,8 @@ def log_files(path: str) -> list[str]:
     return files
 
 
-def _replace_names(text: str, speaker: str, persona: set[str], user_name: str) -> str:
-    text = text.replace("{{char}}", speaker).replace("{{user}}", user_name)
+def _replace_names(text: str, char: str, persona: set[str], user_name: str) -> str:
+    text = text.replace("{{char}}", char).replace("{{user}}", user_name)
     for name in persona:
         text = text.replace(name, user_name)
     return text
@@ -111,9 +111,11 @@ def read_log(path: str, user_name: str, dropped: Counter, max_line_bytes: int = 
             persona.add(name)
         raw.append((name, is_user, text, swipes, swipe_id))
     persona = {p for p in persona if p != user_name}
+    characters = list(dict.fromkeys(name for name, is_user, *_ in raw if not is_user))
     for name, is_user, text, swipes, swipe_id in raw:
-        speaker = user_name if is_user else name
-        content = _replace_names(text, speaker, persona, user_name).strip()
+        # in the user's message {{char}} is the chat's character (a group's: left as it is)
+        char = (characters[0] if len(characters) == 1 else "{{char}}") if is_user else name
+        content = _replace_names(text, char, persona, user_name).strip()
         if is_user:
             seen_user = True
             if messages and messages[-1]["role"] == "user":
