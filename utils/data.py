@@ -55,13 +55,16 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict, scen
                 message[key] = item[key]
         if message.get("name") is not None and (not message["name"].strip() or unsafe_character(message["name"])):
             raise ValueError(f"{where}.name {message['name']!r} is empty or contains a control or bidi character")
-        if messages and role == messages[-1]["role"] and not (scene and message.get("name") != messages[-1].get("name")):
-            # a reply followed by a reply would never learn to end
-            raise ValueError(f"{where}: a second {role} message in a row (merge them, or put the other speaker between)")
         messages.append(message)
     if not scene and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1:
         raise ValueError(f"field {field!r}: a group scene (assistant turns of several names): data_helper.py "
                          f"--dialogues trains each character from its own seat")
+    for i in range(1, len(messages)):
+        previous, message = messages[i - 1], messages[i]
+        if message["role"] == previous["role"] and not (scene and message.get("name") != previous.get("name")):
+            # a reply followed by a reply would never learn to end
+            raise ValueError(f"{field}[{i}]: a second {message['role']} message in a row (merge them, or put the "
+                             f"other speaker between)")
     return messages
 
 
