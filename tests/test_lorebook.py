@@ -68,7 +68,8 @@ def test_order_and_budget():
 
 
 def test_positions_fold_into_the_conversation():
-    entries = (Entry("b", (), "前情", constant=True, position=BEFORE), Entry("a", (), "后记", constant=True, position=AFTER),
+    entries = (Entry("b", (), "前情", constant=True, position=BEFORE),
+               Entry("a", (), "后记", constant=True, position=AFTER),
                Entry("d", (), "深处", constant=True, position=AT_DEPTH, depth=2, order=1),
                Entry("n", (), "作者注", constant=True, position=AN_TOP, order=2))
     context = Context("孙悟空", "你", (book(*entries),), DepthNote("{{char}}说话带“俺”", 0), "{{original}}记住：你是{{char}}")
@@ -130,7 +131,8 @@ def test_world_info_and_character_book_shapes(tmp_path):
     ({"entries": {"0": {"key": ["a"], "content": "x", "position": 9}}}, "entries['0'].position must be"),
     ({"entries": {"0": {"key": "a" * 10 + ",b" * 100, "content": "x"}}}, "more than 100"),
     ({"entries": {str(i): {"key": ["a"], "content": "x"} for i in range(MAX_ENTRIES + 1)}}, "more than the 2,000"),
-    ({"entries": {str(i): {"key": ["a"], "content": "x" * 400_000} for i in range(6)}}, "entries['4']: the lorebook's keys and content pass 2,000,000"),
+    ({"entries": {str(i): {"key": ["a"], "content": "x" * 400_000} for i in range(6)}},
+     "entries['4']: the lorebook's keys and content pass 2,000,000"),
     ({"no": "entries"}, "is not a lorebook"),
 ])
 def test_bad_lorebooks_are_one_line_naming_file_and_entry(tmp_path, value, message):

@@ -5,6 +5,7 @@ bleed; bad logs and scenes as one error line with nothing written; and data_help
 Info file, a one-on-one and a group log and the sample scenes."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -148,12 +149,42 @@ def test_train_py_trains_them(built, tiny_model_dir, tmp_path, packing):
     command = [sys.executable, "train.py", "--model_name_or_path", str(tiny_model_dir),
                "--train_path", str(out / "train.jsonl"), "--output_dir", str(tmp_path / "run"),
                "--max_len", "512", "--max_src_len", "256", "--per_device_train_batch_size", "4",
-               "--show_loss_step", "1", "--save_model_step", "2", "--max_steps", "2", *(["--packing"] if packing else [])]
+               "--show_loss_step", "1", "--save_model_step", "2", "--max_steps", "2",
+               *(["--packing"] if packing else [])]
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(int(s) for s in re.findall(r"^step=(\d+) loss=[0-9.]+", proc.stdout + proc.stderr, re.M)) == [1, 2]
     record = json.loads((tmp_path / "run" / "epoch-1-step-2" / "roleplay.json").read_text(encoding="utf-8"))
     # the recorded prompt is the character's own, without the lorebook entries or the group note
     assert set(record["roles"]) >= {"孙悟空", "张飞", "李白"}
     assert all("[Write the next reply" not in r["system"] and "唐僧" not in r["system"] for r in record["roles"].values())
+
+
+def test_a_seat_serves_the_prompt_it_trained_on(built, tiny_model_dir):
+    """A scene's row for 张飞, as data_helper.py wrote it, encodes to the prompt that serving builds for
+    张飞's turn: the seat of the scene so far, through the Context with the group note."""
+    from transformers import GenerationConfig
+
+    from baichuan import BaichuanTokenizer
+    from baichuan.generation_utils import build_chat_input, encode_conversation
+    from utils.data import row_messages
+    from utils.lorebook import Context, read_lorebook
+    from utils.prompts import roles_from_file
+
+    tokenizer = BaichuanTokenizer.from_pretrained(tiny_model_dir)
+    config = GenerationConfig.from_pretrained(tiny_model_dir)
+    scene = json.loads(SCENES.read_text(encoding="utf-8").splitlines()[2])["messages"]
+    turn = max(i for i, m in enumerate(scene) if m.get("name") == "张飞")
+    _, out = built
+    rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
+            for line in (out / name).read_text(encoding="utf-8").splitlines()]
+    (row,) = [r for r in rows if r["role"] == "张飞" and "messages" in r
+              and r["messages"][-1]["content"] == scene[turn]["content"]]
+    system = roles_from_file(str(REPO_ROOT / "data" / "roles.json"))["张飞"].system
+    context = Context("张飞", "你", (read_lorebook(str(SAMPLE_DIR / "world_info.json")),), extra_system=group_note("张飞"))
+    served, _ = context.apply([{"role": "system", "content": system}, *seat(scene[:turn], "张飞", "你")])
+    prompt = build_chat_input(tokenizer, served, config, 4096, 64)
+    ids, _, _ = encode_conversation(tokenizer, row_messages(row), config.user_token_id, config.assistant_token_id,
+                                    4096, 4096)
+    assert ids[: len(prompt)] == prompt and tokenizer.decode(ids[len(prompt):-1]) == scene[turn]["content"]

@@ -232,8 +232,8 @@ def parse_card(value, path: str) -> Card:
         if not isinstance(book, dict) or not isinstance(book.get("entries"), list):
             raise UserError(f"{path}: field {prefix}character_book must be an object with a list of entries")
         book = parse_book(book, path, f"{prefix}character_book.")
-    return Card(path=path, alternate_greetings=tuple(greetings), book=book, depth_note=_depth_note(fields, path, prefix),
-                **texts)
+    return Card(path=path, alternate_greetings=tuple(greetings), book=book,
+                depth_note=_depth_note(fields, path, prefix), **texts)
 
 
 def _depth_note(fields: dict, path: str, prefix: str) -> DepthNote | None:

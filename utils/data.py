@@ -84,8 +84,8 @@ def row_messages(row, scene: bool = False) -> list[dict]:
         raise ValueError(f"a row of two shapes: fields {shapes[0]!r} and {shapes[1]!r} (keep one: messages, "
                          f"conversations, or instruction/input/output)")
     if "messages" in row:
-        messages = _turns(row["messages"], "messages", "role", "content", {r: r for r in ("system", "user", "assistant")},
-                          scene)
+        roles = {r: r for r in ("system", "user", "assistant")}
+        messages = _turns(row["messages"], "messages", "role", "content", roles, scene)
     elif "conversations" in row:
         messages = _turns(row["conversations"], "conversations", "from", "value", SPEAKERS, scene)
         system = row.get("system")

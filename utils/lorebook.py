@@ -147,7 +147,8 @@ def _entry(raw, card_shape: bool, where: str) -> Entry | None:
     if not isinstance(content, str):
         raise ValueError(f"{where}.content must be a string")
     if card_shape:
-        keys, secondary = _keys(raw.get("keys"), f"{where}.keys"), _keys(raw.get("secondary_keys"), f"{where}.secondary_keys")
+        keys = _keys(raw.get("keys"), f"{where}.keys")
+        secondary = _keys(raw.get("secondary_keys"), f"{where}.secondary_keys")
         disabled = not _flag(raw, "enabled", where, True)
         position = raw.get("position")
         if position is not None and position not in POSITION_NAMES:
@@ -156,7 +157,8 @@ def _entry(raw, card_shape: bool, where: str) -> Entry | None:
         order, case = raw.get("insertion_order"), raw.get("case_sensitive", ext.get("case_sensitive"))
         whole, scan = ext.get("match_whole_words"), ext.get("scan_depth")
     else:
-        keys, secondary = _keys(raw.get("key"), f"{where}.key"), _keys(raw.get("keysecondary"), f"{where}.keysecondary")
+        keys = _keys(raw.get("key"), f"{where}.key")
+        secondary = _keys(raw.get("keysecondary"), f"{where}.keysecondary")
         disabled = _flag(raw, "disable", where)
         position, order, case = raw.get("position"), raw.get("order"), raw.get("caseSensitive")
         whole, scan = raw.get("matchWholeWords"), raw.get("scanDepth")
@@ -257,7 +259,8 @@ def scan_text(messages: list[dict], depth: int, user_name: str, char_name: str) 
     return "\n".join(lines)
 
 
-def fire(books, messages: list[dict], user_name: str, char_name: str, budget: int = DEFAULT_BUDGET) -> list[tuple[Lorebook, Entry]]:
+def fire(books, messages: list[dict], user_name: str, char_name: str,
+         budget: int = DEFAULT_BUDGET) -> list[tuple[Lorebook, Entry]]:
     """The entries `messages` fire, within the budget, in insertion order (lowest order first)."""
     budgets = [b.budget for b in books if b.budget] + [budget]
     texts = {}  # scan depth -> text

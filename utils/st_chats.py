@@ -8,9 +8,9 @@ more than one name is a group scene (utils.scenes).
 What a message becomes:
     the shown text (`mes`, which is swipes[swipe_id]) is the message; the other non-empty swipes of
         a character's message are kept beside it as "swipes_rejected" (for preference training);
-    {{user}} becomes `user_name`, {{char}} the character (in a group log, the speaker), and the user's persona name (the metadata's
-        user_name and the name on the user's messages) becomes `user_name` in every text, so that a
-        model learns to address the user as it is served;
+    {{user}} becomes `user_name`, {{char}} the character (in a group log, the speaker), and the
+        user's persona name (the metadata's user_name and the name on the user's messages) becomes
+        `user_name` in every text, so that a model learns to address the user as it is served;
     the character's messages before the user's first are its greeting(s): kept as context,
         "train": false (ST wrote them from the card, the model did not);
     consecutive messages of one speaker are one turn (joined by a line break).
@@ -71,7 +71,8 @@ def _message(value, where: str):
         if not isinstance(swipes, list) or not all(isinstance(s, str) for s in swipes):
             raise ValueError(f"{where}: field 'swipes' must be a list of strings")
         if isinstance(swipe_id, bool) or not isinstance(swipe_id, int) or not 0 <= swipe_id < max(len(swipes), 1):
-            raise ValueError(f"{where}: field 'swipe_id' must index 'swipes' (0 to {len(swipes) - 1}), got {swipe_id!r}")
+            raise ValueError(f"{where}: field 'swipe_id' must index 'swipes' (0 to {len(swipes) - 1}), "
+                             f"got {swipe_id!r}")
     reason = None
     if value.get("is_system"):
         reason = "hidden or system"
