@@ -335,26 +335,27 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
 
 def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
     """SillyTavern chat logs as samples (utils.st_chats): a one-on-one log trains its character, a
-    group log each character given from its own seat. What was left out is counted and printed."""
+    group log each character given from its own seat. What was left out is counted and printed: a
+    log without any character given is left out (SillyTavern's chats folder holds every character's
+    logs), not refused."""
     from collections import Counter
 
     from utils.scenes import speakers
     from utils.st_chats import log_files, read_log
 
-    samples, dropped, kinds = [], Counter(), Counter()
+    samples, dropped, kinds, others = [], Counter(), Counter(), set()
     for path in (f for p in paths for f in log_files(p)):
         scene = read_log(path, user_name, dropped, max_line_bytes)
         names = speakers(scene)
-        try:
-            if len(names) > 1:
-                kinds["group"] += 1
-                samples += [s for s in scene_samples(scene, roles, contexts, user_name) if s]
-                continue
-            kinds["one-on-one"] += 1
-            if names[0] not in roles:
-                raise ValueError(f"the character {names[0]!r} is not among the characters given ({', '.join(roles)})")
-        except ValueError as error:
-            raise UserError(f"{path}: {error}") from None
+        if not any(name in roles for name in names):
+            dropped["logs of characters not given"] += 1
+            others.update(names)
+            continue
+        if len(names) > 1:
+            kinds["group"] += 1
+            samples += [s for s in scene_samples(scene, roles, contexts, user_name) if s]
+            continue
+        kinds["one-on-one"] += 1
         sample = conversation_sample(roles[names[0]], scene, contexts[names[0]])
         if sample is None:
             dropped["logs without a reply after the greeting"] += 1
@@ -364,6 +365,9 @@ def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
         left_out = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "nothing"
         print(f"SillyTavern chats: {kinds['one-on-one']} one-on-one and {kinds['group']} group logs, "
               f"{len(samples)} samples; left out: {left_out}")
+        if others:
+            print(f"note: SillyTavern logs of {', '.join(sorted(others))} left out: not among the characters given "
+                  f"({', '.join(roles)})", file=sys.stderr)
     return samples
 
 

@@ -81,8 +81,6 @@ META = {"user_name": "小明", "character_name": "孙悟空", "chat_metadata": {
      "{path}:2: field 'swipe_id' must index 'swipes' (0 to 0), got 2"),
     ([{"hello": 1}, {"name": "孙悟空", "mes": "a"}], "{path}:1: not a SillyTavern chat log"),
     ([META, {"name": "小明", "is_user": True, "mes": "a"}], "{path}: a chat log without a character's message"),
-    ([META, {"name": "猪八戒", "is_user": False, "mes": "a"}, {"name": "小明", "is_user": True, "mes": "b"},
-      {"name": "猪八戒", "is_user": False, "mes": "c"}], "{path}: the character '猪八戒' is not among the characters given"),
 ])
 def test_bad_logs_are_one_line_and_nothing_is_written(tmp_path, lines, message):
     path = tmp_path / "bad.jsonl"
@@ -90,6 +88,19 @@ def test_bad_logs_are_one_line_and_nothing_is_written(tmp_path, lines, message):
     proc, out = helper(tmp_path, "--roles", "孙悟空", "--st_chats", path)
     assert proc.returncode == 1 and proc.stderr.startswith("error: " + message.format(path=path))
     assert proc.stderr.count("\n") == 1 and list(out.iterdir()) == []
+
+
+def test_a_log_of_other_characters_is_left_out_and_counted(tmp_path):
+    other = tmp_path / "logs"
+    other.mkdir()
+    (other / "猪八戒.jsonl").write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in [
+        META, {"name": "小明", "is_user": True, "mes": "b"}, {"name": "猪八戒", "is_user": False, "mes": "c"}]),
+        encoding="utf-8")
+    proc, out = helper(tmp_path, "--roles", "孙悟空", "--st_chats", other, "--st_chats", LOGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "SillyTavern chats: 1 one-on-one and 1 group logs, 2 samples; left out: 1 comment, 1 hidden or system, " \
+           "2 logs of characters not given, 1 narrator" in proc.stdout
+    assert "note: SillyTavern logs of 张飞, 猪八戒 left out: not among the characters given (孙悟空)" in proc.stderr
 
 
 def test_a_scene_without_a_character_given_is_refused(tmp_path):
