@@ -42,13 +42,13 @@ def test_a_one_on_one_log_keeps_the_chosen_swipe_maps_the_persona_and_drops_what
 
 
 def test_a_scene_from_each_seat_and_speaker_bleed():
-    scene = [{"role": "user", "content": "来喝酒"}, {"role": "assistant", "name": "李白", "content": "好！"},
+    scene = [{"role": "user", "content": "{{char}}来喝酒"}, {"role": "assistant", "name": "李白", "content": "好！"},
              {"role": "assistant", "name": "张飞", "content": "俺先干！"}, {"role": "user", "content": "慢点"},
              {"role": "assistant", "name": "李白", "content": "一杯一杯复一杯。"}]
-    assert seat(scene, "张飞", "你") == [{"role": "user", "content": "你: 来喝酒\n李白: 好！"},
+    assert seat(scene, "张飞", "你") == [{"role": "user", "content": "你: 张飞来喝酒\n李白: 好！"},
                                         {"role": "assistant", "content": "俺先干！"},
                                         {"role": "user", "content": "你: 慢点\n李白: 一杯一杯复一杯。"}]
-    assert seat(scene, "李白", "你") == [{"role": "user", "content": "你: 来喝酒"}, {"role": "assistant", "content": "好！"},
+    assert seat(scene, "李白", "你") == [{"role": "user", "content": "你: 李白来喝酒"}, {"role": "assistant", "content": "好！"},
                                         {"role": "user", "content": "张飞: 俺先干！\n你: 慢点"},
                                         {"role": "assistant", "content": "一杯一杯复一杯。"}]
     assert group_note("李白") == "[Write the next reply only as 李白.]"

@@ -51,7 +51,7 @@ is a UserError naming the file and the entry.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.cli import UserError
 
@@ -177,7 +177,7 @@ def _entry(raw, card_shape: bool, where: str) -> Entry | None:
         scan_depth=_int(scan, f"{where}.scan_depth", 0, MAX_SCAN_DEPTH, 0) if scan is not None else None,
     )
     if not _flag(raw, "selective", where, True):  # ST checks secondary keys only for selective entries
-        entry = Entry(**{**entry.__dict__, "secondary": ()})
+        entry = replace(entry, secondary=())
     if disabled or not entry.content or entry.position == OUTLET or not (entry.constant or entry.keys):
         return None
     return entry

@@ -7,7 +7,7 @@ character speaking), a user message may have one (several users). A character's 
         only as {{char}}.]") at its end: ST sends the nudge after the history, but our layout
         trains every reply of a row with one prompt, so it goes where each reply sees it;
     everyone else's messages (the user's and the other characters') user-side, one line each,
-        "Name: text", those in a row joined into one user turn;
+        "Name: text", those in a row joined into one user turn ({{char}} in them: this character);
     its own messages as the assistant's replies, each trained on (unless marked "train": false).
 Serving a group builds the same seat for the character whose turn it is (`seat`, then the
 character's Context.apply), so the prompt is the one trained on.
@@ -41,7 +41,8 @@ def seat(scene: list[dict], name: str, user_name: str) -> list[dict]:
                 turns.append(turn)
             continue
         speaker = message.get("name") or (user_name if message["role"] == "user" else "")
-        line = f"{speaker}: {message['content']}" if speaker else message["content"]
+        text = message["content"].replace("{{char}}", name)  # as ST fills it in for the one whose turn it is
+        line = f"{speaker}: {text}" if speaker else text
         if turns and turns[-1]["role"] == "user":
             turns[-1] = {"role": "user", "content": turns[-1]["content"] + "\n" + line}
         else:
