@@ -452,6 +452,12 @@ def main(argv=None):
             print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
                   f"--dialogues): it is not trained", file=sys.stderr)
     side_file = {"system_template": args.system_template}  # train.py takes the roles' prompts from the samples
+    # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
+    # record that serving will read: the same lorebooks and notes, fired on the live chat
+    extras = {name: context.to_json() for name, context in contexts.items()
+              if context.books or context.depth_note or context.post_history}
+    if extras:
+        side_file["contexts"] = extras
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),

@@ -226,3 +226,25 @@ def test_train_ids_equal_serve_ids_after_context_apply(tiny, tmp_path):
                                          config.assistant_token_id, 4096, 4096)
     assert ids[: len(prompt)] == prompt
     assert tokenizer.decode(ids[len(prompt):-1]) == "在前面化斋。"
+
+
+def test_a_context_travels_as_json_and_fires_the_same(tmp_path):
+    """data_helper.py's prompts.json carries each character's context; read back, it is the same
+    context, so serving can fire what training fired."""
+    card = {"spec": "chara_card_v2", "data": {
+        "name": "孙悟空", "description": "齐天大圣", "mes_example": "<START>\n{{user}}: 师父呢？\n{{char}}: 化斋去了。",
+        "post_history_instructions": "短句。", "extensions": {"depth_prompt": {"prompt": "爱吃桃", "depth": 2}},
+        "character_book": {"scan_depth": 3, "entries": [
+            {"id": 1, "keys": ["师父"], "secondary_keys": ["妖"], "content": "唐僧", "insertion_order": 7,
+             "extensions": {"selectiveLogic": 2, "match_whole_words": True}}]}}}
+    card_path = write(tmp_path, card, "card.json")
+    subprocess.run([sys.executable, "data_helper.py", "--card", card_path, "--lorebook",
+                    str(REPO_ROOT / "data" / "sample" / "world_info.json"), "--test_ratio", "0",
+                    "--train_out", str(tmp_path / "t.jsonl"), "--test_out", str(tmp_path / "e.jsonl")],
+                   cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
+    side = json.loads((tmp_path / "prompts.json").read_text(encoding="utf-8"))
+    context = Context.from_json(side["contexts"]["孙悟空"], str(tmp_path / "prompts.json"))
+    world = read_lorebook(str(REPO_ROOT / "data" / "sample" / "world_info.json"))
+    assert context == read_card(card_path).context(books=(world,))
+    with pytest.raises(UserError, match="prompts.json: not a prompt context"):
+        Context.from_json({"lorebooks": []}, "prompts.json")

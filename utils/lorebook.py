@@ -222,6 +222,16 @@ def read_lorebook(path: str) -> Lorebook:
     return parse_book(_parse_json(_read_bytes(path, "lorebook"), path), path)
 
 
+def book_json(book: Lorebook) -> dict:
+    """A Lorebook as a World Info value that parse_book reads back to the same Lorebook, with its
+    source: what a record carries so that serving fires the books that training fired."""
+    entries = {str(i): {"uid": e.uid, "key": list(e.keys), "keysecondary": list(e.secondary), "content": e.content,
+                        "selectiveLogic": e.logic, "constant": e.constant, "order": e.order, "position": e.position,
+                        "depth": e.depth, "caseSensitive": e.case_sensitive, "matchWholeWords": e.whole_words,
+                        "scanDepth": e.scan_depth} for i, e in enumerate(book.entries)}
+    return {"source": book.source, "scan_depth": book.scan_depth, "token_budget": book.budget, "entries": entries}
+
+
 # ---------------------------------------------------------------- activation
 
 
@@ -308,6 +318,26 @@ class Context:
     post_history: str = ""
     extra_system: str = ""  # after everything in the system prompt (a group scene's note)
     budget: int = DEFAULT_BUDGET
+
+    def to_json(self) -> dict:
+        """The context as JSON (data_helper.py's prompts.json; for a model's record later)."""
+        note = {"prompt": self.depth_note.text, "depth": self.depth_note.depth} if self.depth_note else None
+        return {"char_name": self.char_name, "user_name": self.user_name,
+                "lorebooks": [book_json(b) for b in self.books],
+                "depth_prompt": note, "post_history_instructions": self.post_history, "budget": self.budget}
+
+    @classmethod
+    def from_json(cls, value: dict, path: str) -> "Context":
+        """A context from to_json's value, checked as a lorebook file is (`path` names it in errors)."""
+        try:
+            note = value.get("depth_prompt")
+            books = tuple(replace(parse_book(b, path), source=b.get("source", path))
+                          for b in value.get("lorebooks", []))
+            return cls(value["char_name"], value["user_name"], books,
+                       DepthNote(note["prompt"], note["depth"]) if note else None,
+                       value.get("post_history_instructions", ""), budget=value.get("budget", DEFAULT_BUDGET))
+        except (AttributeError, KeyError, TypeError) as error:
+            raise UserError(f"{path}: not a prompt context ({type(error).__name__}: {error})") from None
 
     def _sub(self, text: str) -> str:
         from utils.cards import substitute
