@@ -9,6 +9,9 @@ Other roles, more replies per question, another seed:
     python data_helper.py --data_dir data/rolebench --roles 皇帝,华妃 --max_replies 3 --seed 7
 Your own character: a card (JSON or PNG, or a folder of cards) and your own multi-turn dialogues:
     python data_helper.py --card cards/阿绣.png --dialogues my_chats.jsonl
+With lorebooks (SillyTavern World Info files), SillyTavern chat logs and group scenes:
+    python data_helper.py --roles 孙悟空,张飞,李白 --lorebook data/sample/world_info.json \
+        --st_chats data/sample/st_chats --dialogues data/sample/scenes/three_at_a_table.jsonl
 Mixed with RoleBench roles (name them: with --card or --dialogues, none are taken by default):
     python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
 The prompts as SillyTavern sends them (to serve with web_demo.py --client_system client):
@@ -35,6 +38,14 @@ character with "role" (or belongs to the only character given), and its system p
 character's, so that each role is trained on one prompt. Card and dialogue samples are split into
 train and test per character with random.Random(seed), --test_ratio of them for test. A dialogue
 counts as one question and one sample in the table.
+
+Lorebooks, greetings, notes, logs and scenes: a card's character_book and --lorebook files fire on
+each conversation as SillyTavern fires them (utils/lorebook.py), its post_history_instructions and
+depth prompt follow the history, and the row holds the prompt that results ("lore" lists the
+entries, "base_system" the character's own prompt). A card's dialogues open with its first_mes as
+context ("train": false). --st_chats reads SillyTavern's chat logs (utils/st_chats.py); a group log,
+or a --dialogues row whose assistant turns carry several "name"s, trains each character given from
+its own seat (utils/scenes.py).
 
 Output rows: {"instruction": system prompt, "input": question, "output": reply, "role": role} for
 RoleBench, {"messages": [system, user, assistant, ...], "role": role, "greeting": ...} for cards and
@@ -81,6 +92,12 @@ def parse_args(argv=None):
                             "character's example dialogues become samples")
     group.add_argument("--dialogues", action="append", metavar="FILE",
                        help="a jsonl file of your own conversations (OpenAI messages or ShareGPT rows), repeatable")
+    group.add_argument("--lorebook", action="append", metavar="FILE",
+                       help="a SillyTavern World Info file (JSON), repeatable: its entries fire on every card, "
+                            "dialogue, chat log and scene sample, after the card's own character_book")
+    group.add_argument("--st_chats", action="append", metavar="FILE_OR_DIR",
+                       help="a SillyTavern chat log (.jsonl) or a folder of them, repeatable: one-on-one logs "
+                            "train their character, group logs each character given from its own seat")
     group.add_argument("--card_system_prompt", action="store_true",
                        help="use a card's own system_prompt ({{original}}: the one --system_template builds) "
                             "instead of the built one")
@@ -119,6 +136,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.card, args.dialogues = args.card or [], args.dialogues or []
     args.user_name = default_user_name(args.prompt_style) if args.user_name is None else args.user_name
+    args.lorebook, args.st_chats = args.lorebook or [], args.st_chats or []
     return args
 
 
@@ -138,11 +156,12 @@ def validate_args(args):
     """Check every argument; return (roles: name -> Role of the selected RoleBench roles and of the
     cards, the selected RoleBench roles, the cards, problems)."""
     from utils.cards import read_cards
+    from utils.lorebook import read_lorebook
     from utils.prompts import card_role, check_template, roles_from_file
     from utils.rolebench import split_roles
 
     problems, roles, cards = [], {}, []
-    own = bool(args.card or args.dialogues)
+    own = bool(args.card or args.dialogues or args.st_chats)
     selected = split_roles(args.roles) if args.roles is not None else ([] if own else list(DEFAULT_ROLES))
     if args.roles is not None and not selected:
         problems.append("--roles: no role given")
@@ -174,8 +193,16 @@ def validate_args(args):
             except UserError as error:
                 problems.append(str(error))
     problems += [f"{path}: dialogues file not found" for path in args.dialogues if not os.path.isfile(path)]
-    if args.dialogues and not selected and not args.card:
-        problems.append("--dialogues: no character to train them for: give --card or --roles")
+    problems += [f"{path}: chat log not found" for path in args.st_chats if not os.path.exists(path)]
+    if (args.dialogues or args.st_chats) and not selected and not args.card:
+        problems.append(f"{'--dialogues' if args.dialogues else '--st_chats'}: no character to train them for: "
+                        f"give --card or --roles")
+    args.books = []
+    for path in args.lorebook:
+        try:
+            args.books.append(read_lorebook(path))
+        except UserError as error:
+            problems.append(str(error))
     if not 0 <= args.test_ratio < 1:
         problems.append(f"--test_ratio: must be in [0, 1), got {args.test_ratio}")
     if not args.user_name.strip():
@@ -188,7 +215,8 @@ def validate_args(args):
         else:
             problems.extend(f"{p}: input file not found (add --download to fetch it)" for p in input_paths
                             if not os.path.isfile(p))
-    input_paths += args.card + args.dialogues + ([args.roles_file] if selected else [])
+    input_paths += args.card + args.dialogues + args.lorebook + [p for p in args.st_chats if os.path.isfile(p)]
+    input_paths += [args.roles_file] if selected else []
     outputs = [args.train_out, args.test_out]
     if os.path.isdir(os.path.dirname(prompts_path(args))):  # else --train_out's problem says it
         outputs.append(prompts_path(args))
@@ -234,16 +262,54 @@ def make_samples(rows, roles, max_replies, seed):
     return samples
 
 
-def conversation_sample(role, turns):
-    """A multi-turn sample of `role`: its system prompt, then the user and assistant turns."""
-    greeting = {"greeting": role.greeting} if role.greeting else {}
-    return {"messages": [{"role": "system", "content": role.system}, *turns], "role": role.name, **greeting}
+def conversation_sample(role, turns, context):
+    """A multi-turn sample of `role`: the messages its prompt context (utils.lorebook) gives for its
+    last trained reply, then that reply; None without one. The whole row trains on one prompt, the
+    one served for that last reply: the entries the conversation before it fires, and the notes
+    after the history folded into the last user turn (earlier replies see them too)."""
+    replies = [i for i, m in enumerate(turns) if m["role"] == "assistant" and m.get("train", True)]
+    if not replies:
+        return None
+    plain = [{k: v for k, v in m.items() if k != "name"} for m in turns[: replies[-1] + 1]]
+    messages, lore = context.apply([{"role": "system", "content": role.system}, *plain[:-1]])
+    row = {"messages": [*messages, plain[-1]], "role": role.name}
+    if role.greeting:
+        row["greeting"] = role.greeting
+    if messages[0]["content"] != role.system:
+        row["base_system"] = role.system
+    if lore:
+        row["lore"] = lore
+    return row
 
 
-def dialogue_samples(paths, roles, skip, max_line_bytes):
+def card_samples(card, role, context, user_name):
+    """A card's example dialogues, each opened by its greeting as context (not trained on) where
+    the dialogue starts with the user, as a chat with the card starts."""
+    from utils.cards import card_dialogues
+
+    opening = [{**m, "train": False} for m in role.opening()]
+    return [conversation_sample(role, (opening if turns[0]["role"] == "user" else []) + turns, context)
+            for turns in card_dialogues(card, user_name)]
+
+
+def scene_samples(scene, roles, contexts, user_name):
+    """A group scene's samples: one for each character given, from its own seat (utils.scenes)."""
+    from dataclasses import replace
+
+    from utils.scenes import group_note, seat, speakers
+
+    names = [name for name in speakers(scene) if name in roles]
+    if not names:
+        raise ValueError(f"none of the scene's characters ({', '.join(speakers(scene))}) is among the characters "
+                         f"given ({', '.join(roles)})")
+    return [conversation_sample(roles[name], seat(scene, name, user_name),
+                                replace(contexts[name], extra_system=group_note(name))) for name in names]
+
+
+def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
     """The user's own conversations as samples: each row of its "role" (or of the only character
-    given), with that character's system prompt. A bad row is a UserError naming file and line, or
-    with `skip` handed to it."""
+    given), with that character's system prompt; a row whose assistant turns have several names is
+    a group scene. A bad row is a UserError naming file and line, or with `skip` handed to it."""
     if not paths:
         return []  # and no torch to import (utils.data) for nothing
     from utils import read_jsonl
@@ -254,7 +320,12 @@ def dialogue_samples(paths, roles, skip, max_line_bytes):
     for path in paths:
         for line_no, row in read_jsonl(path, max_line_bytes, skip):
             try:
-                messages = row_messages(row)
+                messages = row_messages(row, scene=True)
+                system = system_of(messages)
+                turns = messages[1:] if system else messages
+                if len({m.get("name") for m in turns if m["role"] == "assistant"}) > 1:
+                    samples += [s for s in scene_samples(turns, roles, contexts, user_name) if s]
+                    continue
                 name = row.get("role") or only
                 if name not in roles:
                     raise ValueError(f"role {name!r} is not among the characters given ({', '.join(roles)})" if name
@@ -264,18 +335,55 @@ def dialogue_samples(paths, roles, skip, max_line_bytes):
                     raise UserError(f"{path}:{line_no}: {error}") from None
                 skip(f"{path}:{line_no}: {error}")
                 continue
-            system = system_of(messages)
             replaced += bool(system) and system != roles[name].system
-            turns = messages[1:] if system else messages
-            if not any(m["role"] == "assistant" for m in turns):
+            sample = conversation_sample(roles[name], turns, contexts[name])
+            if sample is None:
                 no_reply += 1
                 continue
-            samples.append(conversation_sample(roles[name], turns))
+            samples.append(sample)
     if replaced:
         print(f"note: {replaced} dialogues had a system prompt of their own: each now has its character's, "
               f"the one prompt per role that the model records", file=sys.stderr)
     if no_reply:
         print(f"note: {no_reply} dialogues without a reply left out", file=sys.stderr)
+    return samples
+
+
+def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
+    """SillyTavern chat logs as samples (utils.st_chats): a one-on-one log trains its character, a
+    group log each character given from its own seat. What was left out is counted and printed: a
+    log without any character given is left out (SillyTavern's chats folder holds every character's
+    logs), not refused."""
+    from collections import Counter
+
+    from utils.scenes import speakers
+    from utils.st_chats import log_files, read_log
+
+    samples, dropped, kinds, others = [], Counter(), Counter(), set()
+    for path in (f for p in paths for f in log_files(p)):
+        scene = read_log(path, user_name, dropped, max_line_bytes)
+        names = speakers(scene)
+        if not any(name in roles for name in names):
+            dropped["logs of characters not given"] += 1
+            others.update(names)
+            continue
+        if len(names) > 1:
+            kinds["group"] += 1
+            samples += [s for s in scene_samples(scene, roles, contexts, user_name) if s]
+            continue
+        kinds["one-on-one"] += 1
+        sample = conversation_sample(roles[names[0]], scene, contexts[names[0]])
+        if sample is None:
+            dropped["logs without a reply after the greeting"] += 1
+        else:
+            samples.append(sample)
+    if paths:
+        left_out = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "nothing"
+        print(f"SillyTavern chats: {kinds['one-on-one']} one-on-one and {kinds['group']} group logs, "
+              f"{len(samples)} samples; left out: {left_out}")
+        if others:
+            print(f"note: SillyTavern logs of {', '.join(sorted(others))} left out: not among the characters given "
+                  f"({', '.join(roles)})", file=sys.stderr)
     return samples
 
 
@@ -322,7 +430,7 @@ def main(argv=None):
     exit_on_problems(problems)
 
     from utils import jsonl_text, write_files
-    from utils.cards import card_dialogues
+    from utils.lorebook import Context
     from utils.rolebench import download
 
     if args.download and selected:
@@ -340,8 +448,13 @@ def main(argv=None):
             raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
         rows_by_split[split] = rows
         samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
-    own = [conversation_sample(roles[card.name], turns) for card in cards for turns in card_dialogues(card, args.user_name)]
-    own += dialogue_samples(args.dialogues, roles, skip if args.skip_bad else None, args.max_line_bytes)
+    books = tuple(args.books)
+    contexts = {name: Context(name, args.user_name, books) for name in roles}
+    contexts.update({card.name: card.context(args.user_name, books) for card in cards})
+    own = [s for card in cards for s in card_samples(card, roles[card.name], contexts[card.name], args.user_name) if s]
+    own += dialogue_samples(args.dialogues, roles, contexts, args.user_name, skip if args.skip_bad else None,
+                            args.max_line_bytes)
+    own += st_chat_samples(args.st_chats, roles, contexts, args.user_name, args.max_line_bytes)
     for split, part in zip(SPLITS, split_own(own, args.test_ratio, args.seed)):
         rows_by_split[split] += part  # a dialogue counts as one question and one sample
         samples_by_split[split] += part
@@ -354,8 +467,13 @@ def main(argv=None):
         if name not in trained:
             print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
                   f"--dialogues): it is not trained", file=sys.stderr)
-    # train.py takes the roles' prompts from the samples
-    side_file = {"system_template": args.system_template, "prompt_style": args.prompt_style}
+    side_file = {"system_template": args.system_template, "prompt_style": args.prompt_style}  # train.py takes the roles' prompts from the samples
+    # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
+    # record that serving will read: the same lorebooks and notes, fired on the live chat
+    extras = {name: context.to_json() for name, context in contexts.items()
+              if context.books or context.depth_note or context.post_history}
+    if extras:
+        side_file["contexts"] = extras
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),

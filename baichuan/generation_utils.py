@@ -20,7 +20,8 @@ in a card or a training row is spelled in ordinary pieces, so only this module w
 Training labels each reply as Baichuan2's own fine-tune script does: the reply's tokens and its
 end, which is the eos after the last reply and, for a reply in the history, eos as the label of
 the <user> token that follows it (the input there stays <user>, so the ids are build_chat_input's).
-Everything else is labelled -100.
+Everything else is labelled -100, and so is an assistant message marked `"train": false` (a
+greeting, or a turn kept as context only), with its end.
 
 Too long a conversation keeps its system text and, of the rounds, the newest whole ones that fit
 (newest_whole_rounds); the newest round alone too long is cut (build_chat_input: its oldest
@@ -141,15 +142,18 @@ def encode_conversation(tokenizer, messages: list[dict], user_id: int, assistant
     """input_ids and labels of one training conversation (module docstring), and whether anything
     was cut; (None, None, cut) when nothing can be trained on: no reply, or a prompt that fills max_len.
 
-    Messages after the last reply are left out. The system text is always kept, and of the rounds
+    Messages after the last reply are left out; a reply marked `"train": false` is context, not a
+    reply. The system text is always kept, and of the rounds
     the newest whole ones that fit in max_len with it; a user message is cut to its first
     max_src_len tokens, and when the newest round alone is too long its last reply is cut to fit.
     A single-turn sample is the case of one round.
     """
-    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("train", True)]
     if not replies:
         return None, None, False
-    system_ids, rounds = _encode_rounds(tokenizer, messages[: replies[-1] + 1], user_id, assistant_id)
+    messages = messages[: replies[-1] + 1]
+    system_ids, rounds = _encode_rounds(tokenizer, messages, user_id, assistant_id)
+    trained = [m.get("train", True) for m in messages if m["role"] != "system"]
     cut = False
     for message in (m for r in rounds for m in r if m[0] == user_id):
         cut = cut or len(message[1]) > max_src_len
@@ -166,14 +170,15 @@ def encode_conversation(tokenizer, messages: list[dict], user_id: int, assistant
             return None, None, True
         last[1], cut = last[1][:room], True
     eos = tokenizer.eos_token_id
-    input_ids, labels, previous = list(system_ids), [-100] * len(system_ids), None
-    for speaker, ids in (message for r in rounds for message in r):
+    input_ids, labels, previous = list(system_ids), [-100] * len(system_ids), False
+    kept_messages = [message for r in rounds for message in r]
+    for (speaker, ids), train in zip(kept_messages, trained[len(trained) - len(kept_messages):]):
         input_ids += [speaker] + ids
         if speaker == user_id:
-            labels += [eos if previous == assistant_id else -100] + [-100] * len(ids)
+            labels += [eos if previous else -100] + [-100] * len(ids)
         else:
-            labels += [-100] + ids
-        previous = speaker
+            labels += [-100] + (ids if train else [-100] * len(ids))
+        previous = speaker == assistant_id and train  # a masked reply's end is not learnt either
     return input_ids + [eos], labels + [eos], cut
 
 

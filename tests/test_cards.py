@@ -112,8 +112,7 @@ def test_a_card_becomes_a_role_with_its_prompt_greeting_and_dialogues(card_files
     roles = roles_from_file(str(card_files[kind]))
     notes = capsys.readouterr().err.splitlines()
     if kind.startswith(("v2", "png")):  # what is not used yet is said in one line
-        assert notes == [f"note: {card_files[kind]}: not used yet: the lorebook (character_book, 1 entries), "
-                         f"alternate_greetings (1)"]
+        assert notes == [f"note: {card_files[kind]}: not used yet: alternate_greetings (1)"]
     else:
         assert notes == []
     assert list(roles) == ["阿绣"]
@@ -295,7 +294,7 @@ def test_data_helper_builds_from_cards_dialogues_and_rolebench(card_files, tmp_p
     result = run_helper(*args)
     assert result.returncode == 0, result.stderr
     notes = result.stderr.splitlines()
-    assert len(notes) == 3 and "lorebook" in notes[0] and "10 dialogues had a system prompt of their own" in notes[1]
+    assert len(notes) == 3 and "alternate_greetings" in notes[0] and "10 dialogues had a system prompt of their own" in notes[1]
     assert "5 dialogues without a reply" in notes[2]
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:4]}
     # 张飞: 30 + 7 RoleBench questions (37 + 10 samples) and 5 dialogues, 1 of them (round(5 x 0.25)) for test;
@@ -306,7 +305,10 @@ def test_data_helper_builds_from_cards_dialogues_and_rolebench(card_files, tmp_p
     xiu = [s for s in train + test if s["role"] == "阿绣"]
     assert len(xiu) == 12 and all(s["messages"][0] == {"role": "system", "content": SYSTEM} for s in xiu)
     assert all(s["greeting"] == GREETING for s in xiu)
-    assert all(dialogue in [s["messages"][1:] for s in xiu] for dialogue in DIALOGUES)
+    # a dialogue that starts with the user opens with the greeting, as context only
+    greeting = {"role": "assistant", "content": GREETING, "train": False}
+    expected = [[greeting, *d] if d[0]["role"] == "user" else d for d in DIALOGUES]
+    assert all(dialogue in [s["messages"][1:] for s in xiu] for dialogue in expected)
     zhang = [s for s in train + test if s["role"] == "张飞" and "messages" in s]
     assert len(zhang) == 5 and zhang[0]["messages"][0]["content"].startswith("你现在要扮演张飞")
     assert_normal_permissions(out)

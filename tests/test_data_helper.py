@@ -184,9 +184,10 @@ def test_system_template_option(out):
 
 
 def test_inputs_never_modified_and_existing_output_kept_on_error(data_dir, out):
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data_dir.iterdir()}
+    # data/sample also holds folders (SillyTavern logs, scenes): every file under it counts
+    before = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in data_dir.rglob("*") if p.is_file()}
     assert run("--data_dir", data_dir, *outputs(out)).returncode == 0
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data_dir.iterdir()}
+    after = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in data_dir.rglob("*") if p.is_file()}
     assert after == before
 
     (out / "train.jsonl").write_text("old\n", encoding="utf-8")

@@ -14,11 +14,13 @@ How a card becomes a role (utils.prompts.card_role, and `card_dialogues` here):
     first_mes      -> the greeting: the chat's first assistant turn
     mes_example    -> training dialogues, one per `<START>` block; lines `{{user}}: ...` are the
         user's turns and `{{char}}: ...` the character's (a line without a speaker continues the turn)
+    first_mes      -> also the masked first assistant turn of each dialogue: context, not trained on
+    character_book, post_history_instructions, extensions.depth_prompt -> the card's Context
+        (utils.lorebook): entries fired by each conversation, and the notes after the history
 {{char}} and {{user}} (and the old <BOT>/<USER>) become the name and `user_name` everywhere.
 In SillyTavern's prompt style (utils/prompts.py), mes_example is also read as SillyTavern reads it
 (`sillytavern_examples`), for the examples in the system prompt.
-Not used yet, with a one-line note: the lorebook (character_book), post_history_instructions
-(Baichuan2's layout has no place after the history) and alternate_greetings.
+Not used yet, with a one-line note: alternate_greetings (for the page to offer).
 
 A card is untrusted input. Every problem (too big, not a card, bad base64 or JSON, no name, a
 truncated or damaged PNG, a compressed chunk that inflates past its bound, an image past Pillow's
@@ -36,6 +38,7 @@ import zlib
 from dataclasses import dataclass
 
 from utils.cli import UserError, unsafe_character
+from utils.lorebook import DEFAULT_DEPTH, MAX_SCAN_DEPTH, Context, DepthNote, Lorebook, parse_book
 
 MAX_CARD_BYTES = 20 * 2**20  # checked before a file is read
 MAX_TEXT_BYTES = 8 * 2**20  # a compressed text chunk may inflate to this much
@@ -64,19 +67,19 @@ class Card:
     mes_example: str = ""
     system_prompt: str = ""
     post_history_instructions: str = ""
-    alternate_greetings: int = 0
-    book_entries: int | None = None  # None: no lorebook
+    alternate_greetings: tuple[str, ...] = ()
+    book: Lorebook | None = None
+    depth_note: DepthNote | None = None  # V3's extensions.depth_prompt
 
     def unused(self) -> list[str]:
         """The parts of the card that are not used yet, in words."""
-        parts = []
-        if self.book_entries is not None:
-            parts.append(f"the lorebook (character_book, {self.book_entries} entries)")
-        if self.post_history_instructions.strip():
-            parts.append("post_history_instructions")
-        if self.alternate_greetings:
-            parts.append(f"alternate_greetings ({self.alternate_greetings})")
-        return parts
+        return [f"alternate_greetings ({len(self.alternate_greetings)})"] if self.alternate_greetings else []
+
+    def context(self, user_name: str = USER_NAME, books: tuple[Lorebook, ...] = ()) -> Context:
+        """What the card adds to its character's prompt beyond the system prompt (utils.lorebook),
+        with the lorebooks `books` given beside it (World Info files) after its own."""
+        return Context(self.name, user_name, ((self.book,) if self.book else ()) + tuple(books), self.depth_note,
+                       self.post_history_instructions)
 
 
 # ---------------------------------------------------------------- reading
@@ -226,13 +229,29 @@ def parse_card(value, path: str) -> Card:
     greetings = fields.get("alternate_greetings") or []
     if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
         raise UserError(f"{path}: field {prefix}alternate_greetings must be a list of strings")
-    book, entries = fields.get("character_book"), None
+    book = fields.get("character_book")
     if book is not None:
-        entries = book.get("entries") if isinstance(book, dict) else None
-        if not isinstance(entries, list):
+        if not isinstance(book, dict) or not isinstance(book.get("entries"), list):
             raise UserError(f"{path}: field {prefix}character_book must be an object with a list of entries")
-        entries = len(entries)
-    return Card(path=path, alternate_greetings=len(greetings), book_entries=entries, **texts)
+        book = parse_book(book, path, f"{prefix}character_book.")
+    return Card(path=path, alternate_greetings=tuple(greetings), book=book,
+                depth_note=_depth_note(fields, path, prefix), **texts)
+
+
+def _depth_note(fields: dict, path: str, prefix: str) -> DepthNote | None:
+    """A card's depth prompt (extensions.depth_prompt: {prompt, depth, role}), placed `depth`
+    messages from the end of the chat as SillyTavern does (utils.lorebook)."""
+    extensions = fields.get("extensions")
+    note = extensions.get("depth_prompt") if isinstance(extensions, dict) else None
+    if note is None:
+        return None
+    where = f"field {prefix}extensions.depth_prompt"
+    if not isinstance(note, dict) or not isinstance(note.get("prompt", ""), str):
+        raise UserError(f"{path}: {where} must be an object with a string 'prompt'")
+    depth = note.get("depth", DEFAULT_DEPTH)
+    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_SCAN_DEPTH:
+        raise UserError(f"{path}: {where}.depth must be a whole number from 0 to {MAX_SCAN_DEPTH}, got {depth!r}")
+    return DepthNote(note.get("prompt", ""), depth) if note.get("prompt", "").strip() else None
 
 
 def _file_value(data: bytes, path: str):

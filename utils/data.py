@@ -5,8 +5,10 @@ A row of a jsonl file is one of three shapes, and one file may mix them:
     {"instruction": system prompt, "input": question, "output": reply}       (data_helper.py's)
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (OpenAI)
     {"conversations": [{"from": "human"|"gpt", "value": ...}, ...], "system": ...}  (ShareGPT)
-plus, optionally, "role" (the character's name) and "greeting" (its first_mes), which the
-checkpoints record. A system message may only come first.
+plus, optionally, "role" (the character's name), "greeting" (its first_mes) and "base_system" (its
+prompt without the lorebook entries and group note that this row's prompt holds), which the
+checkpoints record. A system message may only come first. A message may carry "train": false
+(context only: a greeting, a turn not to learn) and a "name" (a group scene's speaker).
 
 The token layout and its labels are baichuan.generation_utils's (encode_conversation), the same
 code that lays out a chat for serving; this module reads rows, drops or counts what does not fit,
@@ -18,6 +20,7 @@ from array import array
 import torch
 
 from utils import UserError, read_jsonl
+from utils.cli import unsafe_character
 from utils.files import MAX_LINE_BYTES
 from utils.prompts import Role
 
@@ -25,7 +28,7 @@ from utils.prompts import Role
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def _turns(items, field: str, speaker_key: str, text_key: str, names: dict) -> list[dict]:
+def _turns(items, field: str, speaker_key: str, text_key: str, names: dict, scene: bool) -> list[dict]:
     if not isinstance(items, list) or not items:
         raise ValueError(f"field {field!r} must be a non-empty list")
     messages = []
@@ -44,18 +47,36 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict) -> l
             raise ValueError(f"{where}: a system message may only come first")
         if role != "system" and not text.strip():
             raise ValueError(f"{where}.{text_key} is empty")
-        if messages and role == messages[-1]["role"]:  # a reply followed by a reply would never learn to end
-            raise ValueError(f"{where}: a second {role} message in a row (merge them, or put the other speaker between)")
-        messages.append({"role": role, "content": text})
+        message = {"role": role, "content": text}
+        for key, kind, what in (("name", str, "a string"), ("train", bool, "true or false")):
+            if item.get(key) is not None:
+                if not isinstance(item[key], kind):
+                    raise ValueError(f"{where}.{key} must be {what}")
+                message[key] = item[key]
+        if message.get("name") is not None and (not message["name"].strip() or unsafe_character(message["name"])):
+            raise ValueError(f"{where}.name {message['name']!r} is empty or contains a control or bidi character")
+        messages.append(message)
+    if not scene and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1:
+        raise ValueError(f"field {field!r}: a group scene (assistant turns of several names): data_helper.py "
+                         f"--dialogues trains each character from its own seat")
+    for i in range(1, len(messages)):
+        previous, message = messages[i - 1], messages[i]
+        if message["role"] == previous["role"] and not (scene and message.get("name") != previous.get("name")):
+            # a reply followed by a reply would never learn to end
+            raise ValueError(f"{field}[{i}]: a second {message['role']} message in a row (merge them, or put the "
+                             f"other speaker between)")
     return messages
 
 
-def row_messages(row) -> list[dict]:
+def row_messages(row, scene: bool = False) -> list[dict]:
     """The conversation of a row of any of the three shapes, checked: an optional system message,
-    then user and assistant messages. A problem is a ValueError naming the field."""
+    then user and assistant messages, each with its optional "name" and "train" (false: context,
+    not trained on). A problem is a ValueError naming the field. A group scene (assistant turns of
+    several names, which may follow each other) is read only with `scene`: training takes one
+    character's seat of it (utils.scenes)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    for field in ("role", "greeting"):
+    for field in ("role", "greeting", "base_system"):
         if row.get(field) is not None and not isinstance(row[field], str):
             raise ValueError(f"field {field!r} must be a string")
     shapes = [field for field in ("messages", "conversations", "instruction", "input", "output") if field in row]
@@ -63,9 +84,10 @@ def row_messages(row) -> list[dict]:
         raise ValueError(f"a row of two shapes: fields {shapes[0]!r} and {shapes[1]!r} (keep one: messages, "
                          f"conversations, or instruction/input/output)")
     if "messages" in row:
-        messages = _turns(row["messages"], "messages", "role", "content", {r: r for r in ("system", "user", "assistant")})
+        roles = {r: r for r in ("system", "user", "assistant")}
+        messages = _turns(row["messages"], "messages", "role", "content", roles, scene)
     elif "conversations" in row:
-        messages = _turns(row["conversations"], "conversations", "from", "value", SPEAKERS)
+        messages = _turns(row["conversations"], "conversations", "from", "value", SPEAKERS, scene)
         system = row.get("system")
         if system is not None:
             if not isinstance(system, str):
@@ -104,13 +126,15 @@ def read_samples(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
 
 
 def roles_of(rows: list[dict]) -> dict[str, Role]:
-    """The roles that rows name (field "role"), each with the system prompt of its first row and its
+    """The roles that rows name (field "role"), each with the system prompt of its first row (its
+    "base_system" when the row's prompt also holds lorebook entries or a group note) and its
     greeting; these are what a checkpoint records as trained on."""
     roles = {}
     for row in rows:
         name = row.get("role")
         if isinstance(name, str) and name and name not in roles:
-            roles[name] = Role(name, system_of(row_messages(row)), row.get("greeting"))
+            system = row.get("base_system") or system_of(row_messages(row))
+            roles[name] = Role(name, system, row.get("greeting"))
     return roles
 
 

@@ -1,0 +1,201 @@
+"""SillyTavern chat logs (utils.st_chats) and group scenes (utils.scenes) as training data: the
+sample logs read with their swipes, persona and greeting; a scene seen from each seat; speaker
+bleed; bad logs and scenes as one error line with nothing written; and data_helper.py -> train.py
+(plain and --packing) on a card with a lorebook, greeting and post-history instructions, a World
+Info file, a one-on-one and a group log and the sample scenes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO_ROOT, SAMPLE_DIR
+from utils import UserError
+from utils.data import read_samples
+from utils.scenes import group_note, seat, speaker_bleed
+from utils.st_chats import log_files, read_log
+
+LOGS = SAMPLE_DIR / "st_chats"
+SCENES = SAMPLE_DIR / "scenes" / "three_at_a_table.jsonl"
+
+
+def test_a_one_on_one_log_keeps_the_chosen_swipe_maps_the_persona_and_drops_what_st_hides():
+    dropped = Counter()
+    (path,) = [p for p in log_files(str(LOGS)) if "孙悟空 -" in p]
+    messages = read_log(path, "你", dropped)
+    assert dropped == Counter({"narrator": 1, "hidden or system": 1})
+    assert messages[0] == {"role": "assistant", "name": "孙悟空", "train": False,
+                           "content": "嘿，你！俺老孙刚从花果山回来，桃子还热乎着呢，要不要尝一个？"}  # {{user}} and greeting
+    assert [m["role"] for m in messages] == ["assistant", "user", "assistant", "user", "assistant", "user", "assistant"]
+    changed = messages[4]  # swipe_id 1 is the reply; the others, persona name mapped, are kept as rejected
+    assert changed["content"].startswith("变你？小菜一碟。")
+    assert changed["swipes_rejected"] == ["这有何难！你看好了——变！嘿嘿，现在屋里有两个你，你猜哪个是真的？",
+                                          "你，俺变了你，谁来陪俺说话？还是别变了。"]
+    assert not any("小明" in m["content"] for m in messages)
+    zhang = read_log(next(p for p in log_files(str(LOGS)) if "张飞 -" in p), "你", dropped)
+    assert zhang[3]["content"] == "张飞，你觉得你我酒量怎么样？"  # {{char}} in the user's message: the character
+    assert dropped["comment"] == 1
+
+
+def test_a_scene_from_each_seat_and_speaker_bleed():
+    scene = [{"role": "user", "content": "{{char}}来喝酒"}, {"role": "assistant", "name": "李白", "content": "好！"},
+             {"role": "assistant", "name": "张飞", "content": "俺先干！"}, {"role": "user", "content": "慢点"},
+             {"role": "assistant", "name": "李白", "content": "一杯一杯复一杯。"}]
+    assert seat(scene, "张飞", "你") == [{"role": "user", "content": "你: 张飞来喝酒\n李白: 好！"},
+                                        {"role": "assistant", "content": "俺先干！"},
+                                        {"role": "user", "content": "你: 慢点\n李白: 一杯一杯复一杯。"}]
+    assert seat(scene, "李白", "你") == [{"role": "user", "content": "你: 李白来喝酒"}, {"role": "assistant", "content": "好！"},
+                                        {"role": "user", "content": "张飞: 俺先干！\n你: 慢点"},
+                                        {"role": "assistant", "content": "一杯一杯复一杯。"}]
+    assert group_note("李白") == "[Write the next reply only as 李白.]"
+    assert speaker_bleed("好酒！\n张飞：俺也要", ["张飞", "孙悟空"])
+    assert speaker_bleed("  孙悟空 : 嘿", ["张飞", "孙悟空"])
+    assert not speaker_bleed("张飞说得对：喝！", ["张飞"]) and not speaker_bleed("好酒", ["张飞"])
+
+
+def test_train_py_refuses_an_unexpanded_scene(tmp_path):
+    path = tmp_path / "scene.jsonl"
+    path.write_text(SCENES.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r":1: field 'messages': a group scene .* from its own seat$"):
+        read_samples(str(path))
+
+
+def helper(tmp_path, *args):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "data_helper.py", *map(str, args), "--train_out", str(out / "train.jsonl"),
+                           "--test_out", str(out / "test.jsonl")], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120), out
+
+
+META = {"user_name": "小明", "character_name": "孙悟空", "chat_metadata": {}}
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([META, {"name": "孙悟空", "is_user": False, "mes": 3}], "{path}:2: field 'mes' must be a string"),
+    ([META, {"name": "孙悟空", "is_user": False, "mes": "a", "swipes": ["a"], "swipe_id": 2}],
+     "{path}:2: field 'swipe_id' must index 'swipes' (0 to 0), got 2"),
+    ([{"hello": 1}, {"name": "孙悟空", "mes": "a"}], "{path}:1: not a SillyTavern chat log"),
+    ([META, {"name": "小明", "is_user": True, "mes": "a"}], "{path}: a chat log without a character's message"),
+])
+def test_bad_logs_are_one_line_and_nothing_is_written(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    proc, out = helper(tmp_path, "--roles", "孙悟空", "--st_chats", path)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: " + message.format(path=path))
+    assert proc.stderr.count("\n") == 1 and list(out.iterdir()) == []
+
+
+def test_a_log_of_other_characters_is_left_out_and_counted(tmp_path):
+    other = tmp_path / "logs"
+    other.mkdir()
+    (other / "猪八戒.jsonl").write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in [
+        META, {"name": "小明", "is_user": True, "mes": "b"}, {"name": "猪八戒", "is_user": False, "mes": "c"}]),
+        encoding="utf-8")
+    proc, out = helper(tmp_path, "--roles", "孙悟空", "--st_chats", other, "--st_chats", LOGS)
+    assert proc.returncode == 0, proc.stderr
+    assert "SillyTavern chats: 1 one-on-one and 1 group logs, 2 samples; left out: 1 comment, 1 hidden or system, " \
+           "2 logs of characters not given, 1 narrator" in proc.stdout
+    assert "note: SillyTavern logs of 张飞, 猪八戒 left out: not among the characters given (孙悟空)" in proc.stderr
+
+
+def test_a_scene_without_a_character_given_is_refused(tmp_path):
+    proc, out = helper(tmp_path, "--roles", "皇帝", "--dialogues", SCENES)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {SCENES}:1: none of the scene's characters (李白, 张飞, 孙悟空) is among the characters given (皇帝)\n")
+    assert list(out.iterdir()) == []
+
+
+CARD = {"spec": "chara_card_v2", "data": {
+    "name": "孙悟空", "description": "花果山的美猴王，齐天大圣。", "first_mes": "{{user}}，俺老孙在此！",
+    "mes_example": "<START>\n{{user}}: 大圣，你会几种变化？\n{{char}}: 七十二变，样样精通！\n"
+                   "<START>\n{{user}}: 师父在哪？\n{{char}}: 在前面化斋呢。",
+    "post_history_instructions": "{{original}}回答别超过两句。",
+    "character_book": {"entries": [{"id": 1, "keys": ["师父"], "content": "{{char}}的师父是唐僧。",
+                                    "position": "after_char"}]}}}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("st")
+    card = tmp / "孙悟空.json"
+    card.write_text(json.dumps(CARD, ensure_ascii=False), encoding="utf-8")
+    proc, out = helper(tmp, "--card", card, "--roles", "张飞,李白", "--lorebook", SAMPLE_DIR / "world_info.json",
+                       "--st_chats", LOGS, "--dialogues", SCENES, "--test_ratio", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, out
+
+
+def test_data_helper_writes_what_trains(built):
+    stdout, out = built
+    assert "SillyTavern chats: 2 one-on-one and 1 group logs, 5 samples; left out: 1 comment, 1 hidden or system, " \
+           "1 narrator" in stdout
+    rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
+            for line in (out / name).read_text(encoding="utf-8").splitlines()]
+    own = [r for r in rows if "messages" in r]
+    card_rows = [r for r in own if r["role"] == "孙悟空" and r["messages"][1].get("content") == "你，俺老孙在此！"]
+    assert len(card_rows) == 2  # the two card dialogues, each opened by the card's greeting as context
+    assert all(r["messages"][1]["train"] is False for r in card_rows)
+    # the one-on-one log opens with the greeting it was shown, as context; the card's notes follow its history
+    (log,) = [r for r in own if r["role"] == "孙悟空" and r["messages"][1]["content"].startswith("嘿，你！")]
+    assert log["messages"][1]["train"] is False and log["messages"][-2]["content"].endswith("\n\n回答别超过两句。")
+    master = next(r for r in card_rows if r["messages"][-1]["content"] == "在前面化斋呢。")
+    assert master["messages"][0]["content"].endswith("\n孙悟空的师父是唐僧。") and master["lore"][0].endswith("#1")
+    assert master["messages"][-2]["content"] == "师父在哪？\n\n回答别超过两句。"
+    seats = [r for r in own if r["messages"][0]["content"].endswith(".]")]
+    assert Counter(r["role"] for r in seats) == {"孙悟空": 4, "张飞": 4, "李白": 4}  # 3 scenes + the group log
+    assert all(r["messages"][0]["content"].endswith(f"[Write the next reply only as {r['role']}.]") for r in seats)
+    assert all(r["base_system"] + "\n" in r["messages"][0]["content"] for r in seats)
+    assert not any(speaker_bleed(m["content"], ["孙悟空", "张飞", "李白", "你"]) for r in seats
+                   for m in r["messages"] if m["role"] == "assistant")
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_train_py_trains_them(built, tiny_model_dir, tmp_path, packing):
+    _, out = built
+    command = [sys.executable, "train.py", "--model_name_or_path", str(tiny_model_dir),
+               "--train_path", str(out / "train.jsonl"), "--output_dir", str(tmp_path / "run"),
+               "--max_len", "512", "--max_src_len", "256", "--per_device_train_batch_size", "4",
+               "--show_loss_step", "1", "--save_model_step", "2", "--max_steps", "2",
+               *(["--packing"] if packing else [])]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", **os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(int(s) for s in re.findall(r"^step=(\d+) loss=[0-9.]+", proc.stdout + proc.stderr, re.M)) == [1, 2]
+    record = json.loads((tmp_path / "run" / "epoch-1-step-2" / "roleplay.json").read_text(encoding="utf-8"))
+    # the recorded prompt is the character's own, without the lorebook entries or the group note
+    assert set(record["roles"]) >= {"孙悟空", "张飞", "李白"}
+    assert all("[Write the next reply" not in r["system"] and "唐僧" not in r["system"] for r in record["roles"].values())
+
+
+def test_a_seat_serves_the_prompt_it_trained_on(built, tiny_model_dir):
+    """A scene's row for 张飞, as data_helper.py wrote it, encodes to the prompt that serving builds for
+    张飞's turn: the seat of the scene so far, through the Context with the group note."""
+    from transformers import GenerationConfig
+
+    from baichuan import BaichuanTokenizer
+    from baichuan.generation_utils import build_chat_input, encode_conversation
+    from utils.data import row_messages
+    from utils.lorebook import Context, read_lorebook
+    from utils.prompts import roles_from_file
+
+    tokenizer = BaichuanTokenizer.from_pretrained(tiny_model_dir)
+    config = GenerationConfig.from_pretrained(tiny_model_dir)
+    scene = json.loads(SCENES.read_text(encoding="utf-8").splitlines()[2])["messages"]
+    turn = max(i for i, m in enumerate(scene) if m.get("name") == "张飞")
+    _, out = built
+    rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
+            for line in (out / name).read_text(encoding="utf-8").splitlines()]
+    (row,) = [r for r in rows if r["role"] == "张飞" and "messages" in r
+              and r["messages"][-1]["content"] == scene[turn]["content"]]
+    system = roles_from_file(str(REPO_ROOT / "data" / "roles.json"))["张飞"].system
+    context = Context("张飞", "你", (read_lorebook(str(SAMPLE_DIR / "world_info.json")),), extra_system=group_note("张飞"))
+    served, _ = context.apply([{"role": "system", "content": system}, *seat(scene[:turn], "张飞", "你")])
+    prompt = build_chat_input(tokenizer, served, config, 4096, 64)
+    ids, _, _ = encode_conversation(tokenizer, row_messages(row), config.user_token_id, config.assistant_token_id,
+                                    4096, 4096)
+    assert ids[: len(prompt)] == prompt and tokenizer.decode(ids[len(prompt):-1]) == scene[turn]["content"]
