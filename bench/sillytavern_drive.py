@@ -34,6 +34,7 @@ CARDS = ["sunwukong", "zhangfei", "libai"]  # file stems under --cards, in group
 PINYIN = {"孙悟空": "sunwukong", "张飞": "zhangfei", "李白": "libai"}
 MODES = {"none": "", "semistrict": "semi"}  # file prefix -> #custom_prompt_post_processing value
 MODEL = "孙悟空"
+NUDGE = "Write the next reply only as"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,12 +278,12 @@ def open_entity(entity, greetings: int) -> None:
 
 
 def file_stem(entry: dict, index: int, of: int) -> str:
-    """<mode>-<scenario>; for a group request, the member it prompts (named in SillyTavern's group
-    nudge, "[Write the next reply only as 张飞.]", its last system message)."""
+    """<mode>-<scenario>; for a group request, the member it prompts, named in SillyTavern's group
+    nudge "[Write the next reply only as 张飞.]" (a system message of its own, or, Semi-strict,
+    folded into the last user message)."""
     if entry["scenario"].endswith("-group"):
-        nudges = [m["content"] for m in entry["body"]["messages"]
-                  if m.get("role") == "system" and "Write the next reply only as" in str(m.get("content"))]
-        speakers = [PINYIN[name] for name in PINYIN if nudges and name in nudges[-1]]
+        nudges = [m["content"] for m in entry["body"]["messages"] if NUDGE in str(m.get("content"))]
+        speakers = [PINYIN[name] for name in PINYIN if nudges and f"{NUDGE} {name}." in nudges[-1]]
         return f"{entry['scenario']}-{speakers[0] if len(speakers) == 1 else index + 1}"
     return entry["scenario"] if of == 1 else f"{entry['scenario']}-{index + 1}"
 
@@ -290,6 +291,9 @@ def file_stem(entry: dict, index: int, of: int) -> str:
 def save() -> None:
     out = Path(args.bodies_out)
     out.mkdir(parents=True, exist_ok=True)
+    for mode in MODES:  # this run's bodies replace the last run's, not add to them
+        for old in out.glob(f"{mode}-*.json"):
+            old.unlink()
     scenarios = list(dict.fromkeys(r["scenario"] for r in recorder.requests if r["method"] == "POST"))
     for scenario in scenarios:
         posts = recorder.posts(scenario)
