@@ -108,5 +108,5 @@ wait_for "http://127.0.0.1:$api_port/v1/models" web_demo "${pids[1]}"
 echo "SillyTavern $version on 127.0.0.1:$st_port, web_demo.py on 127.0.0.1:$api_port ($model), $((SECONDS - start)) s"
 
 python3 bench/sillytavern_drive.py --st_url "http://127.0.0.1:$st_port" --api_url "http://127.0.0.1:$api_port" \
-    --proxy_port "$proxy_port" --shots_out "$out"
+    --proxy_port "$proxy_port" --shots_out "$out" --docs_image docs/img/sillytavern.png
 echo "bench/sillytavern.sh: $((SECONDS - start)) s in all"

@@ -7,6 +7,7 @@ Continue, Impersonate, the Author's Note and a group's nudge append, and Semi-st
 system prompt and alternating turns. The texts are pinned to the cards the run imported.
 """
 
+import itertools
 import json
 from pathlib import Path
 
@@ -159,7 +160,7 @@ def test_semistrict_sends_one_system_message_then_alternating_turns(scenario):
     msgs = messages(f"semistrict-{scenario}")
     assert msgs[0]["role"] == "system" and all(m["role"] != "system" for m in msgs[1:])
     roles = [m["role"] for m in msgs[1:]]
-    assert all(a != b for a, b in zip(roles, roles[1:])), roles
+    assert all(a != b for a, b in itertools.pairwise(roles)), roles
     assert all("name" not in m for m in msgs)
     stem = scenario.removeprefix("group-") if scenario.startswith("group") else "sunwukong"
     expected = semistrict_system(card_prompt(stem, scenario.startswith("group")), CARDS[stem]["name"])
