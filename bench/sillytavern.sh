@@ -55,9 +55,11 @@ if [ ! -f "$st/node_modules/.package-lock.json" ]; then
     rm -rf "$tmp"
 fi
 
-# ---- its config: loopback only, no auth, no browser launch, nothing fetched from the network.
-# A fresh user folder each run (so the first-run onboarding and the default settings each time);
-# the rest of the data folder keeps the compiled frontend between runs.
+# ---- its config: loopback only, no auth, no browser launch, nothing fetched from the network
+# (its first page load asks AI Horde for its status, the default API until the drive picks Chat
+# Completion: every outgoing request but those to 127.0.0.1 goes to a request proxy on a closed
+# loopback port, and fails there). A fresh user folder each run (so the first-run onboarding and
+# the default settings each time); the rest of the data folder keeps the compiled frontend.
 data=$(realpath -m "$out/st-data")
 rm -rf "$data/default-user"
 mkdir -p "$data"
@@ -69,6 +71,7 @@ whitelistMode: true
 whitelist:
   - 127.0.0.1
   - ::1
+whitelistDockerHosts: false
 basicAuthMode: false
 enableUserAccounts: false
 browserLaunch:
@@ -79,6 +82,12 @@ extensions:
   models:
     autoDownload: false
 enableDownloadableTokenizers: false
+requestProxy:
+  enabled: true
+  url: http://127.0.0.1:9
+  bypass:
+    - 127.0.0.1
+    - localhost
 logging:
   enableAccessLog: false
 EOF
