@@ -30,8 +30,8 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
 ]
-CARDS = ["sunwukong", "zhangfei", "libai"]  # file stems under --cards, in group order
-PINYIN = {"孙悟空": "sunwukong", "张飞": "zhangfei", "李白": "libai"}
+PINYIN = {"孙悟空": "sunwukong", "张飞": "zhangfei", "李白": "libai"}  # the group, in list order
+CARDS = list(PINYIN.values())  # file stems of the cards under --cards
 MODES = {"none": "", "semistrict": "semi"}  # file prefix -> #custom_prompt_post_processing value
 MODEL = "孙悟空"
 GROUP = "三人同席"
