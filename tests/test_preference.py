@@ -64,28 +64,38 @@ def pairs(roles, tokenizer_and_config):
     return PairDataset(sample_rows(roles), tokenizer, generation_config, max_len=1024)
 
 
-def load_policy(model_dir):
-    """The tiny base in fp32 with a LoRA adapter whose B matrices are seeded noise (PEFT starts them
-    at zero, where policy and reference would agree and every log-ratio be 0).
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
 
-    The head's rows are scaled to unit norm first: Baichuan2's NormHead normalises them in every
-    forward, but TRL's fused head multiplies by lm_head.weight as a plain linear layer (and reads
-    lm_head.bias, which NormHead lacks). With unit rows the two compute the same function, so the
-    comparison is of the losses, not of that difference."""
-    from peft import LoraConfig, get_peft_model
+
+def load_base(model_dir):
+    """The tiny base in fp32, its head's rows scaled to unit norm: Baichuan2's NormHead normalises
+    them in every forward, but TRL's fused head multiplies by lm_head.weight as a plain linear layer
+    (and reads lm_head.bias, which NormHead lacks). With unit rows the two compute the same
+    function, so the comparison is of the losses, not of that difference."""
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     with torch.no_grad():
         base.lm_head.weight.div_(base.lm_head.weight.norm(dim=-1, keepdim=True))
     base.lm_head.bias = None
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    return base
+
+
+def perturb_adapter(model):
+    """Seeded noise in the LoRA B matrices: PEFT starts them at zero, where the policy equals the
+    reference and every log-ratio is 0."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return model.train()
+
+
+def load_policy(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    return perturb_adapter(get_peft_model(load_base(model_dir), LoraConfig(**LORA)))
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +201,203 @@ def test_a_pair_too_long_keeps_the_system_prompt_and_the_newest_round(tokenizer_
     assert "最后一问" in tokenizer.decode(pair["prompt"]) and "第0个问题" not in tokenizer.decode(pair["prompt"])
     assert encode_pair(tokenizer, [{"role": "system", "content": "长" * 200}, {"role": "user", "content": "q"}],
                        "a", "b", generation_config, 32) is None
+
+
+# ---------------------------------------------------------------- pinned to TRL
+
+
+def trl_trainer(model_dir, tokenizer, kind, output_dir):
+    """TRL's DPOTrainer putting a new LoRA adapter on the base (its reference: the adapter switched
+    off, as ours), the adapter then perturbed. Its own dataset is a placeholder; the batches it
+    scores are collated from our token ids."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    config = DPOConfig(output_dir=str(output_dir), beta=BETA, loss_type=[kind], bf16=False, use_cpu=True,
+                       report_to=[], gradient_checkpointing=False, disable_dropout=True, max_length=None)
+    placeholder = Dataset.from_list([{"prompt": "问", "chosen": "好", "rejected": "坏"}])
+    trainer = DPOTrainer(model=load_base(model_dir), args=config, train_dataset=placeholder,
+                         processing_class=tokenizer, peft_config=LoraConfig(**LORA))
+    perturb_adapter(trainer.model)
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_loss_gradients_and_metrics_equal_trl_dpo_trainer(kind, pairs, tokenizer_and_config, tiny_model_dir, tmp_path):
+    from utils.pairs import collate_pairs
+    from utils.preference import reference_logps
+
+    tokenizer = tokenizer_and_config[0]
+    trainer = trl_trainer(tiny_model_dir, tokenizer, kind, tmp_path)
+    model = trainer.model  # ours runs on the very same PEFT model
+    items = [pairs[i] for i in range(len(pairs))]
+    batch = collate_pairs(items, tokenizer.pad_token_id)
+    reference = reference_logps(model, [batch], len(pairs), "cpu")
+    loss, metrics, grads = our_step(model, batch, kind, reference)
+
+    trl_batch = trainer.data_collator([{"prompt_ids": list(e["prompt"]), "chosen_ids": list(e["chosen"]),
+                                        "rejected_ids": list(e["rejected"])} for e in items])
+    model.zero_grad()
+    trl_loss = trainer.compute_loss(trainer.model, trl_batch)
+    trl_loss.backward()
+    trl_metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    assert trl_loss.item() == pytest.approx(loss, abs=1e-5, rel=1e-5)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert trl_metrics[name] == pytest.approx(metrics[name], abs=1e-5, rel=1e-5), name
+    assert 0 < metrics["rewards/accuracies"] < 1 and metrics["rewards/margins"] != 0  # a case that can tell
+    trl_grads = lora_grads(model)
+    for name, grad in grads.items():
+        torch.testing.assert_close(trl_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().max() > 1e-4 for g in grads.values())
+
+
+# ---------------------------------------------------------------- ORPO and SimPO: the papers' formulas
+
+# Two pairs as (summed log-probability, tokens): A chosen (-6, 3) rejected (-12, 4); B chosen (-1, 2)
+# rejected (-10, 5). Mean per-token log-probabilities: A -2 and -3, B -0.5 and -2.
+HAND_LOGPS = torch.tensor([-6.0, -1.0, -12.0, -10.0])  # chosen A, chosen B, rejected A, rejected B
+HAND_COUNTS = torch.tensor([3.0, 2.0, 4.0, 5.0])
+# ORPO (Hong et al. 2024, eq. 6-7), p = exp(mean log-probability), log odds(p) = log(p / (1 - p)):
+#   A: log odds(e^-2) = log(0.135335 / 0.864665) = -1.854587, log odds(e^-3) = -2.948931, difference 1.094344,
+#      log σ(1.094344) = -0.288751
+#   B: log odds(e^-0.5) = log(0.606531 / 0.393469) = 0.432752, log odds(e^-2) = -1.854587, difference 2.287339,
+#      log σ(2.287339) = -0.096706
+#   NLL of the chosen replies, over their 5 tokens: (6 + 1) / 5 = 1.4
+#   loss = 1.4 - 0.1 x (-0.288751 - 0.096706) / 2 = 1.419273
+HAND_ORPO = {"loss": 1.4192728, "log_odds_chosen": (1.0943443 + 2.2873387) / 2,
+             "log_odds_ratio": (-0.2887508 - 0.0967059) / 2, "nll_loss": 1.4,
+             "rewards/chosen": 0.1 * (-2 - 0.5) / 2, "rewards/rejected": 0.1 * (-3 - 2) / 2,
+             "rewards/margins": 0.1 * (1 + 1.5) / 2, "rewards/accuracies": 1.0,
+             "logps/chosen": (-2 - 0.5) / 2, "logps/rejected": (-3 - 2) / 2}
+# SimPO (Meng et al. 2024, eq. 6), β = 0.1, γ = 0.5:
+#   A: -log σ(0.1 x (-2 + 3) - 0.5) = -log σ(-0.4) = 0.913015
+#   B: -log σ(0.1 x (-0.5 + 2) - 0.5) = -log σ(-0.35) = 0.883382
+HAND_SIMPO = {"loss": (0.9130153 + 0.8833822) / 2, "rewards/margins": 0.1 * (1 + 1.5) / 2}
+
+
+@pytest.mark.parametrize("kind,expected", [("orpo", HAND_ORPO), ("simpo", HAND_SIMPO)])
+def test_orpo_and_simpo_follow_their_papers(kind, expected):
+    from utils.preference import batch_loss
+
+    loss, sums = batch_loss(kind, BETA, HAND_LOGPS, HAND_COUNTS, None, step_pairs=2, step_chosen_tokens=5, gamma=0.5)
+    assert loss.item() == pytest.approx(expected["loss"], abs=1e-6)
+    for name, value in expected.items():
+        if name != "loss":
+            assert sums[name].item() / 2 == pytest.approx(value, abs=1e-6), name
+
+
+def test_orpo_and_simpo_agree_with_trl_experimental_trainers():
+    """The same hand case through the loss functions of trl.experimental's ORPOTrainer and CPOTrainer
+    (loss_type="simpo"), called on a stand-in for the trainer that holds only what they read."""
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    from utils.preference import batch_loss
+
+    means = HAND_LOGPS / HAND_COUNTS
+    chosen, rejected = means.chunk(2)
+    accelerator = SimpleNamespace(device=torch.device("cpu"))
+    losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(
+        SimpleNamespace(beta=BETA, accelerator=accelerator), chosen, rejected)
+    trl_orpo = HAND_ORPO["nll_loss"] - losses.mean().item()  # ORPOTrainer: the NLL minus the mean of these
+    ours, sums = batch_loss("orpo", BETA, HAND_LOGPS, HAND_COUNTS, None, 2, 5)
+    assert ours.item() == pytest.approx(trl_orpo, abs=1e-6)
+    assert sums["rewards/chosen"].item() == pytest.approx(chosen_rewards.sum().item(), abs=1e-6)
+
+    cpo = SimpleNamespace(beta=BETA, accelerator=accelerator, loss_type="simpo", simpo_gamma=0.5,
+                          label_smoothing=0.0, alpha=0.0)
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(cpo, chosen, rejected)
+    ours, sums = batch_loss("simpo", BETA, HAND_LOGPS, HAND_COUNTS, None, 2, 5, gamma=0.5)
+    assert ours.item() == pytest.approx(losses.mean().item(), abs=1e-6)
+    assert sums["rewards/rejected"].item() == pytest.approx(rejected_rewards.sum().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "orpo", "simpo"])
+def test_micro_batches_sum_to_the_step_loss(kind):
+    """Pairs split over micro-batches weigh as in one batch: the preference term by pairs, orpo's NLL
+    by the chosen replies' tokens."""
+    from utils.preference import batch_loss
+
+    reference = torch.tensor([-7.0, -1.5, -11.0, -9.0])
+    whole, _ = batch_loss(kind, BETA, HAND_LOGPS, HAND_COUNTS, reference, 2, 5)
+    parts = sum(batch_loss(kind, BETA, HAND_LOGPS[[i, 2 + i]], HAND_COUNTS[[i, 2 + i]], reference[[i, 2 + i]], 2, 5)[0]
+                for i in range(2))
+    assert parts.item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- packing and the reference
+
+
+def test_packed_pairs_share_their_heads(pairs):
+    from utils.pairs import PackedPairs, pair_counts
+
+    by_pair, by_role = PackedPairs(pairs, 160), PackedPairs(pairs, 1024)
+    assert all(len(row["pairs"]) == 1 for row in by_pair.rows)  # rows too short for two pairs
+    for row in by_pair.rows:  # one pair: its prompt but the final <assistant>
+        assert row["prefix"] == list(row["pairs"][0]["prompt"][:-1])
+    several = [row for row in by_role.rows if len(row["pairs"]) > 1]
+    assert several, "no row of the sample pairs holds two pairs of one role"
+    for row in several:  # several: the role's system prompt
+        assert all(row["prefix"] == list(p["prompt"][: p["system_len"]]) for p in row["pairs"])
+    unpacked_tokens = pair_counts(list(pairs))[1]
+    assert sum(by_role.lengths()) < sum(by_pair.lengths()) < unpacked_tokens
+    assert sorted(p["index"] for row in by_role.rows for p in row["pairs"]) == list(range(len(pairs)))
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "orpo", "simpo"])
+def test_packed_pairs_give_the_loss_and_gradients_of_unpacked_ones(kind, policy, pairs, tokenizer_and_config):
+    from utils.pairs import PackedPairs, collate_pairs
+    from utils.preference import reference_logps
+
+    pad = tokenizer_and_config[0].pad_token_id
+    unpacked = collate_pairs(list(pairs), pad)
+    reference = reference_logps(policy, [unpacked], len(pairs), "cpu")
+    loss, metrics, grads = our_step(policy, unpacked, kind, reference)
+    for max_len in (160, 1024):  # one pair a row (the prompt shared), and several (the system prompt shared)
+        packed = collate_pairs(PackedPairs(pairs, max_len).rows, pad)
+        assert packed["input_ids"].numel() < unpacked["input_ids"].numel()
+        torch.testing.assert_close(reference_logps(policy, [packed], len(pairs), "cpu"), reference, atol=1e-4,
+                                   rtol=1e-6)
+        packed_loss, packed_metrics, packed_grads = our_step(policy, packed, kind, reference)
+        assert packed_loss == pytest.approx(loss, abs=1e-5, rel=1e-5)
+        for name, value in metrics.items():
+            assert packed_metrics[name] == pytest.approx(value, abs=1e-5, rel=1e-5), name
+        for name, grad in grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_reference_is_the_base_and_its_cache_is_used_only_when_it_fits(policy, pairs, tokenizer_and_config,
+                                                                          tiny_model_dir, tmp_path):
+    from utils.pairs import collate_pairs
+    from utils.preference import cached_reference, reference_fingerprint, reference_logps, sequence_logps
+
+    batch = collate_pairs(list(pairs), tokenizer_and_config[0].pad_token_id)
+    n = len(pairs)
+    reference = reference_logps(policy, [batch], n, "cpu")
+    with torch.no_grad():
+        base = sequence_logps(load_base(tiny_model_dir), batch, 2 * n)[0]
+        with_adapter = sequence_logps(policy, batch, 2 * n)[0]
+    torch.testing.assert_close(reference.T.reshape(-1).float(), base, atol=1e-4, rtol=1e-6)
+    assert (with_adapter - base).abs().min() > 1e-3  # the adapter was on again after the pass
+    assert policy.training
+
+    path = str(tmp_path / "reference.safetensors")
+    fingerprint = reference_fingerprint(pairs.examples, "model", None)
+    table, cached = cached_reference(path, fingerprint, lambda: reference)
+    assert not cached and torch.equal(table, reference)
+
+    def must_not_run():
+        raise AssertionError("computed again although the cache fits")
+
+    table, cached = cached_reference(path, fingerprint, must_not_run)
+    assert cached and torch.equal(table, reference)
+    other = reference_fingerprint(pairs.examples[:-1], "model", None)
+    assert other != fingerprint != reference_fingerprint(pairs.examples, "model", "adapter")
+    table, cached = cached_reference(path, other, lambda: reference[:-1])
+    assert not cached and table.shape == (n - 1, 2)
+    (tmp_path / "reference.safetensors").write_bytes(b"damaged")
+    table, cached = cached_reference(path, other, lambda: reference[:-1])
+    assert not cached
