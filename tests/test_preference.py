@@ -386,18 +386,18 @@ def test_the_reference_is_the_base_and_its_cache_is_used_only_when_it_fits(polic
 
     path = str(tmp_path / "reference.safetensors")
     fingerprint = reference_fingerprint(pairs.examples, "model", None)
-    table, cached = cached_reference(path, fingerprint, lambda: reference)
-    assert not cached and torch.equal(table, reference)
+    tables, cached = cached_reference(path, fingerprint, lambda: {"train": reference})
+    assert not cached and torch.equal(tables["train"], reference)
 
     def must_not_run():
         raise AssertionError("computed again although the cache fits")
 
-    table, cached = cached_reference(path, fingerprint, must_not_run)
-    assert cached and torch.equal(table, reference)
+    tables, cached = cached_reference(path, fingerprint, must_not_run)
+    assert cached and torch.equal(tables["train"], reference)
     other = reference_fingerprint(pairs.examples[:-1], "model", None)
     assert other != fingerprint != reference_fingerprint(pairs.examples, "model", "adapter")
-    table, cached = cached_reference(path, other, lambda: reference[:-1])
-    assert not cached and table.shape == (n - 1, 2)
+    tables, cached = cached_reference(path, other, lambda: {"train": reference[:-1]})
+    assert not cached and tables["train"].shape == (n - 1, 2)
     (tmp_path / "reference.safetensors").write_bytes(b"damaged")
-    table, cached = cached_reference(path, other, lambda: reference[:-1])
+    tables, cached = cached_reference(path, other, lambda: {"train": reference[:-1]})
     assert not cached

@@ -28,11 +28,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
+from utils.training.config import PREF_LOSSES as LOSSES  # the flags' choices, named there
+
 NEEDS_REFERENCE = {"sigmoid": True, "ipo": True, "orpo": False, "simpo": False}
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
-ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 
 
 def causal_lm(model):
@@ -181,9 +179,10 @@ def reference_logps(model, batches, n_pairs: int, device, disable_adapter: bool 
     return table
 
 
-def cached_reference(path: str, fingerprint: str, compute) -> tuple[torch.Tensor, bool]:
-    """The reference table stored at `path` when its fingerprint matches, else `compute()`'s, then
-    stored there (safetensors, written atomically); and whether it came from the cache."""
+def cached_reference(path: str, fingerprint: str, compute, write: bool = True) -> tuple[dict, bool]:
+    """The reference tables (name -> tensor, e.g. "train" and "test") stored at `path` when its
+    fingerprint matches, else `compute()`'s, then stored there (safetensors, written atomically, when
+    `write`: by one process of several); and whether they came from the cache."""
     from safetensors import safe_open
     from safetensors.torch import save
 
@@ -193,9 +192,11 @@ def cached_reference(path: str, fingerprint: str, compute) -> tuple[torch.Tensor
         try:
             with safe_open(path, "pt") as f:
                 if (f.metadata() or {}).get("fingerprint") == fingerprint:
-                    return f.get_tensor("logps"), True
+                    return {name: f.get_tensor(name) for name in f.keys()}, True
         except Exception:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
             pass
-    table = compute()
-    write_atomic(path, save({"logps": table.cpu().contiguous()}, metadata={"fingerprint": fingerprint}))
-    return table, False
+    tables = compute()
+    if write:
+        write_atomic(path, save({name: table.cpu().contiguous() for name, table in tables.items()},
+                                metadata={"fingerprint": fingerprint}))
+    return tables, False
