@@ -10,6 +10,11 @@ reference is the base with the adapter off, and its cache is used only when it f
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -401,3 +406,140 @@ def test_the_reference_is_the_base_and_its_cache_is_used_only_when_it_fits(polic
     (tmp_path / "reference.safetensors").write_bytes(b"damaged")
     tables, cached = cached_reference(path, other, lambda: {"train": reference[:-1]})
     assert not cached
+
+
+# ---------------------------------------------------------------- train.py --stage dpo
+
+STEP_LINE = re.compile(r"^step=(\d+) loss=([0-9.]+) .*rewards/margins=(-?[0-9.]+)", re.M)
+
+
+def run_train(*args, env=None, timeout=300):
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def stop_at_step(args, step: int, timeout=300):
+    """Run train.py, SIGTERM it when its `step`-th micro-batch has been backpropagated (the stall
+    point of utils.signals); returns (exit status, output)."""
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1", "ROLEPLAY_STALL_AT": f"step:{step}"}
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if "stalled at" in line:
+                proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=timeout), "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def step_losses(output: str) -> dict[int, tuple[float, float]]:
+    return {int(step): (float(loss), float(margin)) for step, loss, margin in STEP_LINE.findall(output)}
+
+
+@pytest.fixture(scope="module")
+def pairs_files(tmp_path_factory, roles):
+    """Pairs of the sample data's first answers against generic assistant replies (GENERIC)."""
+    out = tmp_path_factory.mktemp("pairs")
+    rows = []
+    with open(SAMPLE_DIR / "rolebench-zh_general_train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            sample = json.loads(line)
+            rows.append({"role": sample["role"], "instruction": roles[sample["role"]].system,
+                         "input": sample["question"], "chosen": sample["generated"][0],
+                         "rejected": GENERIC[len(rows) % len(GENERIC)]})
+    (out / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:24]), "utf-8")
+    (out / "test.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[24:32]), "utf-8")
+    return out
+
+
+def dpo_args(model_dir, pairs_files, output_dir, *extra):
+    return ["--stage", "dpo", "--model_name_or_path", model_dir, "--quantization_bit", "16",
+            "--train_path", pairs_files / "train.jsonl", "--test_path", pairs_files / "test.jsonl",
+            "--output_dir", output_dir, "--max_len", "512", "--per_device_train_batch_size", "4",
+            "--learning_rate", "5e-3", "--show_loss_step", "1", "--save_model_step", "2", "--max_steps", "6", *extra]
+
+
+def test_dpo_stage_stops_cleanly_and_resumes_exactly(tiny_model_dir, pairs_files, tmp_path):
+    """An uninterrupted run; a run stopped by SIGTERM after step 3 and resumed goes on with the same
+    losses and TRL's metrics, reading the reference back from its cache; --save_total_limit keeps
+    the newest checkpoint and the best; the checkpoints carry the prompt record."""
+    whole = run_train(*dpo_args(tiny_model_dir, pairs_files, tmp_path / "whole", "--save_total_limit", "1"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    text = whole.stdout + whole.stderr
+    expected = step_losses(text)
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6] and expected[6][0] < expected[1][0] and expected[6][1] > 0
+    assert re.search(r"^eval step=6 loss=[0-9.]+ .*eval_rewards/accuracies=", text, re.M), text[-3000:]
+    kept = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert kept == ["best", "epoch-1-step-6", "reference_logps.safetensors", "tensorboard"], kept
+    record = json.loads((tmp_path / "whole" / "epoch-1-step-6" / "roleplay.json").read_text("utf-8"))
+    assert set(record["roles"]) == {json.loads(line)["role"] for line in open(pairs_files / "train.jsonl")}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "whole" / "tensorboard")).Reload()
+    for tag in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected", "eval_rewards/margins"):
+        assert tag in events.Tags()["scalars"], tag
+
+    out = tmp_path / "stopped"
+    code, output = stop_at_step(dpo_args(tiny_model_dir, pairs_files, out), 3)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM: the checkpoint" in output and (out / "epoch-1-step-3" / "trainer_state.json").is_file()
+    resumed = run_train(*dpo_args(tiny_model_dir, pairs_files, out, "--resume_from_checkpoint", "latest"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"reference log-probabilities read from {out / 'reference_logps.safetensors'}" in resumed.stdout
+    got = {**step_losses(output), **step_losses(resumed.stdout + resumed.stderr)}
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step, (loss, margin) in expected.items():
+        assert got[step][0] == pytest.approx(loss, abs=1e-6) and got[step][1] == pytest.approx(margin, abs=1e-6), step
+
+
+def test_dpo_stage_on_an_sft_adapter_takes_it_as_the_reference(tiny_model_dir, pairs_files, tmp_path):
+    """With --adapter the run trains on from the SFT adapter (its rank, not --lora_dim's), and the
+    reference is that adapter: before the first update the policy equals it, so the first step's
+    margin is 0 and its loss log 2 (were the reference the base, they would not be). Packed, with
+    gradient accumulation, and orpo, which needs no reference, runs on the same adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    sft = tmp_path / "sft"
+    model = perturb_adapter(get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)),
+                                           LoraConfig(**LORA, task_type="CAUSAL_LM")))
+    model.save_pretrained(str(sft))
+    args = dpo_args(tiny_model_dir, pairs_files, tmp_path / "out", "--adapter", sft, "--pref_packing",
+                    "--per_device_train_batch_size", "2", "--max_steps", "2", "--lora_dim", "8")
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = step_losses(proc.stdout + proc.stderr)[1]
+    assert first[0] == pytest.approx(math.log(2), abs=1e-6) and first[1] == pytest.approx(0, abs=1e-6)
+    saved = json.loads((tmp_path / "out" / "epoch-1-step-2" / "adapter_config.json").read_text())
+    assert saved["r"] == LORA["r"]
+
+    orpo = run_train(*dpo_args(tiny_model_dir, pairs_files, tmp_path / "orpo", "--adapter", sft, "--pref_loss", "orpo",
+                               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                               "--max_steps", "2"))
+    assert orpo.returncode == 0, orpo.stderr[-3000:]
+    assert "nll_loss=" in orpo.stdout and not (tmp_path / "orpo" / "reference_logps.safetensors").exists()
+
+
+def test_dpo_bad_input_is_one_error_line(tiny_model_dir, pairs_files, tmp_path):
+    from helpers import assert_one_line_error
+
+    bad = tmp_path / "bad.jsonl"
+    good = (pairs_files / "train.jsonl").read_text("utf-8").splitlines()[0]
+    bad.write_text(good + "\n" + json.dumps({"instruction": "s", "input": "q", "chosen": "同", "rejected": "同"}) + "\n")
+    proc = run_train("--stage", "dpo", "--model_name_or_path", tiny_model_dir, "--train_path", bad,
+                     "--output_dir", tmp_path / "out")
+    assert_one_line_error(proc, f"{bad}:2: 'chosen' and 'rejected' are the same reply")
+    assert not (tmp_path / "out").exists()
+
+    proc = run_train("--model_name_or_path", tiny_model_dir, "--train_path", pairs_files / "train.jsonl",
+                     "--output_dir", tmp_path / "out", "--pref_packing", "--adapter", tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --pref_packing is for --stage dpo", "error: --adapter is for --stage dpo"], proc.stderr

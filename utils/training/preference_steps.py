@@ -54,7 +54,7 @@ def start_model(config, device, dtype):
     """The model to train: the base with a new LoRA adapter, or with --adapter the SFT adapter made
     trainable. Dropout is switched off, as TRL's DPOTrainer does by default: the policy's
     log-probabilities would otherwise be noisier than the reference's."""
-    from utils.models import LOAD_ERRORS, add_lora, cannot_load, load_base_model, load_for_training
+    from utils.models import LOAD_ERRORS, cannot_load, load_base_model, load_for_training, prepare_for_adapter
 
     adapter = config.preference.adapter
     if adapter is None:
@@ -62,9 +62,9 @@ def start_model(config, device, dtype):
     else:
         from peft import PeftModel
 
-        base = add_lora(load_base_model(config.model.model_name_or_path, device, dtype, config.model.quantization_bit,
-                                        config.model.trust_remote_code, print_rank_0),
-                        config.model.gradient_checkpointing, None)
+        base = prepare_for_adapter(load_base_model(config.model.model_name_or_path, device, dtype,
+                                                   config.model.quantization_bit, config.model.trust_remote_code,
+                                                   print_rank_0), config.model.gradient_checkpointing)
         try:
             model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         except LOAD_ERRORS as error:
