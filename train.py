@@ -32,6 +32,16 @@ last and that one. The flags are the fields of utils.training.config.TrainConfig
 
 An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
 micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
+
+Preference tuning, after SFT (pairs: rows with "chosen" and "rejected" replies, utils/pairs.py),
+from a merged SFT model, or on from an SFT adapter, which is then the reference:
+    python train.py --stage dpo --model_name_or_path runs/merged --train_path pairs.jsonl \
+        --output_dir runs/dpo --pref_loss sigmoid --pref_beta 0.1 --pref_packing ...same flags...
+    python train.py --stage dpo --model_name_or_path BASE --adapter runs/roleplay/best ...
+The losses are DPO's (sigmoid), IPO's, ORPO's and SimPO's (utils/preference.py); a step's loss is
+the mean over its pairs; the metrics are TRL's (rewards/margins, rewards/accuracies, ...). The
+reference's log-probabilities are computed once, before the first step, and cached in
+output_dir/reference_logps.safetensors (utils.training.preference_steps).
 """
 
 import argparse
@@ -101,7 +111,7 @@ def add_preference_flags(parser: argparse.ArgumentParser) -> None:
     pref.add_argument("--simpo_gamma", type=float, default=P.simpo_gamma, help="SimPO's target reward margin")
     pref.add_argument("--pref_packing", action="store_true",
                       help="pack pairs into --max_len rows: one pair's prompt once, or several pairs of one role with "
-                           "its system prompt once; each reply attends to the shared head and itself only")
+                           "its system prompt once; each reply attends to the shared head and itself only. A batch then counts rows")
     pref.add_argument("--adapter", metavar="DIR",
                       help="train on from this SFT adapter (the reference is then the adapter as given; default: a "
                            "new adapter on --model_name_or_path, e.g. a merged SFT model)")

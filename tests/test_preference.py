@@ -543,3 +543,25 @@ def test_dpo_bad_input_is_one_error_line(tiny_model_dir, pairs_files, tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: --pref_packing is for --stage dpo", "error: --adapter is for --stage dpo"], proc.stderr
+
+
+def test_two_processes_and_accumulation_give_the_one_process_losses(tiny_model_dir, pairs_files, tmp_path):
+    """orpo weighs its preference term by pairs and its NLL by the chosen replies' tokens over the whole
+    step: 2 processes x 2 micro-batches of 1 pair give the losses and metrics of 1 process x 2
+    micro-batches of 2 (the same 4 pairs a step: the schedule depends on batch x processes)."""
+    args = ["--pref_loss", "orpo", "--max_steps", "3", "--save_model_step", "3", "--gradient_accumulation_steps", "2"]
+    one = run_train(*dpo_args(tiny_model_dir, pairs_files, tmp_path / "one", *args, "--per_device_train_batch_size",
+                              "2"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py",
+                          *map(str, dpo_args(tiny_model_dir, pairs_files, tmp_path / "two", *args,
+                                             "--per_device_train_batch_size", "1"))],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    metric = re.compile(r"^step=(\d+) loss=([0-9.]+) .*nll_loss=([0-9.]+) .*rewards/margins=(-?[0-9.]+)", re.M)
+    expected, got = metric.findall(one.stdout), metric.findall(two.stdout)
+    assert len(expected) == 3 and len(got) == 3, two.stdout[-3000:]
+    for (step, *values), (other_step, *other_values) in zip(expected, got, strict=True):
+        assert step == other_step and [float(v) for v in other_values] == pytest.approx(
+            [float(v) for v in values], abs=2e-6), step

@@ -4,6 +4,8 @@
     utils.cards      character cards (SillyTavern / TavernAI, JSON or PNG) as roles and training dialogues
     utils.rolebench  reading RoleBench-format files (data_helper.py and evaluate.py)
     utils.data       training samples and conversations: reading, encoding, packing, batching
+    utils.pairs      preference pairs: reading and checking, encoding, packing, batching
+    utils.preference preference losses (DPO, IPO, ORPO, SimPO), their metrics, the reference log-probabilities
     utils.training   distributed set-up, the DeepSpeed config, checkpoints, evaluation, the memory estimate
     utils.signals    clean stops of a training run on SIGINT/SIGTERM, and the stall points of its tests
     utils.chat       the chat core of the front ends: loading a model, settings, streaming with a stop event
