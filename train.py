@@ -111,7 +111,8 @@ def add_preference_flags(parser: argparse.ArgumentParser) -> None:
     pref.add_argument("--simpo_gamma", type=float, default=P.simpo_gamma, help="SimPO's target reward margin")
     pref.add_argument("--pref_packing", action="store_true",
                       help="pack pairs into --max_len rows: one pair's prompt once, or several pairs of one role with "
-                           "its system prompt once; each reply attends to the shared head and itself only. A batch then counts rows")
+                           "its system prompt once; each reply attends to the shared head and itself only. A batch "
+                           "then counts rows")
     pref.add_argument("--adapter", metavar="DIR",
                       help="train on from this SFT adapter (the reference is then the adapter as given; default: a "
                            "new adapter on --model_name_or_path, e.g. a merged SFT model)")
