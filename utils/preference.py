@@ -40,36 +40,68 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+class TokenLogProbs(torch.autograd.Function):
+    """log p(target) at each of n positions, (n,) in fp32, under Baichuan2's L2-normalised head
+    (frozen: LoRA never trains lm_head), a chunk of positions at a time.
+
+    Written here because the model's own kernel (NormHeadLoss) returns one summed loss, whose
+    gradient is one scalar, while a preference loss weighs every reply differently; calling it once
+    a reply re-reads the whole head (125,696 x hidden) for a few dozen positions. As there, nothing of
+    size n x vocab is kept: the gradient with respect to the hidden states is computed in the same
+    pass, (onehot - softmax) x inv_norm @ weight per position, and backward scales each position's
+    row by its incoming gradient (a position's log-probability depends on its own hidden state only).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_norm, chunk: int, with_grad: bool):
+        from baichuan.modeling_baichuan import _chunk_logits, _softmax_
+
+        grad_hidden = torch.empty_like(hidden) if with_grad and ctx.needs_input_grad[0] else None
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = _chunk_logits(h, weight, inv_norm)  # (c, vocab)
+            target_logits = logits.gather(-1, t[:, None])
+            lse = _softmax_(logits)  # logits hold the softmax now
+            out[start : start + chunk] = (target_logits - lse).squeeze(-1)
+            if grad_hidden is not None:
+                grad = logits.neg_()
+                grad[torch.arange(t.shape[0], device=t.device), t] += 1
+                grad_hidden[start : start + chunk] = grad.mul_(inv_norm).to(weight.dtype) @ weight
+            del logits
+        ctx.save_for_backward(grad_hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_out[:, None].to(grad_hidden.dtype), None, None, None, None, None
+
+
 def sequence_logps(model, batch: dict, n_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability, token count) of each of the batch's sequences (collate_pairs'
-    sequence_ids), each (n_sequences,) in fp32.
-
-    Written here, not taken from the model's forward, because that returns either the mean loss of
-    the whole batch or the full (b, s, vocab) logits; per sequence, the model's own chunked kernel
-    (NormHeadLoss: the L2-normalised head, in fp32, a chunk of positions at a time, gradients in the
-    same pass) gives the sums without building those logits.
-    """
-    from baichuan.modeling_baichuan import LOSS_CHUNK_ELEMENTS, NormHeadLoss
+    sequence_ids), each (n_sequences,) in fp32: the backbone, then TokenLogProbs at the labelled
+    positions only (the model's forward returns either the batch's mean loss or all (b, s, vocab)
+    logits)."""
+    from baichuan.modeling_baichuan import LOSS_CHUNK_ELEMENTS
 
     lm = causal_lm(model)
-    device = lm.lm_head.weight.device
+    head = lm.lm_head.weight
+    if head.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the preference losses keep lm_head frozen (LoRA does not train it)")
+    device = head.device
     hidden = lm.model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                       position_ids=batch["position_ids"].to(device), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
     sequences = batch["sequence_ids"][:, 1:].to(device)
     keep = targets != -100
     hidden, targets, sequences = hidden[:, :-1][keep], targets[keep], sequences[keep]
-    weight = lm.lm_head.weight
-    inv_norm = None if weight.requires_grad else lm.lm_head.inv_norm()
-    chunk = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    logps, counts = [], []
-    for i in range(n_sequences):
-        mine = sequences == i
-        # z-loss 0: a log-probability, not a training loss
-        logps.append(-NormHeadLoss.apply(hidden[mine], weight, targets[mine], inv_norm, chunk, 0.0,
-                                         torch.is_grad_enabled()))
-        counts.append(mine.sum())
-    return torch.stack(logps).float(), torch.stack(counts).float()
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // head.shape[0])
+    token_logps = TokenLogProbs.apply(hidden, head, targets, lm.lm_head.inv_norm(), chunk, torch.is_grad_enabled())
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=device).index_add(0, sequences, token_logps)
+    counts = torch.zeros(n_sequences, dtype=torch.float32, device=device).index_add_(
+        0, sequences, torch.ones_like(token_logps))
+    return logps, counts
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
