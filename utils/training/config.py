@@ -89,6 +89,7 @@ class OutputConfig:
 
 
 PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")  # utils.preference defines them
+REFERENCE_FILE = "reference_logps.safetensors"  # in output_dir: the cached reference (utils.training.preference_steps)
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,13 @@ class TrainConfig:
                 for section in fields(self) for key, value in dataclasses.asdict(getattr(self, section.name)).items()}
 
     def __str__(self) -> str:
-        return "\n".join(f"{section.name}: " + ", ".join(f"{key}={value}" for key, value in
-                                                          dataclasses.asdict(getattr(self, section.name)).items())
-                         for section in fields(self))
+        """One line per section: `lora: lora_dim=8, lora_alpha=30.0, lora_dropout=0.1`."""
+        lines = []
+        for section in fields(self):
+            values = dataclasses.asdict(getattr(self, section.name)).items()
+            lines.append(f"{section.name}: " + ", ".join(
+                f"{key}={' '.join(value) if isinstance(value, tuple) else value}" for key, value in values))
+        return "\n".join(lines)
 
     def problems(self) -> list[str]:
         """Every problem with the config, so that all of them are reported at once: values, then the
@@ -225,8 +230,6 @@ def _output_dir_problems(output_dir: str, resume: str | None) -> list[str]:
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    from utils.training.preference_steps import REFERENCE_FILE
-
     ours = [n for n in os.listdir(output_dir)
             if n in ("tensorboard", BEST, REFERENCE_FILE) or n.startswith(("epoch-", TMP_PREFIX, "." + REFERENCE_FILE))]
     foreign = sorted(set(os.listdir(output_dir)) - set(ours))

@@ -17,9 +17,8 @@ import torch
 import torch.distributed as dist
 
 from utils.signals import STOP, stall_point
+from utils.training.config import REFERENCE_FILE
 from utils.training.distributed import is_main_process, print_rank_0
-
-REFERENCE_FILE = "reference_logps.safetensors"
 
 
 def load_pairs(config, rows: dict, tokenizer):
