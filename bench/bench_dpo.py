@@ -27,7 +27,8 @@ rejected one the reply of the next sample whose role differs (an answer out of c
 is a fresh subprocess with OMP_NUM_THREADS=1; peak RSS is the kernel's (ru_maxrss of the whole
 process). Sides interleave over --rounds (ABC, CBA, ...) and the table gives the median. Tokens are
 a pair's two sequences as TRL runs them (its prompt twice), so tokens/s compares the same work;
-pairs/s is what to compare.
+pairs/s is what to compare. pairs/CPU-s divides by the process's user + system time over the same
+steps instead of the wall time, which other jobs on a shared machine disturb far less.
 """
 
 import argparse
@@ -179,7 +180,9 @@ def wait_rusage(proc):
 
 
 def run_ours(args, log_path: str, packing: bool, steps: list) -> dict:
-    """train.py --stage dpo as a user runs it; each step's time is its pairs / the samples/s it logged."""
+    """train.py --stage dpo as a user runs it; each step's time is its pairs / the samples/s it logged,
+    and its CPU time the process's between the log lines of the first and last timed steps."""
+    import psutil
     out_dir = os.path.join(args.workdir, "out-packing" if packing else "out")
     subprocess.run(["rm", "-rf", out_dir], check=True)
     argv = [sys.executable, "train.py", "--stage", "dpo", "--pref_loss", "sigmoid", "--pref_beta", str(args.beta),
@@ -188,27 +191,35 @@ def run_ours(args, log_path: str, packing: bool, steps: list) -> dict:
             "--show_loss_step", "1", "--gradient_checkpointing", "--lora_dim", "8", "--lora_alpha", "30",
             "--per_device_train_batch_size", str(args.packing_batch if packing else args.batch)]
     argv += ["--pref_packing"] if packing else []
-    rates, losses, reference_seconds, loaded_at = {}, {}, None, None
+    rates, losses, cpu, reference, loaded = {}, {}, {}, (None, None), None
     with open(log_path, "w") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=child_env())
+        handle = psutil.Process(proc.pid)
+
+        def now():
+            times = handle.cpu_times()
+            return time.perf_counter(), times.user + times.system
+
         for line in proc.stdout:
             log.write(line)
             line = line.strip("\r\n").split("\r")[-1]
             if line.startswith("loaded "):
-                loaded_at = time.perf_counter()
-            elif line.startswith("reference log-probabilities") and loaded_at:
-                reference_seconds = time.perf_counter() - loaded_at
+                loaded = now()
+            elif line.startswith("reference log-probabilities") and loaded:
+                reference = tuple(b - a for a, b in zip(loaded, now(), strict=True))
             match = STEP_LINE.match(line)
             if match:
-                rates[int(match[1])], losses[int(match[1])] = float(match[4]), float(match[2])
+                step = int(match[1])
+                rates[step], losses[step], cpu[step] = float(match[4]), float(match[2]), now()[1]
         code, usage = wait_rusage(proc)
     if code != 0 or len(rates) < args.steps:
         raise SystemExit(f"train.py failed ({code}); see {log_path}")
     timed = range(args.warmup, args.steps)
     seconds = sum(steps[i][0] / rates[i + 1] for i in timed)
     return {"pairs": sum(steps[i][0] for i in timed), "tokens": sum(steps[i][1] for i in timed),
-            "seconds": seconds, "reference_seconds": reference_seconds,
+            "seconds": seconds, "cpu_seconds": cpu[args.steps] - cpu[args.warmup], "reference_seconds": reference[0],
+            "reference_cpu_seconds": reference[1],
             "maxrss_mib": usage.ru_maxrss / 1024, "losses": [losses[s] for s in sorted(losses)][:3]}
 
 
@@ -288,10 +299,10 @@ def run_trl(args, log_path: str) -> dict:
         raise SystemExit(f"the trl run failed ({code}); see {log_path}")
     with open(out) as f:
         result = json.load(f)
-    marks = {step: wall for step, wall, _ in result["marks"]}
+    marks = {step: (wall, cpu) for step, wall, cpu in result["marks"]}
     w, n = args.warmup, args.steps
-    return {"pairs": args.batch * (n - w), "tokens": sum(result["seen"][w:n]), "seconds": marks[n] - marks[w],
-            "reference_seconds": 0.0, "maxrss_mib": usage.ru_maxrss / 1024, "losses": result["losses"]}
+    return {"pairs": args.batch * (n - w), "tokens": sum(result["seen"][w:n]), "seconds": marks[n][0] - marks[w][0],
+            "cpu_seconds": marks[n][1] - marks[w][1], "reference_seconds": 0.0, "reference_cpu_seconds": 0.0, "maxrss_mib": usage.ru_maxrss / 1024, "losses": result["losses"]}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -327,27 +338,34 @@ def main() -> None:
             log = os.path.join(args.workdir, f"{side}-round{r + 1}.log")
             res = run_trl(args, log) if side == "trl" else run_ours(args, log, side == "packing", steps[side])
             res["pairs_s"] = res["pairs"] / res["seconds"]
-            # one epoch's pairs/s with the reference pass spread over the pairs it computed
-            res["pairs_s_with_reference"] = 1 / (1 / res["pairs_s"] + (res["reference_seconds"] or 0) / n_pairs)
+            res["pairs_cpu_s"] = res["pairs"] / res["cpu_seconds"]
+            # one epoch's pairs per CPU-second with the reference pass spread over the pairs it computed
+            res["pairs_cpu_s_with_reference"] = 1 / (1 / res["pairs_cpu_s"] + res["reference_cpu_seconds"] / n_pairs)
             results[side].append(res)
-            print(f"round {r + 1} {side:8s} {res['pairs_s']:6.2f} pairs/s  {res['tokens'] / res['seconds']:8.1f} "
-                  f"tokens/s  reference pass {res['reference_seconds'] or 0:5.1f} s  peak RSS "
-                  f"{res['maxrss_mib']:6.0f} MiB  first losses {res['losses']}", flush=True)
-    trl_rate = statistics.median(r["pairs_s"] for r in results["trl"]) if "trl" in results else None
+            print(f"round {r + 1} {side:8s} {res['pairs_s']:6.2f} pairs/s  {res['pairs_cpu_s']:6.2f} pairs/CPU-s  "
+                  f"{res['tokens'] / res['seconds']:8.1f} tokens/s  reference pass {res['reference_seconds']:5.1f} s "
+                  f"({res['reference_cpu_seconds']:5.1f} CPU-s)  peak RSS {res['maxrss_mib']:6.0f} MiB  "
+                  f"first losses {res['losses']}  load {os.getloadavg()[0]:.1f}", flush=True)
+
+    def median(side, key):
+        return statistics.median(r[key] for r in results[side])
+
     print(f"\n{n_pairs} pairs, {args.steps} steps ({args.warmup} of warm-up not timed), batch {args.batch} pairs "
           f"(packing: {args.packing_batch} rows), max_len {args.max_len}, median of {args.rounds} rounds\n")
-    print("| side | pairs/s | x trl | pairs/s with the reference pass (1 epoch) | x trl | tokens/s | peak RSS MiB "
-          "| first losses |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| side | pairs/s | x trl | pairs/CPU-s | x trl | pairs/CPU-s with the reference pass (1 epoch) | x trl "
+          "| tokens/s | peak RSS MiB | x trl | first losses |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for side, runs in results.items():
-        rate = statistics.median(r["pairs_s"] for r in runs)
-        with_reference = statistics.median(r["pairs_s_with_reference"] for r in runs)
-        ratio = f"{rate / trl_rate:.2f}" if trl_rate else "-"
-        ratio_reference = f"{with_reference / trl_rate:.2f}" if trl_rate else "-"
+        cells = []
+        for key in ("pairs_s", "pairs_cpu_s", "pairs_cpu_s_with_reference"):
+            value = median(side, key)
+            cells += [f"{value:.2f}", f"{value / median('trl', 'pairs_s' if key == 'pairs_s' else 'pairs_cpu_s'):.2f}"
+                      if "trl" in results else "-"]
+        rss = median(side, "maxrss_mib")
+        rss_ratio = f"{rss / median('trl', 'maxrss_mib'):.2f}" if "trl" in results else "-"
         tokens = statistics.median(r["tokens"] / r["seconds"] for r in runs)
-        rss = statistics.median(r["maxrss_mib"] for r in runs)
-        print(f"| {side} | {rate:.2f} | {ratio} | {with_reference:.2f} | {ratio_reference} | {tokens:.0f} | {rss:.0f} "
-              f"| {', '.join(f'{v:.4f}' for v in runs[0]['losses'])} |")
+        losses = ", ".join(f"{v:.4f}" for v in runs[0]["losses"])
+        print(f"| {side} | {' | '.join(cells)} | {tokens:.0f} | {rss:.0f} | {rss_ratio} | {losses} |")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}; logs in {args.workdir}")
 
 
