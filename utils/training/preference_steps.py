@@ -208,12 +208,13 @@ class PreferenceStage:
 
     @torch.no_grad()
     def evaluate(self, engine, test_batches, device) -> tuple[float, None]:
-        """The test pairs' mean loss (all processes; no perplexity), and their metrics in
-        `eval_metrics`, named as TRL's evaluation logs them (eval_rewards/margins, ...)."""
+        """The mean loss of the test pairs over all processes (`test_batches`: this process's share,
+        the stage's own), no perplexity; their metrics go to `eval_metrics`, named as TRL's evaluation
+        logs them (eval_rewards/margins, ...)."""
         model = getattr(engine, "module", engine)
         model.eval()
         totals = defaultdict(float)
-        for batch in self.test_batches:
+        for batch in test_batches:
             stall_point("eval")
             n = len(batch["pair_index"])
             loss, sums = self._loss(model, batch, "test", n, max(1, chosen_tokens(batch)))  # the batch's mean
