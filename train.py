@@ -32,6 +32,16 @@ last and that one. The flags are the fields of utils.training.config.TrainConfig
 
 An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
 micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
+
+Preference tuning, after SFT (pairs: rows with "chosen" and "rejected" replies, utils/pairs.py),
+from a merged SFT model, or on from an SFT adapter, which is then the reference:
+    python train.py --stage dpo --model_name_or_path runs/merged --train_path pairs.jsonl \
+        --output_dir runs/dpo --pref_loss sigmoid --pref_beta 0.1 --pref_packing ...same flags...
+    python train.py --stage dpo --model_name_or_path BASE --adapter runs/roleplay/best ...
+The losses are DPO's (sigmoid), IPO's, ORPO's and SimPO's (utils/preference.py); a step's loss is
+the mean over its pairs; the metrics are TRL's (rewards/margins, rewards/accuracies, ...). The
+reference's log-probabilities are computed once, before the first step, and cached in
+output_dir/reference_logps.safetensors (utils.training.preference_steps).
 """
 
 import argparse
@@ -40,8 +50,8 @@ import sys
 import time
 
 from utils import HelpFormatter, exit_on_problems, exit_on_user_error
-from utils.training.config import (DataConfig, DistributedConfig, LoraConfig, ModelConfig, OptimConfig, OutputConfig,
-                                   TrainConfig)
+from utils.training.config import (PREF_LOSSES, DataConfig, DistributedConfig, LoraConfig, ModelConfig, OptimConfig,
+                                   OutputConfig, PreferenceConfig, TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora_alpha", type=float, default=L.lora_alpha,
                       help="LoRA scale numerator (scale = alpha / rank)")
     lora.add_argument("--lora_dropout", type=float, default=L.lora_dropout, help="dropout on the LoRA input")
+    add_preference_flags(parser)
     return add_run_flags(parser)
+
+
+def add_preference_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the preference stage (utils.training.preference_steps)."""
+    P = PreferenceConfig
+    pref = parser.add_argument_group("preference tuning (--stage dpo)")
+    pref.add_argument("--stage", choices=["sft", "dpo"], default=P.stage,
+                      help="sft: learn the replies of --train_path's samples; dpo: prefer the chosen reply to the "
+                           "rejected one in --train_path's pairs (rows with 'chosen' and 'rejected'; utils/pairs.py)")
+    pref.add_argument("--pref_loss", choices=PREF_LOSSES, default=P.pref_loss,
+                      help="sigmoid: DPO; ipo: IPO; orpo: ORPO (the chosen reply's NLL + odds ratio, no reference); "
+                           "simpo: SimPO (length-normalised, with a margin, no reference)")
+    pref.add_argument("--pref_beta", type=float, default=P.pref_beta,
+                      help="beta: how far from the reference (sigmoid, ipo: IPO's tau), the odds-ratio weight (orpo), "
+                           "the reward scale (simpo: its paper uses 2 to 2.5)")
+    pref.add_argument("--simpo_gamma", type=float, default=P.simpo_gamma, help="SimPO's target reward margin")
+    pref.add_argument("--pref_packing", action="store_true",
+                      help="pack pairs into --max_len rows: one pair's prompt once, or several pairs of one role with "
+                           "its system prompt once; each reply attends to the shared head and itself only. A batch "
+                           "then counts rows")
+    pref.add_argument("--adapter", metavar="DIR",
+                      help="train on from this SFT adapter (the reference is then the adapter as given; default: a "
+                           "new adapter on --model_name_or_path, e.g. a merged SFT model)")
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -206,46 +240,50 @@ def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> 
     return make_record(roles, template, user_id, assistant_id, tokenizer.chat_template)
 
 
-def log_window(window, global_step: int, lr: float, progress, writer) -> None:
+def log_window(window, global_step: int, lr: float, progress, writer, metrics: dict) -> None:
+    """`metrics`: the stage's own (the preference stage's are TRL's: rewards/margins, ...)."""
     loss, samples_per_s, tokens_per_s = window.report()
-    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+    shown = {name.split("/")[-1]: f"{metrics[name]:.3f}" for name in ("rewards/margins", "rewards/accuracies")
+             if name in metrics}
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", **shown)
     if progress.disable:
         return
     progress.write(f"step={global_step} loss={loss:.8f} lr={lr:.6e} tokens/s={tokens_per_s:.1f} "
-                   f"samples/s={samples_per_s:.2f}")
+                   f"samples/s={samples_per_s:.2f}" + "".join(f" {name}={value:.6f}" for name, value in metrics.items()))
     for name, value in (("train_loss", loss), ("lr", lr), ("tokens_per_s", tokens_per_s),
-                        ("samples_per_s", samples_per_s)):
+                        ("samples_per_s", samples_per_s), *metrics.items()):
         writer.add_scalar(name, value, global_step)
 
 
-def evaluate_and_log(engine, test_batches, device, global_step: int, progress, writer):
-    """The test loss and perplexity (None without a test set), written to the log and TensorBoard by rank 0."""
-    from utils.training.steps import evaluate
-
+def evaluate_and_log(stage, engine, test_batches, device, global_step: int, progress, writer):
+    """The test loss and perplexity (None without a test set; perplexity None for pairs), and the
+    stage's test metrics, written to the log and TensorBoard by rank 0."""
     if not test_batches:
         return None, None
     started = time.perf_counter()
-    eval_loss, ppl = evaluate(engine, test_batches, device)
+    eval_loss, ppl = stage.evaluate(engine, test_batches, device)
     seconds = time.perf_counter() - started
     if writer:
-        progress.write(f"eval step={global_step} loss={eval_loss:.8f} ppl={ppl:.4f} seconds={seconds:.1f}")
-        for tag, value in (("ppl", ppl), ("eval_loss", eval_loss), ("eval_seconds", seconds)):
+        shown = {"ppl": ppl} if ppl is not None else stage.eval_metrics
+        progress.write(f"eval step={global_step} loss={eval_loss:.8f} "
+                       + "".join(f"{name}={value:.4f} " for name, value in shown.items()) + f"seconds={seconds:.1f}")
+        for tag, value in (*shown.items(), ("eval_loss", eval_loss), ("eval_seconds", seconds)):
             writer.add_scalar(tag, value, global_step)
     return eval_loss, ppl
 
 
-def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: dict, checkpointer, pad_id: int,
+def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: dict, checkpointer, stage,
         device) -> int | None:
     """Train every step of `schedule` after `state`; evaluate and save every --save_model_step steps,
-    at each epoch's end and at the last step. Returns the signal that stopped the run early (its
-    checkpoint written), or None."""
+    at each epoch's end and at the last step. `stage`: the step functions of the samples or of the
+    pairs (utils.training.steps.SftStage, utils.training.preference_steps.PreferenceStage). Returns
+    the signal that stopped the run early (its checkpoint written), or None."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from utils.data import collate, sample_counts
     from utils.signals import STOP
     from utils.training.distributed import is_main_process
-    from utils.training.steps import Throughput, start_step, train_step
+    from utils.training.steps import Throughput
 
     main_process, every = is_main_process(), config.output.save_model_step
     writer = SummaryWriter(os.path.join(config.output.output_dir, "tensorboard")) if main_process else None
@@ -258,20 +296,20 @@ def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: d
     for epoch, step_in_epoch, indices in schedule.steps(state):
         window.start()
         items = [[train_set[i] for i in micro] for micro in indices]
-        micro_batches = [collate(micro, pad_id) for micro in items]
-        step_tokens, stopped_by = start_step(micro_batches, device)
+        micro_batches = [stage.collate(micro) for micro in items]
+        step_tokens, stopped_by = stage.start(micro_batches, device)
         if stopped_by:
             break
         lr = engine.get_lr()[0]  # the rate this step uses
-        loss_sum = train_step(engine, micro_batches, step_tokens, device)
-        window.stop(loss_sum, step_tokens, *sample_counts([item for micro in items for item in micro]))
+        loss_sum = stage.train(engine, micro_batches, step_tokens, device)
+        window.stop(loss_sum, step_tokens, *stage.counts([item for micro in items for item in micro]))
         global_step += 1
         progress.update(1)
         if global_step % config.output.show_loss_step == 0:
-            log_window(window, global_step, lr, progress, writer)
+            log_window(window, global_step, lr, progress, writer, stage.metrics())
         done = global_step >= schedule.total_steps
         if done or schedule.ends_epoch(step_in_epoch) or (every and global_step % every == 0):
-            eval_loss, ppl = evaluate_and_log(engine, test_batches, device, global_step, progress, writer)
+            eval_loss, ppl = evaluate_and_log(stage, engine, test_batches, device, global_step, progress, writer)
             checkpointer.save(global_step, epoch, step_in_epoch + 1, eval_loss, ppl)
             progress.unpause()  # the bar's rate and ETA leave out evaluation and saving
         if done:
@@ -300,9 +338,12 @@ def main():
         dry_run(config)
         return
     from utils.data import read_files
+    from utils.pairs import read_pairs
 
     # a bad line is reported now, not after the minutes of set-up below
-    rows = {"train": read_files(config.data.train_path), "test": read_files(config.data.test_path)}
+    dpo = config.preference.stage == "dpo"
+    read = read_pairs if dpo else read_files
+    rows = {"train": read(config.data.train_path), "test": read(config.data.test_path)}
 
     import torch.distributed as dist
     from tqdm import tqdm
@@ -314,8 +355,10 @@ def main():
                                             resume, stop_message)
     from utils.training.deepspeed_config import fill_ds_config, read_ds_config, start_engine
     from utils.training.distributed import print_rank_0, setup_distributed
+    from utils.training.preference_steps import PreferenceStage, load_pairs, reference_tables, start_model
     from utils.training.schedule import Schedule
     from utils.training.sizes import print_trainable_parameters
+    from utils.training.steps import SftStage
 
     # setup: processes, data, the state resumed from, the model and its engine
     rank, world_size, device, dtype = setup_distributed(config.distributed.local_rank)
@@ -325,7 +368,10 @@ def main():
     if resume_from == "latest":
         resume_from = list_checkpoints(config.output.output_dir)[-1]
     tokenizer, user_id, assistant_id = chat_tokenizer(config.model)
-    train_set, roles, test_batches = load_data(config, rows, tokenizer, user_id, assistant_id, rank, world_size)
+    if dpo:
+        pairs, train_set, test_pairs, roles = load_pairs(config, rows, tokenizer)
+    else:
+        train_set, roles, test_batches = load_data(config, rows, tokenizer, user_id, assistant_id, rank, world_size)
     record = prompt_record(config.data, roles, tokenizer, user_id, assistant_id)
     schedule = Schedule(train_set.lengths(), config.optim, world_size, rank, ", ".join(config.data.train_path))
     state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0}
@@ -336,7 +382,15 @@ def main():
                          f"{schedule.total_steps} (epoch {state['epoch'] + 1} of {config.optim.num_train_epochs}); "
                          "nothing to train")
             return
-    model = load_for_training(config.model, config.lora, device, dtype, log=print_rank_0)
+    model = start_model(config, device, dtype) if dpo else \
+        load_for_training(config.model, config.lora, device, dtype, log=print_rank_0)
+    stage = SftStage(tokenizer.pad_token_id)
+    if dpo:  # the reference is the starting point: before the weights of a checkpoint are loaded
+        reference = reference_tables(config, model, pairs, test_pairs, tokenizer.pad_token_id, device, rank,
+                                     world_size)
+        stage = PreferenceStage(config.preference, reference, test_pairs, tokenizer.pad_token_id,
+                                config.optim.per_device_eval_batch_size, device, rank, world_size)
+        test_batches = stage.test_batches
     if resume_from:
         load_adapter_weights(model, resume_from)
     print_trainable_parameters(model)
@@ -351,8 +405,7 @@ def main():
     checkpointer = Checkpointer(config.output.output_dir, engine, model, tokenizer, files, schedule.steps_per_epoch,
                                 config.output.save_total_limit, state, resume_from, log=tqdm.write)
 
-    stopped_by = fit(config, engine, train_set, test_batches, schedule, state, checkpointer, tokenizer.pad_token_id,
-                     device)
+    stopped_by = fit(config, engine, train_set, test_batches, schedule, state, checkpointer, stage, device)
 
     # the checkpoints were saved by fit; a stop says how to go on
     dist.barrier()

@@ -182,16 +182,22 @@ def load_for_inference(
     return model.eval(), tokenizer
 
 
-def add_lora(model, gradient_checkpointing: bool, lora):
-    """A loaded base made ready for LoRA training: frozen, without the KV cache, with gradient
-    checkpointing if asked, and LoRA (a LoraConfig of utils.training.config) on every linear layer
-    but lm_head (PEFT's "all-linear")."""
-    import peft
-
+def prepare_for_adapter(model, gradient_checkpointing: bool):
+    """A loaded base made ready for an adapter to be trained on it: without the KV cache, with
+    gradient checkpointing if asked."""
     keep_4bit_layout(model)  # an evaluation forward would break the LoRA gradients
     model.config.use_cache = False
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_lora(model, gradient_checkpointing: bool, lora):
+    """A loaded base made ready for LoRA training (prepare_for_adapter), frozen, with LoRA (a
+    LoraConfig of utils.training.config) on every linear layer but lm_head (PEFT's "all-linear")."""
+    import peft
+
+    prepare_for_adapter(model, gradient_checkpointing)
     # PEFT freezes the base; prepare_model_for_kbit_training is not used because it would copy the
     # embeddings and the head to fp32 (2 GB each for Baichuan2-7B)
     return peft.get_peft_model(model, peft.LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_alpha,

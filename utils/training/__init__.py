@@ -7,6 +7,7 @@
     utils.training.sizes        parameter counts and the per-GPU memory estimate of --dry_run
     utils.training.schedule     which optimizer steps a run takes, on each rank, and when it is complete
     utils.training.steps        one token-weighted optimizer step, its throughput, the test-set evaluation
+    utils.training.preference_steps  the preference stage (--stage dpo): pairs, the reference, its steps
     utils.training.checkpoints  checkpoints that resume exactly, the newest few and the best kept
 
 Nothing is imported here: `from utils.training.steps import train_step`, and so on.

@@ -88,6 +88,33 @@ class OutputConfig:
     dry_run: bool = False
 
 
+PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")  # utils.preference defines them
+REFERENCE_FILE = "reference_logps.safetensors"  # in output_dir: the cached reference (utils.training.preference_steps)
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The preference stage (--stage dpo; utils.preference): pairs instead of samples."""
+    stage: str = "sft"
+    pref_loss: str = "sigmoid"
+    pref_beta: float = 0.1
+    simpo_gamma: float = 0.5
+    pref_packing: bool = False
+    adapter: str | None = None
+
+    def problems(self, data: DataConfig) -> list[str]:
+        if self.stage != "dpo":
+            given = [flag for flag, value in (("--pref_packing", self.pref_packing), ("--adapter", self.adapter))
+                     if value]
+            return [f"{flag} is for --stage dpo" for flag in given]
+        problems = [] if self.pref_beta > 0 else [f"--pref_beta must be positive, got {self.pref_beta}"]
+        if data.packing:
+            problems.append("--packing packs samples; with --stage dpo use --pref_packing")
+        if self.adapter and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
+            problems.append(f"--adapter: {self.adapter!r} has no adapter_config.json")
+        return problems
+
+
 # Flags that must be at least 1 when given (None: not given)
 AT_LEAST_ONE = ("max_src_len", "per_device_train_batch_size", "num_train_epochs", "lora_dim",
                 "gradient_accumulation_steps", "show_loss_step", "save_model_step", "save_total_limit")
@@ -101,6 +128,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     @classmethod
     def from_args(cls, args) -> "TrainConfig":
@@ -125,7 +153,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """Every problem with the config, so that all of them are reported at once: values, then the
         files it names (a model directory, the data, the DeepSpeed config, the output directory)."""
-        problems = self._value_problems()
+        problems = self._value_problems() + self.preference.problems(self.data)
         if not self.model.model_name_or_path:
             problems.append("--model_name_or_path is required")
         else:
@@ -202,7 +230,8 @@ def _output_dir_problems(output_dir: str, resume: str | None) -> list[str]:
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    ours = [n for n in os.listdir(output_dir) if n in ("tensorboard", BEST) or n.startswith(("epoch-", TMP_PREFIX))]
+    ours = [n for n in os.listdir(output_dir)
+            if n in ("tensorboard", BEST, REFERENCE_FILE) or n.startswith(("epoch-", TMP_PREFIX, "." + REFERENCE_FILE))]
     foreign = sorted(set(os.listdir(output_dir)) - set(ours))
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]

@@ -103,3 +103,29 @@ def evaluate(model, loader, device) -> tuple[float, float]:
     model.train()
     mean = (totals[0] / totals[1].clamp_min(1)).item()
     return mean, math.exp(min(mean, 50.0))
+
+
+class SftStage:
+    """The supervised stage's step functions for train.py's loop: samples (utils.data) and their
+    token-weighted loss. utils.training.preference_steps.PreferenceStage has the same interface."""
+
+    start, train, evaluate = staticmethod(start_step), staticmethod(train_step), staticmethod(evaluate)
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.eval_metrics = {}
+
+    def collate(self, items) -> dict:
+        from utils.data import collate
+
+        return collate(items, self.pad_id)
+
+    @staticmethod
+    def counts(items) -> tuple[int, int]:
+        from utils.data import sample_counts
+
+        return sample_counts(items)
+
+    @staticmethod
+    def metrics() -> dict[str, float]:
+        return {}
