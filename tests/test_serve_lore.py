@@ -1,0 +1,137 @@
+"""Train = serve for lorebooks and notes: a card with a character_book, a depth prompt and
+post_history_instructions, plus a World Info file, go through data_helper.py -> train.py ->
+merge_params.py; the record carries each character's context and prompt style, and the page,
+predict.py and the API (model = the role) serve the same conversation with the prompt ids that
+the training row was encoded with, from the record or from --roles_file CARD --lorebook FILE."""
+
+import json
+
+import httpx
+import pytest
+
+import predict
+import web_demo
+from baichuan.generation_utils import encode_conversation
+from helpers import RecordingModel, serve
+from test_prompt_contract import run
+from utils.api import api_app
+from utils.cards import read_card
+from utils.engine import ChatEngine
+from utils.lorebook import read_lorebook
+from utils.prompts import RECORD_FILE, load_prompts
+
+CARD = {"spec": "chara_card_v2", "data": {
+    "name": "孙悟空", "description": "齐天大圣", "first_mes": "俺老孙来也！",
+    "mes_example": "<START>\n{{user}}: 师父呢？\n{{char}}: 在前面化斋。\n"
+                   "<START>\n{{user}}: 你的金箍棒多重？\n{{char}}: 一万三千五百斤！\n{{user}}: 师父呢？\n{{char}}: 化斋去了。",
+    "post_history_instructions": "{{original}}只用短句。",
+    "extensions": {"depth_prompt": {"prompt": "（{{char}}爱吃桃）", "depth": 1, "role": "system"}},
+    "character_book": {"entries": [{"id": 1, "keys": ["师父"], "content": "唐僧是{{char}}的师父。",
+                                    "position": "after_char"}]}}}
+WORLD = {"entries": {"0": {"uid": 0, "key": ["金箍棒"], "content": "金箍棒是定海神针。", "position": 0, "scanDepth": 4},
+                     "1": {"uid": 1, "key": ["师父"], "content": "师父是个和尚。", "position": 4, "depth": 2}}}
+GREETING = {"role": "assistant", "content": "俺老孙来也！"}
+SHORT = [GREETING, {"role": "user", "content": "师父呢？"}]  # the first dialogue, before its reply 在前面化斋。
+LONG = [GREETING, {"role": "user", "content": "你的金箍棒多重？"}, {"role": "assistant", "content": "一万三千五百斤！"},
+        {"role": "user", "content": "师父呢？"}]  # the second, before 化斋去了。
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("serve_lore")
+    card, world = work / "card.json", work / "world.json"
+    card.write_text(json.dumps(CARD, ensure_ascii=False), encoding="utf-8")
+    world.write_text(json.dumps(WORLD, ensure_ascii=False), encoding="utf-8")
+    data = work / "data"
+    data.mkdir()
+    run(["data_helper.py", "--card", card, "--lorebook", world, "--test_ratio", "0",
+         "--train_out", data / "train.jsonl", "--test_out", data / "test.jsonl"])
+    run(["train.py", "--model_name_or_path", tiny_model_dir, "--train_path", data / "train.jsonl",
+         "--output_dir", work / "run", "--max_len", "256", "--max_src_len", "64",
+         "--per_device_train_batch_size", "2", "--max_steps", "1"])
+    (checkpoint,) = (work / "run").glob("epoch-*-step-1")
+    run(["merge_params.py", "--ori_model_dir", tiny_model_dir, "--model_dir", checkpoint,
+         "--save_model_dir", work / "merged", "--device", "-1"])
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {"card": card, "world": world, "prompts": data / "prompts.json", "checkpoint": checkpoint,
+            "merged": work / "merged", "rows": {r["messages"][-1]["content"]: r for r in rows}}
+
+
+def training_prompt(tokenizer, row):
+    """The ids the row trains its last reply after: all of them before its last run of labels."""
+    user_id, assistant_id = (tokenizer.convert_tokens_to_ids(t) for t in ("<reserved_106>", "<reserved_107>"))
+    ids, labels, _ = encode_conversation(tokenizer, row["messages"], user_id, assistant_id, 4096, 4096)
+    start = len(labels)
+    while labels[start - 1] != -100:
+        start -= 1
+    assert start < len(labels) and tokenizer.decode(ids[start:-1]) == row["messages"][-1]["content"]
+    return ids[:start]
+
+
+def recording_engine(model_dir, roles, **options):
+    from utils.models import load_for_inference
+
+    model, tokenizer = load_for_inference(str(model_dir), device="cpu")
+    recording = RecordingModel(model)
+    return ChatEngine(recording, tokenizer, roles, **options), recording, tokenizer
+
+
+def test_the_record_carries_contexts_and_prompt_style_through_checkpoint_and_merge(pipeline):
+    side = json.loads(pipeline["prompts"].read_text(encoding="utf-8"))
+    assert set(side["contexts"]) == {"孙悟空"}
+    for directory in (pipeline["checkpoint"], pipeline["merged"]):
+        record = json.loads((directory / RECORD_FILE).read_text(encoding="utf-8"))
+        assert record["contexts"] == side["contexts"] and record["prompt_style"] == "project"
+    expected = read_card(str(pipeline["card"])).context(books=(read_lorebook(str(pipeline["world"])),))
+    assert load_prompts(str(pipeline["merged"])).roles["孙悟空"].context == expected
+    assert load_prompts("unused", str(pipeline["checkpoint"])).roles == load_prompts(str(pipeline["merged"])).roles
+    # at serve time, a --roles_file card with --lorebook gives the same role as the record
+    served = load_prompts(str(pipeline["merged"]), roles_file=str(pipeline["card"]),
+                          lorebooks=[str(pipeline["world"])]).roles["孙悟空"]
+    assert served == load_prompts(str(pipeline["merged"])).roles["孙悟空"]
+
+
+def test_the_page_serves_the_training_prompt(pipeline):
+    row = pipeline["rows"]["化斋去了。"]
+    world, card = str(pipeline["world"]), str(pipeline["card"])
+    assert sorted(row["lore"]) == sorted([f"{world}#0", f"{world}#1", f"{card}#1"])  # every kind of place fires
+    engine, recording, tokenizer = recording_engine(pipeline["merged"], load_prompts(str(pipeline["merged"])).roles)
+    list(web_demo.RolePlayChat(engine).chat(LONG[-1]["content"], LONG[:-1], "孙悟空", 3, 0.8, 0))
+    assert recording.calls[-1]["inputs"][0].tolist() == training_prompt(tokenizer, row)
+
+
+@pytest.mark.parametrize("source", ["record", "card"])
+def test_predict_serves_the_training_prompt(pipeline, tiny_model_dir, source, monkeypatch):
+    import utils.models
+
+    real, recorded = utils.models.load_for_inference, {}
+
+    def load_and_record(*args, **kwargs):
+        model, tokenizer = real(*args, **kwargs)
+        recorded["model"], recorded["tokenizer"] = RecordingModel(model), tokenizer
+        return recorded["model"], tokenizer
+
+    monkeypatch.setattr(utils.models, "load_for_inference", load_and_record)
+    # from the merged model's record, or on the base model from the card and the World Info file
+    model = ["--model_path", str(pipeline["merged"])] if source == "record" else [
+        "--model_path", str(tiny_model_dir), "--roles_file", str(pipeline["card"]), "--lorebook",
+        str(pipeline["world"])]
+    predict.main([*model, "--role", "孙悟空", "--greedy", "--max_new_tokens", "3", SHORT[-1]["content"]])
+    row = pipeline["rows"]["在前面化斋。"]
+    assert recorded["model"].calls[-1]["inputs"][0].tolist() == training_prompt(recorded["tokenizer"], row)
+
+
+def test_the_api_serves_the_training_prompt_for_model_the_role(pipeline):
+    engine, recording, tokenizer = recording_engine(pipeline["merged"], load_prompts(str(pipeline["merged"])).roles)
+    row = pipeline["rows"]["化斋去了。"]
+    with serve(api_app(engine)) as url:
+        body = {"model": "孙悟空", "messages": LONG, "max_tokens": 3, "temperature": 0}
+        response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert recording.calls[-1]["inputs"][0].tolist() == training_prompt(tokenizer, row)
+        # a prefill continues after the notes: they stay in the user turn, the prefill last
+        body["messages"] = [*LONG, {"role": "assistant", "content": "化斋"}]
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        ids = recording.calls[-1]["inputs"][0].tolist()
+        prefill = tokenizer.encode("化斋", add_special_tokens=False)
+        assert ids == training_prompt(tokenizer, row) + prefill
