@@ -135,3 +135,41 @@ def test_the_api_serves_the_training_prompt_for_model_the_role(pipeline):
         ids = recording.calls[-1]["inputs"][0].tolist()
         prefill = tokenizer.encode("化斋", add_special_tokens=False)
         assert ids == training_prompt(tokenizer, row) + prefill
+
+
+def write_record_dir(directory, **record_fields):
+    from utils.prompts import Role, make_record, write_record
+
+    directory.mkdir()
+    record = make_record({"孙悟空": Role("孙悟空", "齐天大圣")}, "{role}：{description}", 195, 196, "", **record_fields)
+    write_record(str(directory), record)
+    return directory
+
+
+def test_a_roles_file_at_serve_time_gets_the_recorded_prompt_style(tmp_path):
+    """A model trained in SillyTavern's style, given a card at serve time, builds the card's prompt
+    as SillyTavern sends it (and the {{user}} it trained with), not in the project's template."""
+    from utils.prompts import default_user_name, sillytavern_system
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(CARD, ensure_ascii=False), encoding="utf-8")
+    styled = write_record_dir(tmp_path / "st", prompt_style="sillytavern")
+    role = load_prompts(str(styled), roles_file=str(card)).roles["孙悟空"]
+    data = CARD["data"]
+    assert role.system == sillytavern_system("孙悟空", default_user_name("sillytavern"), description=data["description"],
+                                             mes_example=data["mes_example"])
+    assert role.context.user_name == default_user_name("sillytavern") and role.context.post_history
+    plain = load_prompts(str(write_record_dir(tmp_path / "plain")), roles_file=str(card)).roles["孙悟空"]
+    assert plain.system == "孙悟空：齐天大圣" and plain.context.user_name == default_user_name("project")
+
+
+def test_a_bad_recorded_context_is_one_error_naming_the_record(tmp_path):
+    from utils import UserError
+
+    bad = write_record_dir(tmp_path / "bad", contexts={"孙悟空": {"char_name": "孙悟空", "user_name": "你",
+                                                                 "lorebooks": [{"entries": {"0": {"key": "/a+/"}}}]}})
+    with pytest.raises(UserError, match=r"roleplay.json: contexts\['孙悟空'\]: .*regular-expression key"):
+        load_prompts(str(bad))
+    odd = write_record_dir(tmp_path / "odd", prompt_style="kobold")
+    with pytest.raises(UserError, match="roleplay.json: prompt_style must be one of project, sillytavern"):
+        load_prompts(str(odd))
