@@ -98,6 +98,14 @@ class ChatEngine:
     A client's message list (`request_prompt`) is played with the policy `client_system` (one of
     CLIENT_SYSTEM) when it names a role; `client_model`, a name that is no role, means "the
     client's own system prompt" (the API lists it beside the roles; None: not listed).
+    A role's context (its lorebooks, depth note and post-history instructions, as it trained with
+    them) is applied wherever its trained prompt is served: the page, predict.py, and a request to
+    the role under "role" or "append". There, a client's later system messages (an Author's Note,
+    its own post-history) are already folded into the conversation by the assembly, so they count
+    in the lorebook scan, and the role's notes come after them, as the training rows put them last.
+    Under "client" (and for a model that is no role) the client's prompt is the client's own: a
+    client such as SillyTavern sends its lorebook and notes itself, and applying ours too would
+    place them twice.
     """
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
