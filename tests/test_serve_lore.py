@@ -5,6 +5,7 @@ predict.py and the API (model = the role) serve the same conversation with the p
 the training row was encoded with, from the record or from --roles_file CARD --lorebook FILE."""
 
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -173,3 +174,34 @@ def test_a_bad_recorded_context_is_one_error_naming_the_record(tmp_path):
     odd = write_record_dir(tmp_path / "odd", prompt_style="kobold")
     with pytest.raises(UserError, match="roleplay.json: prompt_style must be one of project, sillytavern"):
         load_prompts(str(odd))
+
+
+@pytest.mark.parametrize("policy", ["role", "append", "client"])
+def test_the_client_system_policy_decides_whether_the_roles_context_applies(loaded, tmp_path, policy):
+    """Where the role's trained prompt is served ("role", "append"), its context is applied after the
+    client's folded notes; the client's own prompt ("client") gets none of it: the client places its
+    lorebook and notes itself."""
+    from utils.prompts import card_role
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps(CARD, ensure_ascii=False), encoding="utf-8")
+    parsed = read_card(str(card))
+    role = card_role(parsed)
+    context = parsed.context(books=(read_lorebook(write_world(tmp_path)),))
+    model, tokenizer = loaded
+    engine = ChatEngine(model, tokenizer, {"孙悟空": replace(role, context=context)}, client_system=policy)
+    note = {"role": "system", "content": "[Author's note: 下雨了]"}
+    prompt = engine.request_prompt("孙悟空", [{"role": "system", "content": "Be 孙悟空."}, *LONG, note])
+    folded = [*LONG[:-1], {"role": "user", "content": "师父呢？\n\n[Author's note: 下雨了]"}]
+    if policy == "client":
+        assert prompt.messages == [{"role": "system", "content": "Be 孙悟空."}, *folded]
+    else:
+        system = role.system + ("\n\nBe 孙悟空." if policy == "append" else "")
+        expected, _ = context.apply([{"role": "system", "content": system}, *folded])
+        assert prompt.messages == expected and expected[-1]["content"].endswith("[Author's note: 下雨了]\n\n只用短句。")
+
+
+def write_world(tmp_path):
+    path = tmp_path / "world.json"
+    path.write_text(json.dumps(WORLD, ensure_ascii=False), encoding="utf-8")
+    return str(path)
