@@ -12,9 +12,10 @@ import pytest
 
 import predict
 import web_demo
-from baichuan.generation_utils import encode_conversation
+from baichuan.generation_utils import build_chat_input, encode_conversation
 from helpers import RecordingModel, serve
 from test_prompt_contract import run
+from test_web_demo import browser  # noqa: F401 (the fixture)
 from utils.api import api_app
 from utils.cards import read_card
 from utils.engine import ChatEngine
@@ -205,3 +206,43 @@ def write_world(tmp_path):
     path = tmp_path / "world.json"
     path.write_text(json.dumps(WORLD, ensure_ascii=False), encoding="utf-8")
     return str(path)
+
+
+def test_the_page_offers_another_greeting(loaded, browser):
+    """A card's alternate_greetings: the page's "another greeting" button swaps the opening greeting
+    in turn, the chosen one goes into the prompt, and once the user has spoken the chat stays."""
+    from test_web_demo import bot_texts, open_page, send, wait_for_reply
+    from utils.chat import Sampling
+    from utils.prompts import Role
+
+    greetings = ["你好呀。", "又见面了。", "今天下雨。"]
+    roles = {"阿绣": Role("阿绣", "你是阿绣。", greetings[0], alternates=tuple(greetings[1:])),
+             "张飞": Role("张飞", "你是张飞。", "俺乃燕人张翼德！")}
+    model, tokenizer = loaded
+    recording = RecordingModel(model)
+    chat = web_demo.RolePlayChat(ChatEngine(recording, tokenizer, roles, defaults=Sampling(3, 0.8, 0)))
+    with serve(web_demo.build_app(web_demo.build_demo(chat, "阿绣"), chat.engine)) as url:
+        page = open_page(browser, url)
+        button = page.locator("#another_greeting")
+        for expected in [greetings[1], greetings[2], greetings[0], greetings[1]]:
+            button.click()
+            page.wait_for_function("t => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                                   " return b.length === 1 && b[0].innerText.trim() === t; }", arg=expected)
+        send(page, "在吗？")
+        wait_for_reply(page, 2)
+        prompt = recording.calls[-1]["inputs"][0].tolist()
+        assert prompt == build_chat_input(tokenizer, [{"role": "system", "content": "你是阿绣。"},
+                                                      {"role": "assistant", "content": greetings[1]},
+                                                      {"role": "user", "content": "在吗？"}],
+                                          model.generation_config, model.config.model_max_length, 3)
+        button.click()  # the user has spoken: the chat stays as it is, and goes on
+        send(page, "下雨了吗？")
+        wait_for_reply(page, 3)
+        assert bot_texts(page)[0] == greetings[1]
+        assert tokenizer.decode(recording.calls[-1]["inputs"][0].tolist()).count(greetings[1]) == 1
+        page.locator("#clear").click()  # a new chat opens with the first greeting again
+        page.wait_for_function("t => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
+                               " return b.length === 1 && b[0].innerText.trim() === t; }", arg=greetings[0])
+        page.get_by_role("radio", name="张飞").check()  # a role with one greeting: no button
+        button.wait_for(state="hidden")
+        page.close()

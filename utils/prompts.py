@@ -66,10 +66,15 @@ class Role:
     system: str
     greeting: str | None = None
     context: Context | None = None  # lorebooks and notes beyond the system prompt (utils.lorebook)
+    alternates: tuple[str, ...] = ()  # a card's alternate_greetings, which the page offers
 
     def opening(self) -> list[dict]:
         """The chat this role starts with: its greeting as the first assistant turn, if it has one."""
         return [{"role": "assistant", "content": self.greeting}] if self.greeting else []
+
+    def greetings(self) -> list[str]:
+        """Every greeting the chat may open with: the greeting, then the alternates."""
+        return [g for g in (self.greeting, *self.alternates) if g]
 
 
 def check_template(template: str) -> str | None:
@@ -160,11 +165,12 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
               user_name: str = USER_NAME, style: str = "project") -> Role:
     """The role a card plays (utils.cards' docstring says how): its system prompt and greeting."""
     greeting = substitute(card.first_mes, card.name, user_name) or None
+    alternates = tuple(text for text in (substitute(g, card.name, user_name) for g in card.alternate_greetings) if text)
     if style == "sillytavern":
         system = sillytavern_system(card.name, user_name, description=card.description, personality=card.personality,
                                     scenario=card.scenario, mes_example=card.mes_example,
                                     system_prompt=card.system_prompt)
-        return Role(card.name, system, greeting)
+        return Role(card.name, system, greeting, alternates=alternates)
     description = card_description(card, user_name)
     built = build_system_prompt(card.name, description, template) if description else ""
     system = built
@@ -173,7 +179,7 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
     if not system:
         raise UserError(f"{card.path}: the card has no description, personality or scenario to build "
                         f"{card.name}'s system prompt from")
-    return Role(card.name, system, greeting)
+    return Role(card.name, system, greeting, alternates=alternates)
 
 
 # ---------------------------------------------------------------- the record a model carries
