@@ -204,9 +204,11 @@ def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> 
     if side_file:
         print_rank_0(f"prompt record: {len(roles)} roles from {', '.join(data.train_path)}, the template, prompt "
                      f"style and contexts of {path}")
-    # the contexts (lorebooks, notes) that data_helper.py applied, so that serving applies the same
+    # the contexts (lorebooks, notes) that data_helper.py applied, so that serving applies the same,
+    # and the cards' alternate greetings, for the page to offer
     return make_record(roles, side_file.get("system_template", SYSTEM_TEMPLATE), user_id, assistant_id,
-                       tokenizer.chat_template, side_file.get("prompt_style", "project"), side_file.get("contexts"))
+                       tokenizer.chat_template, side_file.get("prompt_style", "project"), side_file.get("contexts"),
+                       side_file.get("alternate_greetings"))
 
 
 def log_window(window, global_step: int, lr: float, progress, writer) -> None:

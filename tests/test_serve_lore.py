@@ -23,7 +23,7 @@ from utils.lorebook import read_lorebook
 from utils.prompts import RECORD_FILE, load_prompts
 
 CARD = {"spec": "chara_card_v2", "data": {
-    "name": "孙悟空", "description": "齐天大圣", "first_mes": "俺老孙来也！",
+    "name": "孙悟空", "description": "齐天大圣", "first_mes": "俺老孙来也！", "alternate_greetings": ["{{user}}，又见面了！"],
     "mes_example": "<START>\n{{user}}: 师父呢？\n{{char}}: 在前面化斋。\n"
                    "<START>\n{{user}}: 你的金箍棒多重？\n{{char}}: 一万三千五百斤！\n{{user}}: 师父呢？\n{{char}}: 化斋去了。",
     "post_history_instructions": "{{original}}只用短句。",
@@ -84,8 +84,10 @@ def test_the_record_carries_contexts_and_prompt_style_through_checkpoint_and_mer
     for directory in (pipeline["checkpoint"], pipeline["merged"]):
         record = json.loads((directory / RECORD_FILE).read_text(encoding="utf-8"))
         assert record["contexts"] == side["contexts"] and record["prompt_style"] == "project"
+        assert record["roles"]["孙悟空"]["alternate_greetings"] == ["你，又见面了！"]
     expected = read_card(str(pipeline["card"])).context(books=(read_lorebook(str(pipeline["world"])),))
     assert load_prompts(str(pipeline["merged"])).roles["孙悟空"].context == expected
+    assert load_prompts(str(pipeline["merged"])).roles["孙悟空"].alternates == ("你，又见面了！",)
     assert load_prompts("unused", str(pipeline["checkpoint"])).roles == load_prompts(str(pipeline["merged"])).roles
     # at serve time, a --roles_file card with --lorebook gives the same role as the record
     served = load_prompts(str(pipeline["merged"]), roles_file=str(pipeline["card"]),

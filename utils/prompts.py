@@ -16,6 +16,7 @@ checkpoint and `merge_params.py` copies it into the merged directory:
      "user_token_id": 195, "assistant_token_id": 196,
      "chat_template": "...",                                    # the same layout as Jinja
      "roles": {"李白": {"system": "<the exact system prompt trained on>", "greeting": null}, ...},
+                                               # (a card's: its "alternate_greetings" too, if any)
      "prompt_style": "project",                                 # how --roles_file roles get their prompt
      "contexts": {"阿绣": {<utils.lorebook.Context.to_json()>}}}  # lorebooks and notes, where trained with
 
@@ -191,8 +192,10 @@ def useful(context: Context) -> Context | None:
 
 
 def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str,
-                prompt_style: str = "project", contexts: dict | None = None) -> dict:
-    """The record; `contexts` (name -> Context.to_json()) as data_helper.py's prompts.json has them."""
+                prompt_style: str = "project", contexts: dict | None = None, alternates: dict | None = None) -> dict:
+    """The record; `contexts` (name -> Context.to_json()) and `alternates` (name -> a card's
+    alternate greetings) as data_helper.py's prompts.json has them."""
+    alternates = alternates or {}
     return {
         "format": RECORD_FORMAT,
         "system_template": template,
@@ -200,7 +203,9 @@ def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_i
         "user_token_id": user_id,
         "assistant_token_id": assistant_id,
         "chat_template": chat_template,
-        "roles": {name: {"system": role.system, "greeting": role.greeting} for name, role in roles.items()},
+        "roles": {name: {"system": role.system, "greeting": role.greeting,
+                         **({"alternate_greetings": alternates[name]} if alternates.get(name) else {})}
+                  for name, role in roles.items()},
         "prompt_style": prompt_style,
         "contexts": {name: context for name, context in (contexts or {}).items() if name in roles},
     }
@@ -224,6 +229,9 @@ def read_record(directory: str) -> dict | None:
             raise UserError(f"{path}: {name_problem(name)}")
         if not isinstance(role, dict) or not isinstance(role.get("system"), str):
             raise UserError(f"{path}: role {name!r} has no system prompt")
+        greetings = role.get("alternate_greetings", [])
+        if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
+            raise UserError(f"{path}: role {name!r}: alternate_greetings must be a list of strings")
     if record.get("prompt_style", "project") not in PROMPT_STYLES:
         raise UserError(f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, got "
                         f"{record['prompt_style']!r}")
@@ -240,7 +248,7 @@ def record_roles(record: dict) -> dict[str, Role]:
     contexts = record.get("contexts", {})
     return {name: Role(name, role["system"], role.get("greeting"),
                        Context.from_json(contexts[name], f"{RECORD_FILE}: contexts[{name!r}]")
-                       if name in contexts else None)
+                       if name in contexts else None, tuple(role.get("alternate_greetings", [])))
             for name, role in record["roles"].items()}
 
 
