@@ -210,7 +210,7 @@ def write_world(tmp_path):
     return str(path)
 
 
-def test_the_page_offers_another_greeting(loaded, browser):
+def test_the_page_offers_another_greeting(loaded, browser):  # noqa: F811 (the fixture imported above)
     """A card's alternate_greetings: the page's "another greeting" button swaps the opening greeting
     in turn, the chosen one goes into the prompt, and once the user has spoken the chat stays."""
     from test_web_demo import bot_texts, open_page, send, wait_for_reply
