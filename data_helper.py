@@ -474,6 +474,10 @@ def main(argv=None):
               if context.books or context.depth_note or context.post_history}
     if extras:
         side_file["contexts"] = extras
+    # not trained on, but recorded, so that the page offers them with the trained model
+    alternates = {name: list(role.alternates) for name, role in roles.items() if role.alternates}
+    if alternates:
+        side_file["alternate_greetings"] = alternates
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),

@@ -227,17 +227,22 @@ def load_data(config: TrainConfig, rows: dict, tokenizer, user_id: int, assistan
 
 def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> dict:
     """What the checkpoints record of the prompts: the roles trained on, with their exact system
-    prompts (from the samples), and the template of data_helper.py's prompts.json when there."""
+    prompts (from the samples), and the template, prompt style and contexts of data_helper.py's
+    prompts.json when there."""
     from utils import read_json
     from utils.prompts import PROMPTS_FILE, SYSTEM_TEMPLATE, make_record
     from utils.training.distributed import print_rank_0
 
     path = data.prompts_file or os.path.join(os.path.dirname(os.path.abspath(data.train_path[0])), PROMPTS_FILE)
-    template = SYSTEM_TEMPLATE
-    if os.path.isfile(path):
-        template = read_json(path, "prompts file").get("system_template", SYSTEM_TEMPLATE)
-        print_rank_0(f"prompt record: {len(roles)} roles from {', '.join(data.train_path)}, the template of {path}")
-    return make_record(roles, template, user_id, assistant_id, tokenizer.chat_template)
+    side_file = read_json(path, "prompts file") if os.path.isfile(path) else {}
+    if side_file:
+        print_rank_0(f"prompt record: {len(roles)} roles from {', '.join(data.train_path)}, the template, prompt "
+                     f"style and contexts of {path}")
+    # the contexts (lorebooks, notes) that data_helper.py applied, so that serving applies the same,
+    # and the cards' alternate greetings, for the page to offer
+    return make_record(roles, side_file.get("system_template", SYSTEM_TEMPLATE), user_id, assistant_id,
+                       tokenizer.chat_template, side_file.get("prompt_style", "project"), side_file.get("contexts"),
+                       side_file.get("alternate_greetings"))
 
 
 def log_window(window, global_step: int, lr: float, progress, writer, metrics: dict) -> None:

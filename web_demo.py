@@ -150,6 +150,23 @@ class RolePlayChat:
         prompt as the first assistant turn."""
         return self.engine.roles[role].opening() if role in self.engine.roles else []
 
+    def another_greeting(self, role, history) -> list[dict]:
+        """The chat opened by the role's next greeting (a card's alternate_greetings, in turn), while
+        it holds only its greeting, as SillyTavern swipes a first message; once the user has spoken,
+        the chat as it is (Clear starts over)."""
+        greetings = self.engine.roles[role].greetings() if role in self.engine.roles else []
+        history = history or []
+        if len(greetings) < 2 or len(history) > 1 or (history and history[0].get("role") != "assistant"):
+            return history
+        from utils.chat import content_text
+
+        shown = content_text(history[0]["content"]) if history else None
+        following = greetings[(greetings.index(shown) + 1) % len(greetings)] if shown in greetings else greetings[0]
+        return [{"role": "assistant", "content": following}]
+
+    def has_alternates(self, role) -> bool:
+        return role in self.engine.roles and len(self.engine.roles[role].greetings()) > 1
+
 
 def build_demo(chat: RolePlayChat, default_role: str):
     """The chat page (a small gr.Blocks, as Gradio's chatbot_streaming demo); the sliders start at
@@ -176,6 +193,9 @@ def build_demo(chat: RolePlayChat, default_role: str):
                     submit = gr.Button("发送 Submit", variant="primary", elem_id="submit")
                     stop = gr.Button("停止 Stop", elem_id="stop")
                     clear = gr.Button("清空 Clear", elem_id="clear")
+                    # shown for a role with several greetings (a card's alternate_greetings)
+                    another = gr.Button("换个开场 Another greeting", elem_id="another_greeting",
+                                        visible=chat.has_alternates(default_role))
             with gr.Column(scale=1):
                 # a name's control and bidi characters are shown escaped; the value stays the name
                 role = gr.Radio([(printable(name), name) for name in chat.engine.roles], value=default_role, elem_id="role",
@@ -187,6 +207,9 @@ def build_demo(chat: RolePlayChat, default_role: str):
                     gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)",
                               elem_id="temperature")]
         wire(chat, msg, chatbot, role, settings, submit, stop, clear)
+        role.change(lambda name: gr.Button(visible=chat.has_alternates(name)), role, another, queue=False,
+                    api_visibility="private")
+        another.click(chat.another_greeting, [role, chatbot], chatbot, queue=False, api_visibility="private")
     # the bound on concurrent replies is chat.engine.slots, shared with the API: Gradio only runs the handlers
     demo.queue(default_concurrency_limit=None, max_size=None)
     return demo

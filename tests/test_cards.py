@@ -111,8 +111,8 @@ def card_files(tmp_path):
 def test_a_card_becomes_a_role_with_its_prompt_greeting_and_dialogues(card_files, kind, capsys):
     roles = roles_from_file(str(card_files[kind]))
     notes = capsys.readouterr().err.splitlines()
-    if kind.startswith(("v2", "png")):  # what is not used yet is said in one line
-        assert notes == [f"note: {card_files[kind]}: not used yet: alternate_greetings (1)"]
+    if kind.startswith(("v2", "png")):  # what is not trained on is said in one line
+        assert notes == [f"note: {card_files[kind]}: not trained on: alternate_greetings (1; the page offers them)"]
     else:
         assert notes == []
     assert list(roles) == ["阿绣"]

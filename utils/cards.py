@@ -20,7 +20,7 @@ How a card becomes a role (utils.prompts.card_role, and `card_dialogues` here):
 {{char}} and {{user}} (and the old <BOT>/<USER>) become the name and `user_name` everywhere.
 In SillyTavern's prompt style (utils/prompts.py), mes_example is also read as SillyTavern reads it
 (`sillytavern_examples`), for the examples in the system prompt.
-Not used yet, with a one-line note: alternate_greetings (for the page to offer).
+Not trained on, with a one-line note: alternate_greetings (web_demo.py's page offers them).
 
 A card is untrusted input. Every problem (too big, not a card, bad base64 or JSON, no name, a
 truncated or damaged PNG, a compressed chunk that inflates past its bound, an image past Pillow's
@@ -72,8 +72,9 @@ class Card:
     depth_note: DepthNote | None = None  # V3's extensions.depth_prompt
 
     def unused(self) -> list[str]:
-        """The parts of the card that are not used yet, in words."""
-        return [f"alternate_greetings ({len(self.alternate_greetings)})"] if self.alternate_greetings else []
+        """The parts of the card that are not trained on, in words."""
+        return [f"alternate_greetings ({len(self.alternate_greetings)}; the page offers them)"] \
+            if self.alternate_greetings else []
 
     def context(self, user_name: str = USER_NAME, books: tuple[Lorebook, ...] = ()) -> Context:
         """What the card adds to its character's prompt beyond the system prompt (utils.lorebook),
@@ -280,7 +281,7 @@ def card_files(folder: str) -> list[str]:
 def _noted(card: Card) -> Card:
     unused = card.unused()
     if unused:
-        print(f"note: {card.path}: not used yet: {', '.join(unused)}", file=sys.stderr)
+        print(f"note: {card.path}: not trained on: {', '.join(unused)}", file=sys.stderr)
     return card
 
 

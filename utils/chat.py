@@ -38,6 +38,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--roles_file", help="JSON object role name -> description, a character card (.json or .png) "
                                             "or a folder of cards, to play other roles than the model's own "
                                             "(default: the roles recorded in the model)")
+    group.add_argument("--lorebook", action="append", metavar="FILE",
+                       help="a SillyTavern World Info file whose entries fire for every role, after the role's own "
+                            "lorebook, as data_helper.py --lorebook trains them (repeatable)")
     group.add_argument("--card_system_prompt", action="store_true",
                        help="with cards in --roles_file: use a card's own system_prompt instead of the built one")
     group.add_argument("--quantization_bit", type=int, choices=(4, 8),

@@ -13,7 +13,7 @@ default sampling. Nothing heavy is imported at module level, so that the scripts
 """
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils import UserError
 from utils.assembly import JOIN, AssemblyError, assemble, names_of
@@ -83,7 +83,7 @@ def read_roles(args, name: str | None = None) -> tuple[dict[str, Role], Role]:
     name is told at once."""
     from utils.prompts import load_prompts
 
-    roles = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt).roles
+    roles = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt, args.lorebook).roles
     return roles, check_role(roles, name or next(iter(roles)))
 
 
@@ -98,6 +98,14 @@ class ChatEngine:
     A client's message list (`request_prompt`) is played with the policy `client_system` (one of
     CLIENT_SYSTEM) when it names a role; `client_model`, a name that is no role, means "the
     client's own system prompt" (the API lists it beside the roles; None: not listed).
+    A role's context (its lorebooks, depth note and post-history instructions, as it trained with
+    them) is applied wherever its trained prompt is served: the page, predict.py, and a request to
+    the role under "role" or "append". There, a client's later system messages (an Author's Note,
+    its own post-history) are already folded into the conversation by the assembly, so they count
+    in the lorebook scan, and the role's notes come after them, as the training rows put them last.
+    Under "client" (and for a model that is no role) the client's prompt is the client's own: a
+    client such as SillyTavern sends its lorebook and notes itself, and applying ours too would
+    place them twice.
     """
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
@@ -189,10 +197,18 @@ class ChatEngine:
 
     def prompt(self, role: Role, conversation: list[dict]) -> list[dict]:
         """The role's system prompt, then the newest messages of `conversation` that could fit in the
-        context (build_chat_input then keeps the newest whole rounds that do fit, in tokens)."""
+        context (build_chat_input then keeps the newest whole rounds that do fit, in tokens), with the
+        role's context (utils.lorebook: lorebook entries, depth note, post-history) applied."""
         if len(role.system) > CHARS_PER_TOKEN_BOUND * self.model_max_length:
             raise InputError({"system": f"the system prompt is too long ({len(role.system)} characters)"})
-        return role_messages(role, newest_history(conversation, self.model_max_length))
+        messages = role_messages(role, newest_history(conversation, self.model_max_length))
+        if role.context is None:
+            return messages
+        # the role's lorebooks and notes, fired on the live conversation by the function that wrote
+        # its training rows; a prefill (a trailing assistant turn) stays last, after the notes
+        prefill = messages[-1:] if messages[-1]["role"] == "assistant" else []
+        applied, _ = role.context.apply(messages[: len(messages) - len(prefill)])
+        return [*applied, *prefill]
 
     def request_prompt(self, model: str, messages: list[dict]) -> RequestPrompt:
         """The prompt for a client's `messages` (dicts with role, content as text, optionally name)
@@ -211,9 +227,9 @@ class ChatEngine:
                                    f"({', '.join(self.roles)}), or send your own system message")
             role, source = Role(model, client), "client"
         elif client and self.client_system == "client":
-            role, source = Role(model, client), "client"
+            role, source = Role(model, client), "client"  # the client's prompt: its own lorebook and notes too
         elif client and self.client_system == "append":
-            role, source = Role(model, role.system + JOIN + client), f"role {model} + client"
+            role, source = replace(role, system=role.system + JOIN + client), f"role {model} + client"
         else:  # "role", or a client that sent no system prompt: its later ones are in the conversation
             source = f"role {model}"
         last = f"messages[{assembly.origin[-1]}].content"

@@ -15,7 +15,13 @@ checkpoint and `merge_params.py` copies it into the merged directory:
      "layout": LAYOUT,                                          # the chat layout, in words
      "user_token_id": 195, "assistant_token_id": 196,
      "chat_template": "...",                                    # the same layout as Jinja
-     "roles": {"李白": {"system": "<the exact system prompt trained on>", "greeting": null}, ...}}
+     "roles": {"李白": {"system": "<the exact system prompt trained on>", "greeting": null}, ...},
+                                               # (a card's: its "alternate_greetings" too, if any)
+     "prompt_style": "project",                                 # how --roles_file roles get their prompt
+     "contexts": {"阿绣": {<utils.lorebook.Context.to_json()>}}}  # lorebooks and notes, where trained with
+
+A role's context (its lorebooks, depth note and post-history instructions) is applied on the live
+conversation by the engine, with the same function that wrote the training rows (Context.apply).
 
 `predict.py`, `web_demo.py` and `evaluate.py` read it back (`load_prompts`), so a model is served
 with exactly the prompts it saw, and only the roles it was trained on. `--roles_file` overrides
@@ -24,12 +30,13 @@ the record; a directory without a record falls back to data/roles.json, and says
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.assembly import DEFAULT_USER, Names, system_text
 from utils.cards import USER_NAME, Card, card_description, read_roles_source, sillytavern_examples, substitute
 from utils.cli import UserError, unsafe_character
 from utils.files import read_json, write_json
+from utils.lorebook import Context, Lorebook
 
 SYSTEM_TEMPLATE = (
     "你现在要扮演{role}。以下是{role}的人物设定：{description}\n"
@@ -59,10 +66,16 @@ class Role:
     name: str
     system: str
     greeting: str | None = None
+    context: Context | None = None  # lorebooks and notes beyond the system prompt (utils.lorebook)
+    alternates: tuple[str, ...] = ()  # a card's alternate_greetings, which the page offers
 
     def opening(self) -> list[dict]:
         """The chat this role starts with: its greeting as the first assistant turn, if it has one."""
         return [{"role": "assistant", "content": self.greeting}] if self.greeting else []
+
+    def greetings(self) -> list[str]:
+        """Every greeting the chat may open with: the greeting, then the alternates."""
+        return [g for g in (self.greeting, *self.alternates) if g]
 
 
 def check_template(template: str) -> str | None:
@@ -139,7 +152,9 @@ def roles_from_file(path: str, template: str = SYSTEM_TEMPLATE, card_system_prom
     user_name = user_name or default_user_name(style)
     found, roles_file = read_roles_source(path)
     if found:
-        return {card.name: card_role(card, template, card_system_prompt, user_name, style) for card in found}
+        return {card.name: replace(card_role(card, template, card_system_prompt, user_name, style),
+                                   context=useful(card.context(user_name)))
+                for card in found}
     if style == "sillytavern":
         return {name: Role(name, sillytavern_system(name, user_name, description=description.strip()))
                 for name, description in check_roles(roles_file, path).items()}
@@ -151,11 +166,12 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
               user_name: str = USER_NAME, style: str = "project") -> Role:
     """The role a card plays (utils.cards' docstring says how): its system prompt and greeting."""
     greeting = substitute(card.first_mes, card.name, user_name) or None
+    alternates = tuple(text for text in (substitute(g, card.name, user_name) for g in card.alternate_greetings) if text)
     if style == "sillytavern":
         system = sillytavern_system(card.name, user_name, description=card.description, personality=card.personality,
                                     scenario=card.scenario, mes_example=card.mes_example,
                                     system_prompt=card.system_prompt)
-        return Role(card.name, system, greeting)
+        return Role(card.name, system, greeting, alternates=alternates)
     description = card_description(card, user_name)
     built = build_system_prompt(card.name, description, template) if description else ""
     system = built
@@ -164,13 +180,22 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
     if not system:
         raise UserError(f"{card.path}: the card has no description, personality or scenario to build "
                         f"{card.name}'s system prompt from")
-    return Role(card.name, system, greeting)
+    return Role(card.name, system, greeting, alternates=alternates)
 
 
 # ---------------------------------------------------------------- the record a model carries
 
 
-def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str) -> dict:
+def useful(context: Context) -> Context | None:
+    """The context, or None when it adds nothing to the prompt."""
+    return context if context.books or context.depth_note or context.post_history or context.extra_system else None
+
+
+def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str,
+                prompt_style: str = "project", contexts: dict | None = None, alternates: dict | None = None) -> dict:
+    """The record; `contexts` (name -> Context.to_json()) and `alternates` (name -> a card's
+    alternate greetings) as data_helper.py's prompts.json has them."""
+    alternates = alternates or {}
     return {
         "format": RECORD_FORMAT,
         "system_template": template,
@@ -178,7 +203,11 @@ def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_i
         "user_token_id": user_id,
         "assistant_token_id": assistant_id,
         "chat_template": chat_template,
-        "roles": {name: {"system": role.system, "greeting": role.greeting} for name, role in roles.items()},
+        "roles": {name: {"system": role.system, "greeting": role.greeting,
+                         **({"alternate_greetings": alternates[name]} if alternates.get(name) else {})}
+                  for name, role in roles.items()},
+        "prompt_style": prompt_style,
+        "contexts": {name: context for name, context in (contexts or {}).items() if name in roles},
     }
 
 
@@ -200,11 +229,37 @@ def read_record(directory: str) -> dict | None:
             raise UserError(f"{path}: {name_problem(name)}")
         if not isinstance(role, dict) or not isinstance(role.get("system"), str):
             raise UserError(f"{path}: role {name!r} has no system prompt")
+        greetings = role.get("alternate_greetings", [])
+        if not isinstance(greetings, list) or not all(isinstance(g, str) for g in greetings):
+            raise UserError(f"{path}: role {name!r}: alternate_greetings must be a list of strings")
+    if record.get("prompt_style", "project") not in PROMPT_STYLES:
+        raise UserError(f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, got "
+                        f"{record['prompt_style']!r}")
+    contexts = record.get("contexts", {})
+    if not isinstance(contexts, dict) or not all(isinstance(c, dict) for c in contexts.values()):
+        raise UserError(f"{path}: contexts must be an object of role name -> prompt context")
+    for name, value in contexts.items():  # checked as a lorebook file is, before any model loads
+        Context.from_json(value, f"{path}: contexts[{name!r}]")
     return record
 
 
 def record_roles(record: dict) -> dict[str, Role]:
-    return {name: Role(name, role["system"], role.get("greeting")) for name, role in record["roles"].items()}
+    """The roles of a record read by read_record, each with its prompt context."""
+    contexts = record.get("contexts", {})
+    return {name: Role(name, role["system"], role.get("greeting"),
+                       Context.from_json(contexts[name], f"{RECORD_FILE}: contexts[{name!r}]")
+                       if name in contexts else None, tuple(role.get("alternate_greetings", [])))
+            for name, role in record["roles"].items()}
+
+
+def with_books(roles: dict[str, Role], books: tuple[Lorebook, ...], user_name: str) -> dict[str, Role]:
+    """The roles with the lorebooks `books` (--lorebook files) after each role's own, as
+    data_helper.py --lorebook adds them to every character."""
+    if not books:
+        return roles
+    return {name: replace(role, context=replace(role.context, books=role.context.books + books) if role.context
+                          else Context(name, user_name, books))
+            for name, role in roles.items()}
 
 
 @dataclass(frozen=True)
@@ -215,10 +270,14 @@ class Prompts:
 
 
 def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None,
-                 card_system_prompt: bool = False) -> Prompts:
-    """The roles to serve a model with: `roles_file` (a roles file, a card or a folder of cards) when
-    given, its prompts built with the model's own template; else the model's record (the adapter's
-    first), else data/roles.json with a note."""
+                 card_system_prompt: bool = False, lorebooks: list[str] | None = None) -> Prompts:
+    """The roles to serve a model with: `roles_file` (a roles file, a card or a folder of cards, a
+    card with its own lorebook and notes) when given, its prompts built with the model's own
+    template and prompt style; else the model's record (the adapter's first), with the contexts it
+    trained with; else data/roles.json with a note. `lorebooks` (World Info files) go to every role."""
+    from utils.lorebook import read_lorebook
+
+    books = tuple(read_lorebook(path) for path in lorebooks or [])
     record = None
     for directory in (adapter_path, model_path):
         if directory and os.path.isdir(directory):
@@ -226,13 +285,16 @@ def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: s
             if record is not None:
                 break
     template = record["system_template"] if record and record.get("system_template") else SYSTEM_TEMPLATE
+    style = record.get("prompt_style", "project") if record else "project"
+    user_name = default_user_name(style)
     if roles_file is not None:
-        return Prompts(roles_from_file(roles_file, template, card_system_prompt))
+        return Prompts(with_books(roles_from_file(roles_file, template, card_system_prompt, style=style), books,
+                                  user_name))
     if record is not None:
-        return Prompts(record_roles(record))
+        return Prompts(with_books(record_roles(record), books, user_name))
     print(f"note: {adapter_path or model_path} carries no {RECORD_FILE} (a base model, or one trained before "
           f"prompt records): using the roles of {os.path.relpath(DEFAULT_ROLES_FILE)}", file=sys.stderr)
-    return Prompts(roles_from_file(DEFAULT_ROLES_FILE))
+    return Prompts(with_books(roles_from_file(DEFAULT_ROLES_FILE), books, user_name))
 
 
 def check_role(roles: dict[str, Role], name) -> Role:
