@@ -1,0 +1,254 @@
+"""Training across machines, simulated on one: two torchrun "nodes" of one process each on 127.0.0.1
+(`--nnodes 2 --node_rank 0/1`), as a user with two machines would launch them.
+
+"No shared filesystem": node 1 runs in a mount namespace of its own (`unshare -m`, as root), where
+a folder of its own is bind-mounted over the run's --output_dir, so that each node sees only its
+own disk there, as two cloud machines without NFS would, and node 1's disk outlives the run for
+the resume. Where unshare is not permitted those tests are skipped with the reason.
+
+One OpenMP thread a process, the tiny model, 4 optimizer steps (checkpoints at steps 2 and 4).
+"""
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+STEP_LINE = re.compile(r"^step=(\d+) loss=([0-9.]+)", re.M)
+TIMEOUT = 120  # seconds a launch may take at the most (measured 15-25 s on the 2 shared cores)
+
+
+def child_env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(output: str) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in STEP_LINE.findall(output)}
+
+
+def can_unshare() -> str | None:
+    """Why a private mount namespace cannot be had here, or None when it can."""
+    try:
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True,
+                              text=True, timeout=30)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    return None if proc.returncode == 0 else f"no private mount namespace here: {proc.stderr.strip()[:200]}"
+
+
+needs_unshare = pytest.mark.skipif(bool(can_unshare()), reason=str(can_unshare()))
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    out = tmp_path_factory.mktemp("samples")
+    subprocess.run([sys.executable, "data_helper.py", "--train_out", str(out / "train.jsonl"),
+                    "--test_out", str(out / "test.jsonl")], cwd=REPO_ROOT, env=child_env(), check=True,
+                   capture_output=True)  # fmt: skip
+    return out
+
+
+def train_arguments(model_dir, samples, out, *extra) -> list[str]:
+    """4 optimizer steps of 2 micro-batches of 4 rows per process, a checkpoint every 2."""
+    return [
+        "train.py",
+        "--model_name_or_path", str(model_dir),
+        "--train_path", str(samples / "train.jsonl"),
+        "--test_path", str(samples / "test.jsonl"),
+        "--output_dir", str(out),
+        "--max_len", "384", "--max_src_len", "64",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "5e-3",
+        "--show_loss_step", "1",
+        "--save_model_step", "2",
+        "--max_steps", "4",
+        *extra,
+    ]  # fmt: skip
+
+
+class Node:
+    """One launcher's run: its exit status, and what each of its workers (by local rank) wrote."""
+
+    def __init__(self, returncode: int, log_dir: Path, launcher_stderr: str):
+        self.returncode, self.launcher_stderr = returncode, launcher_stderr
+        self.workers = {}
+        for folder in sorted(log_dir.glob("*/attempt_0/*")):
+            self.workers[int(folder.name)] = tuple((folder / f"{stream}.log").read_text(errors="replace")
+                                                   for stream in ("stdout", "stderr"))
+
+    def stdout(self, local_rank: int = 0) -> str:
+        return self.workers[local_rank][0]
+
+    def stderr(self, local_rank: int = 0) -> str:
+        return self.workers[local_rank][1]
+
+    def text(self) -> str:
+        return (f"exit status {self.returncode}\n" + "".join(f"[local rank {rank} stdout]\n{out[-2000:]}\n"
+                f"[local rank {rank} stderr]\n{err[-3000:]}\n" for rank, (out, err) in self.workers.items())
+                + f"[launcher]\n{self.launcher_stderr[-1500:]}")
+
+
+class Launch:
+    """The nodes of one run, started together; torchrun writes each worker's output to files of its
+    own (--log_dir, --redirects), so that a worker's output is told apart from the launcher's."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.procs, self.started = folder, {}, time.monotonic()
+        folder.mkdir()
+
+    def log_dir(self, name: str) -> Path:
+        return self.folder / name
+
+    def start(self, name: str, command: list[str], **env) -> None:
+        with open(self.folder / f"{name}.launcher", "w") as launcher_output:
+            self.procs[name] = subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(**env), stdout=launcher_output,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = TIMEOUT) -> dict[str, Node]:
+        """{name: Node} once every node has ended; all are killed after `timeout` seconds."""
+        deadline = self.started + timeout
+        try:
+            for proc in self.procs.values():
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"timed out after {timeout} s:\n" + self.text(self.nodes())) from None
+        self.seconds = time.monotonic() - self.started
+        return self.nodes()
+
+    def nodes(self) -> dict[str, Node]:
+        return {name: Node(proc.returncode, self.log_dir(name), (self.folder / f"{name}.launcher").read_text())
+                for name, proc in self.procs.items()}
+
+    @staticmethod
+    def text(nodes: dict[str, Node]) -> str:
+        return "\n".join(f"===== {name}: {node.text()}" for name, node in nodes.items())
+
+    def kill(self, name: str | None = None) -> None:
+        """SIGKILL a node's launcher and its workers (all nodes without a name): torchrun starts its
+        workers in sessions of their own, so the whole process tree is walked."""
+        import psutil
+
+        for proc in [self.procs[name]] if name else self.procs.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                parent = psutil.Process(proc.pid)
+                for process in [*parent.children(recursive=True), parent]:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
+            proc.wait()
+
+
+def node_command(launch: Launch, name: str, node_rank: int, port: int, arguments: list[str], nnodes: int = 2,
+                 nproc: int = 1) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+            "--log_dir", str(launch.log_dir(name)), "--redirects", "3", *arguments]  # fmt: skip
+
+
+def on_own_disk(command: list[str], disk: Path, folder: Path) -> list[str]:
+    """`command` in a mount namespace of its own where `disk` is mounted over `folder`: it sees and
+    writes only `disk` there, and nobody outside sees what it writes (bar the test, through `disk`)."""
+    return ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"', "own-disk",
+            str(disk), str(folder), *command]  # fmt: skip
+
+
+def two_nodes(tmp_path: Path, name: str, arguments: list[str], out: Path, node1_disk: Path | None = None,
+              env0: dict | None = None, env1: dict | None = None) -> Launch:
+    """Start node 0 and node 1 of one run; with `node1_disk`, node 1 has its own disk at `out`."""
+    launch = Launch(tmp_path / name)
+    port = free_port()
+    launch.start("node0", node_command(launch, "node0", 0, port, arguments), **(env0 or {}))
+    command = node_command(launch, "node1", 1, port, arguments)
+    if node1_disk is not None:
+        node1_disk.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # the mount point
+        command = on_own_disk(command, node1_disk, out)
+    launch.start("node1", command, **(env1 or {}))
+    return launch
+
+
+def one_node_of_two(tmp_path: Path, name: str, arguments: list[str]) -> Launch:
+    launch = Launch(tmp_path / name)
+    launch.start("node0", node_command(launch, "node0", 0, free_port(), arguments, nnodes=1, nproc=2))
+    return launch
+
+
+def assert_finished(nodes: dict[str, Node]) -> None:
+    for node in nodes.values():
+        assert node.returncode == 0, Launch.text(nodes)
+        assert not any("Traceback" in err for _, err in node.workers.values()), Launch.text(nodes)
+
+
+# ---------------------------------------------------------------- the reference: one node, two processes
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, samples, tmp_path_factory):
+    """One node of two processes: its losses by step, and its output folder."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = tmp / "out"
+    launch = one_node_of_two(tmp, "run", train_arguments(tiny_model_dir, samples, out))
+    nodes = launch.wait()
+    assert_finished(nodes)
+    found = losses(nodes["node0"].stdout())
+    assert sorted(found) == [1, 2, 3, 4]
+    print(f"one node of two processes: {launch.seconds:.1f} s")
+    return found, out
+
+
+# ---------------------------------------------------------------- a shared output folder
+
+
+def test_two_nodes_with_a_shared_folder_equal_one_node_of_two_processes_and_resume_exactly(
+        reference, tiny_model_dir, samples, tmp_path):
+    expected, _ = reference
+    out = tmp_path / "out"
+    arguments = train_arguments(tiny_model_dir, samples, out)
+    launch = two_nodes(tmp_path, "run", arguments, out)
+    nodes = launch.wait()
+    assert_finished(nodes)
+    print(f"two nodes, shared folder: {launch.seconds:.1f} s")
+    assert "world size 2" in nodes["node0"].stdout()
+    assert losses(nodes["node0"].stdout()) == expected  # to every printed digit
+    for step in (2, 4):
+        for rank in (0, 1):
+            assert (out / f"epoch-1-step-{step}" / f"optimizer-rank{rank}.safetensors").is_file()
+
+    # resume on two nodes from step 2: steps 3 and 4 again, to the same losses
+    launch = two_nodes(tmp_path, "resume", arguments + ["--resume_from_checkpoint", str(out / "epoch-1-step-2")], out)
+    nodes = launch.wait()
+    assert_finished(nodes)
+    print(f"two nodes, shared folder, resume: {launch.seconds:.1f} s")
+    assert losses(nodes["node0"].stdout()) == {step: expected[step] for step in (3, 4)}
+
+
+# ---------------------------------------------------------------- no shared folder
+
+
+@needs_unshare
+def test_two_nodes_without_a_shared_folder_fail_at_the_first_checkpoint_today(tiny_model_dir, samples, tmp_path):
+    """Issue 21 as reported: both nodes train until the first checkpoint, then rank 1 dies writing
+    its partition into a temporary folder that exists only on node 0's disk."""
+    out = tmp_path / "out"
+    launch = two_nodes(tmp_path, "run", train_arguments(tiny_model_dir, samples, out), out,
+                       node1_disk=tmp_path / "node1-disk")
+    nodes = launch.wait()
+    print(f"two nodes, no shared folder: {launch.seconds:.1f} s")
+    assert nodes["node1"].returncode != 0
+    assert "No such file or directory" in nodes["node1"].stderr() and ".tmp-epoch-1-step-2" in nodes["node1"].stderr()
+    assert sorted(losses(nodes["node0"].stdout())) == [1, 2]
