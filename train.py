@@ -151,7 +151,7 @@ def validate_args(args) -> list[str]:
 def check_ds_file(args) -> list[str]:
     import torch
 
-    from utils.training import fill_ds_config, read_ds_config
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
 
     dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else (
         torch.float16 if torch.cuda.is_available() else torch.float32)
@@ -163,7 +163,7 @@ def check_ds_file(args) -> list[str]:
 
 
 def check_output_dir(output_dir: str, resume: str | None) -> list[str]:
-    from utils.training import BEST, list_checkpoints
+    from utils.training.checkpoints import BEST, list_checkpoints
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir: {output_dir!r} is a file"]
@@ -190,7 +190,8 @@ def dry_run(args) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import baichuan  # noqa: F401
-    from utils.training import memory_estimate, print_trainable_parameters, read_ds_config
+    from utils.training.deepspeed_config import read_ds_config
+    from utils.training.sizes import memory_estimate, print_trainable_parameters
 
     config = AutoConfig.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     with torch.device("meta"):
@@ -209,7 +210,7 @@ def load_data(args, rows: dict, tokenizer, user_id: int, assistant_id: int, rank
     """The training samples (packed with --packing), and this rank's share of the test set in batches
     sorted by length, so that evaluation pads little. `rows`: the rows of --train_path and --test_path."""
     from utils.data import PackedDataset, RolePlayDataset, collate
-    from utils.training import print_rank_0
+    from utils.training.distributed import print_rank_0
 
     def load(split):
         return RolePlayDataset(rows[split], tokenizer, user_id, assistant_id, args.max_len, args.max_src_len,
@@ -236,7 +237,7 @@ def prompt_record(args, roles, tokenizer, user_id, assistant_id) -> dict:
     prompts (from the samples), and the template of data_helper.py's prompts.json when there."""
     from utils import read_json
     from utils.prompts import PROMPTS_FILE, SYSTEM_TEMPLATE, make_record
-    from utils.training import print_rank_0
+    from utils.training.distributed import print_rank_0
 
     path = args.prompts_file or os.path.join(os.path.dirname(os.path.abspath(args.train_path[0])), PROMPTS_FILE)
     template = SYSTEM_TEMPLATE
@@ -262,7 +263,7 @@ def count_steps(args, train_set, world_size: int) -> tuple[int, int]:
 
 def run_is_complete(args, state: dict, steps_per_epoch: int, total_steps: int) -> bool:
     """Whether the checkpoint resumed from already ends the run (then say so)."""
-    from utils.training import print_rank_0
+    from utils.training.distributed import print_rank_0
 
     last_epoch_done = state["epoch"] + 1 >= args.num_train_epochs and state["step_in_epoch"] == steps_per_epoch
     if state["global_step"] < total_steps and not last_epoch_done:
@@ -329,10 +330,13 @@ def main():
     from utils.data import collate, sample_counts
     from utils.models import load_for_training, load_tokenizer
     from utils.prompts import RECORD_FILE
-    from utils.training import (Throughput, check_resumable, checkpoint_name, evaluate, keep_checkpoints,
-                                list_checkpoints, load_adapter_weights, print_rank_0, print_trainable_parameters,
-                                read_ds_config, read_trainer_state, fill_ds_config, resume, save_checkpoint,
-                                setup_distributed, start_step, stop_message, train_step)
+    from utils.training.checkpoints import (check_resumable, checkpoint_name, keep_checkpoints, list_checkpoints,
+                                            load_adapter_weights, read_trainer_state, resume, save_checkpoint,
+                                            stop_message)
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.distributed import print_rank_0, setup_distributed
+    from utils.training.sizes import print_trainable_parameters
+    from utils.training.steps import Throughput, evaluate, start_step, train_step
 
     rank, world_size, device, dtype = setup_distributed(args.local_rank)
     set_seed(args.seed)

@@ -269,7 +269,8 @@ def deepspeed_engine(model, train_args, device, dtype, total_steps):
     """The DeepSpeed engine train.py makes: ds_config.json with its 'auto' values filled in."""
     import deepspeed
 
-    from utils.training import fill_ds_config, read_ds_config, setup_distributed
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.distributed import setup_distributed
 
     setup_distributed(train_args.local_rank)  # a one-process group, as a bare `python train.py` makes
     config = read_ds_config(os.path.join(ROOT, "ds_config.json"))
@@ -301,7 +302,7 @@ def watch_zero_buckets(engine, seen: dict) -> None:
 
 def deepspeed_step(engine, batch):
     """One step as train.py's loop takes it (no autocast: the engine holds the model in bf16 or fp16)."""
-    from utils.training import start_step, train_step
+    from utils.training.steps import start_step, train_step
 
     step_tokens, _ = start_step([batch], batch["input_ids"].device)
     return train_step(engine, [batch], step_tokens, batch["input_ids"].device) / step_tokens
@@ -309,7 +310,7 @@ def deepspeed_step(engine, batch):
 
 def check_resume(engine, model, batch, workdir: str) -> dict:
     """Save, take 2 steps, restore, take the same 2 steps: how far apart their losses are."""
-    from utils.training import load_adapter_weights, optimizer_state, resume, save_checkpoint
+    from utils.training.checkpoints import load_adapter_weights, optimizer_state, resume, save_checkpoint
 
     state = {"global_step": engine.global_steps, "epoch": 0, "step_in_epoch": engine.global_steps, "world_size": 1,
              "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
@@ -449,7 +450,7 @@ def setup_device(args):
 
 
 def describe_model(model, train_args, args, dtype) -> None:
-    from utils.training import print_trainable_parameters
+    from utils.training.sizes import print_trainable_parameters
 
     print_trainable_parameters(model)
     summary = dtype_summary(model)

@@ -28,7 +28,7 @@ def weights(dataset, batch: int, accumulation: int) -> tuple[list[float], list[f
     """(each labelled token's book weight / token weight, each step's largest/smallest micro-batch count,
     the labelled tokens of every micro-batch) over one epoch."""
     from utils.data import collate, length_grouped_batches
-    from utils.training import labelled_tokens
+    from utils.training.steps import labelled_tokens
 
     batches = length_grouped_batches(dataset.lengths(), batch, seed=1234, epoch=0)
     counts = [labelled_tokens(collate([dataset[i] for i in indices], 0)) for indices in batches]

@@ -56,7 +56,8 @@ def step_gradient(model_dir: str, out_dir: str, rank: int, world_size: int, devi
     import deepspeed
 
     from utils.models import load_for_training
-    from utils.training import fill_ds_config, read_ds_config, start_step, train_step
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.steps import start_step, train_step
 
     dtype = torch.float32
     args = train_args(model_dir, "--lora_dropout", "0")
@@ -115,8 +116,9 @@ def fp16_resume(model_dir: str, out_dir: str, rank: int, world_size: int, device
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
     from utils.models import load_for_training, load_tokenizer
-    from utils.training import (fill_ds_config, load_adapter_weights, optimizer_state, read_ds_config, resume,
-                                save_checkpoint, start_step, train_step)
+    from utils.training.checkpoints import load_adapter_weights, optimizer_state, resume, save_checkpoint
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.steps import start_step, train_step
 
     dtype = torch.float16
     args = train_args(model_dir)
@@ -166,7 +168,7 @@ if __name__ == "__main__":
     from utils import quiet_third_party
 
     quiet_third_party()
-    from utils.training import setup_distributed
+    from utils.training.distributed import setup_distributed
 
     rank, world_size, device, _ = setup_distributed(-1)
     for check in sys.argv[3:]:

@@ -354,7 +354,7 @@ def test_stop_or_kill_then_resume_reaches_the_same_losses(trained, tiny_model_di
     """SIGTERM (as SIGINT: test_ctrl_c_with_two_processes...) finishes what is under way, here the
     checkpoint of step 8, and prints the command that resumes; SIGKILL loses what was not saved.
     Either way the resumed run trains on exactly as the uninterrupted one."""
-    from utils.training import list_checkpoints
+    from utils.training.checkpoints import list_checkpoints
 
     reference = losses(trained[1])
     out = tmp_path / "out"
@@ -382,7 +382,7 @@ def test_stop_or_kill_then_resume_reaches_the_same_losses(trained, tiny_model_di
 
 
 def test_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model_dir, samples, tmp_path):
-    from utils.training import list_checkpoints
+    from utils.training.checkpoints import list_checkpoints
 
     out = tmp_path / "out"
     command = train_command(tiny_model_dir, samples, out, "--save_model_step", "100")
@@ -572,7 +572,7 @@ def test_tokens_per_s_right_after_a_checkpoint_is_like_before(tiny_model_dir, sa
 
 
 def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path):
-    from utils.training import keep_checkpoints, list_checkpoints
+    from utils.training.checkpoints import keep_checkpoints, list_checkpoints
 
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"epoch-1-step-{step}").mkdir()
@@ -595,7 +595,7 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path):
 def test_keep_checkpoints_keeps_the_one_just_saved_after_resuming_from_an_older_one(tmp_path):
     """An abandoned run wrote steps 4, 8 and 12; a run resumed from 4 has just written its own 8 over
     the abandoned one. That 8 is kept and is what `latest` resumes from; the abandoned 12 goes."""
-    from utils.training import keep_checkpoints, list_checkpoints
+    from utils.training.checkpoints import keep_checkpoints, list_checkpoints
 
     for step, saved_at in ((4, 100.0), (12, 300.0), (8, 400.0)):
         (tmp_path / f"epoch-1-step-{step}").mkdir()
@@ -627,7 +627,7 @@ def test_no_warmup_still_gives_deepspeed_a_schedule_it_accepts():
     import train
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-    from utils.training import fill_ds_config, read_ds_config
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
 
     args = train.parse_args(["--warmup_ratio", "0"])
     config = fill_ds_config(read_ds_config(str(REPO_ROOT / "ds_config.json")), args, 1, torch.float32, total_steps=12)
