@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluate and save every this many steps (default: at each epoch's end only)")
     out.add_argument("--save_total_limit", type=int, default=None,
                      help="keep only the N checkpoints written last, plus the best by test loss (default: keep all)")
+    out.add_argument("--save_on_each_node", action="store_true",
+                     help="several machines whose --output_dir is not one shared folder: each node keeps a full copy "
+                          "of every checkpoint on its own disk (its own ranks' optimizer partitions), and resumes "
+                          "from it; without it, such a run stops at start-up")
     out.add_argument("--resume_from_checkpoint",
                      help="a checkpoint directory, or 'latest' for the complete one written last in output_dir")
     out.add_argument("--dry_run", action="store_true",
@@ -163,22 +167,31 @@ def check_ds_file(args) -> list[str]:
 
 
 def check_output_dir(output_dir: str, resume: str | None) -> list[str]:
-    from utils.training.checkpoints import BEST, list_checkpoints
+    """What this process sees of --output_dir (with --save_on_each_node, its own node's copy)."""
+    from utils.lock import LOCK_FILE, check_not_locked
+    from utils.training.checkpoints import BEST
+    from utils.training.manifest import checkpoint_problem, scan_checkpoints
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    ours = [n for n in os.listdir(output_dir) if n in ("tensorboard", BEST) or n.startswith(("epoch-", TMP_PREFIX))]
+    locked = check_not_locked(os.path.join(output_dir, LOCK_FILE), f"--output_dir {output_dir!r}")
+    if locked:
+        return [locked]
+    ours = [n for n in os.listdir(output_dir)
+            if n in ("tensorboard", BEST, LOCK_FILE) or n.startswith(("epoch-", TMP_PREFIX))]
     foreign = sorted(set(os.listdir(output_dir)) - set(ours))
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints, damaged = scan_checkpoints(output_dir)
     if resume == "latest" and not checkpoints:
-        return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"]
-    if resume and resume != "latest" and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint"]
-    if checkpoints and not resume:
+        return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"
+                + (f" ({len(damaged)} damaged or incomplete: {', '.join(sorted(damaged))})" if damaged else "")]
+    problem = checkpoint_problem(resume) if resume and resume != "latest" else None
+    if problem:
+        return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint: {problem}"]
+    if (checkpoints or damaged) and not resume:
         return [f"--output_dir: {output_dir!r} already holds checkpoints; pass --resume_from_checkpoint latest"]
     return []
 
@@ -330,19 +343,21 @@ def main():
     from utils.data import collate, sample_counts
     from utils.models import load_for_training, load_tokenizer
     from utils.prompts import RECORD_FILE
-    from utils.training.checkpoints import (check_resumable, checkpoint_name, keep_checkpoints, list_checkpoints,
+    from utils.training.checkpoints import (check_resumable, checkpoint_name, keep_checkpoints,
                                             load_adapter_weights, read_trainer_state, resume, save_checkpoint,
                                             stop_message)
     from utils.training.deepspeed_config import fill_ds_config, read_ds_config
     from utils.training.distributed import print_rank_0, setup_distributed
     from utils.training.sizes import print_trainable_parameters
     from utils.training.steps import Throughput, evaluate, start_step, train_step
+    from utils.training.storage import Storage
 
     rank, world_size, device, dtype = setup_distributed(args.local_rank)
     set_seed(args.seed)
     print_rank_0(f"world size {world_size}, device {device}, dtype {dtype}")
-    if args.resume_from_checkpoint == "latest":
-        args.resume_from_checkpoint = list_checkpoints(args.output_dir)[-1]
+    # where the checkpoints go: a shared folder, or with --save_on_each_node each node's disk; locked
+    storage = Storage.check(args.output_dir, args.save_on_each_node, log=print_rank_0)
+    args.resume_from_checkpoint = storage.checkpoint_to_resume(args.resume_from_checkpoint, log=print_rank_0)
 
     # ---- data
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
@@ -403,9 +418,10 @@ def main():
                          "eval_loss": eval_loss, "ppl": ppl, **best}
         files = {"train_args.json": vars(args), RECORD_FILE: record}
         started = time.perf_counter()
-        path = save_checkpoint(args.output_dir, engine, model, tokenizer, files, trainer_state)
-        if rank == 0:
+        path = save_checkpoint(args.output_dir, engine, model, tokenizer, files, trainer_state, storage)
+        if storage.is_writer:  # on each copy: every node sees the same steps and the same best
             deleted = keep_checkpoints(args.output_dir, name, best["best_model_checkpoint"], args.save_total_limit)
+        if rank == 0:
             progress.write(f"saved {path} in {time.perf_counter() - started:.1f} s"
                            + (f"; deleted {', '.join(deleted)}" if deleted else ""))
         return path

@@ -2,10 +2,14 @@
 
 A checkpoint `output_dir/epoch-E-step-S/` holds the adapter (safetensors), the tokenizer,
 `train_args.json`, the prompt record (`roleplay.json`, utils.prompts), each rank's optimizer
-partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`), and
-`trainer_state.json`, written last: a directory without it is incomplete and never resumed from.
+partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`),
+`trainer_state.json`, and `manifest.json`, written last, of every file and its size
+(utils.training.manifest): a directory without a manifest that holds is never trusted.
+It is written under a temporary name of this run's own and renamed into place when complete;
+a save that fails (a full disk) stops every rank in one line and leaves no temporary folder.
 The time it was saved at orders the checkpoints: "latest" is the one written last.
-`output_dir/best` links to the checkpoint with the lowest test loss.
+`output_dir/best` links to the checkpoint with the lowest test loss. With --save_on_each_node
+every node keeps a full copy on its own disk (utils.training.storage).
 """
 
 import contextlib
@@ -21,36 +25,16 @@ import torch.distributed as dist
 
 from utils import TMP_PREFIX, UserError, fix_permissions, read_json, write_json
 from utils.signals import NAMES, stall_point
-from utils.training.distributed import is_main_process
+from utils.training.manifest import (TRAINER_STATE, checkpoint_name, partition_name, scan_checkpoints,
+                                     trainer_state_problem, write_manifest)
+from utils.training.storage import Storage, agree
 
-CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
 BEST = "best"  # a symlink in output_dir to the checkpoint with the lowest eval loss
 
 
-def checkpoint_name(epoch: int, global_step: int) -> str:
-    return f"epoch-{epoch + 1}-step-{global_step}"
-
-
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, in the order they were written (by step where that
-    was not recorded), so the last is the newest of the run that resumed last, even when an
-    abandoned run had gone further. Half-written ones (still under their temporary name, or
-    without trainer_state.json) are never listed."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_NAME.match(name)
-        state_path = os.path.join(output_dir, name, "trainer_state.json")
-        if match and os.path.isfile(state_path):
-            try:
-                state = read_json(state_path, "trainer state")
-            except UserError:  # ordered by step; resuming from it says what is wrong
-                state = None
-            saved_at = state.get("saved_at") if isinstance(state, dict) else None
-            saved_at = saved_at if isinstance(saved_at, (int, float)) else 0
-            found.append((saved_at, int(match[2]), int(match[1]), name))
-    return [os.path.join(output_dir, entry[-1]) for entry in sorted(found)]
+    """Complete checkpoints in output_dir, in the order they were written (utils.training.manifest)."""
+    return scan_checkpoints(output_dir)[0]
 
 
 def optimizer_state(engine) -> tuple[dict, dict]:
@@ -104,41 +88,98 @@ def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
             setattr(scaler, key, value)
 
 
-def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict) -> str:
-    """Write epoch-E-step-S under a temporary name, then rename it into place.
+def save_problem(path: str, error: Exception) -> str:
+    """One line for an OS error while saving: the path and the reason (safetensors wraps the OS's)."""
+    reason = getattr(error, "strerror", None)
+    if not reason:
+        found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+        reason = found[1] if found else str(error).strip().splitlines()[0]
+    return f"cannot save a checkpoint: {getattr(error, 'filename', None) or path}: {reason}"
 
-    Each rank writes its optimizer partition; rank 0 writes the adapter, the tokenizer (unless None:
-    bench_gpu_qlora.py's random-weight model has none), the json `files` (name -> object: the
-    arguments, the prompt record), and trainer_state.json last, with the time it was saved at.
+
+class SaveFailed(Exception):
+    """A save problem already put in words."""
+
+
+def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict,
+                    storage: Storage | None = None) -> str:
+    """Write epoch-E-step-S under a temporary name, then rename it into place; in every copy of
+    `storage` (the default: one folder that every rank shares, written by rank 0).
+
+    Each rank writes its optimizer partition into its copy; the copy's writer writes the adapter,
+    the tokenizer (unless None: bench_gpu_qlora.py's random-weight model has none), the json
+    `files` (name -> object: the arguments, the prompt record), trainer_state.json with the time
+    it was saved at, and the manifest last. An OS error on any rank (a full disk) removes every
+    copy's temporary folder and stops every rank with one line naming the path.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    storage = storage or Storage.one_folder(output_dir)
     trainer_state = {**trainer_state, "saved_at": time.time()}
     name = checkpoint_name(trainer_state["epoch"], trainer_state["global_step"])
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, TMP_PREFIX + name)
-    if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    tensors, rest = optimizer_state(engine)
-    save_file(tensors, os.path.join(tmp, f"optimizer-rank{dist.get_rank()}.safetensors"))
-    write_json(os.path.join(tmp, f"optimizer-rank{dist.get_rank()}.json"), rest)
-    dist.barrier()
-    if is_main_process():
+    final, tmp = os.path.join(output_dir, name), storage.temporary(name)
+    rank = dist.get_rank()
+
+    def step(work):
+        """Run `work`, then agree with every rank on whether all went well; clean up if not."""
+        problem = None
+        try:
+            work()
+        except SaveFailed as error:
+            problem = str(error)
+        except (OSError, SafetensorError) as error:
+            problem = save_problem(tmp, error)
+        try:
+            agree(problem)
+        except UserError:
+            if storage.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def make_folder():
+        if storage.is_writer:
+            os.makedirs(tmp)
+
+    def write_partition():
+        tensors, rest = optimizer_state(engine)
+        path = os.path.join(tmp, partition_name(rank))
+        try:
+            save_file(tensors, path)
+        except SafetensorError as error:  # it names a temporary file of its own
+            raise SaveFailed(save_problem(path, error)) from None
+        write_json(os.path.join(tmp, f"optimizer-rank{rank}.json"), rest)
+
+    def finish():
+        if not storage.is_writer:
+            return
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for file_name, obj in files.items():
             write_json(os.path.join(tmp, file_name), obj)
+        write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
         stall_point("save")
-        write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        write_manifest(tmp, storage.ranks, dist.get_world_size())
         fix_permissions(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    dist.barrier()
+        replace_directory(tmp, final)
+
+    step(make_folder)
+    step(write_partition)
+    step(finish)
     return final
+
+
+def replace_directory(tmp: str, final: str) -> None:
+    """Rename `tmp` to `final`; an existing `final` (the same step, saved again after resuming from
+    an older checkpoint) is moved aside first and deleted after, never left half-deleted."""
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(os.path.dirname(final), TMP_PREFIX + "deleting-" + os.path.basename(tmp))
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int | None) -> list[str]:
@@ -179,13 +220,17 @@ TRAINER_STATE_KEYS = ("global_step", "epoch", "step_in_epoch", "world_size", "sc
 
 
 def read_trainer_state(checkpoint: str, keys=TRAINER_STATE_KEYS) -> dict:
-    path = os.path.join(checkpoint, "trainer_state.json")
+    path = os.path.join(checkpoint, TRAINER_STATE)
     state = read_json(path, "trainer state")
     if not isinstance(state, dict):
         raise UserError(f"{path}: must hold a JSON object")
     missing = [key for key in keys if key not in state]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
+    if keys == TRAINER_STATE_KEYS:  # train.py's own, checked in full
+        problem = trainer_state_problem(state, os.path.basename(os.path.normpath(checkpoint)))
+        if problem:
+            raise UserError(f"{path}: {problem}")
     return state
 
 
@@ -260,6 +305,9 @@ def resume(engine, checkpoint: str, world_size: int, accumulation: int) -> dict:
         raise UserError(f"{tensors_path}: cannot load the optimizer state ({first_line(error)})") from None
     load_optimizer_state(engine, tensors, rest)
     if engine.lr_scheduler is not None:
+        if not isinstance(state["scheduler"], dict):
+            raise UserError(f"{os.path.join(checkpoint, TRAINER_STATE)}: no scheduler state, but the DeepSpeed "
+                            "config has a scheduler; resume with the config the checkpoint was written with")
         engine.lr_scheduler.load_state_dict(state["scheduler"])
     engine.global_steps = state["global_step"]
     engine.micro_steps = state["global_step"] * accumulation
