@@ -88,6 +88,10 @@ def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
             setattr(scaler, key, value)
 
 
+def checkpoint_step(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
 def save_problem(path: str, error: Exception) -> str:
     """One line for an OS error while saving: the path and the reason (safetensors wraps the OS's)."""
     reason = getattr(error, "strerror", None)
@@ -187,8 +191,8 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
     checkpoints written last plus that one and `saved`, the one just written (all of them without
     a limit); returns the names deleted.
 
-    Only complete checkpoints are candidates, so one being written (still under its temporary
-    name) is never touched. Those of an abandoned run that went further than the one resumed
+    Damaged checkpoints (utils.training.manifest) go first. One being written (still under its
+    temporary name) is never touched. Those of an abandoned run that went further than the one resumed
     from were written before `saved`, and go first. A checkpoint is renamed to a temporary name
     before it is deleted, so a crash halfway never leaves a partial directory that still looks
     complete.
@@ -199,14 +203,15 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
             os.remove(link)
         os.symlink(best, link)  # relative: the run directory can be moved
         os.replace(link, os.path.join(output_dir, BEST))
-    complete = list_checkpoints(output_dir)
     if limit is None:
         return []
+    complete, damaged = scan_checkpoints(output_dir)
     kept = {*complete[-limit:], os.path.join(output_dir, saved)}
     if best is not None:
         kept.add(os.path.join(output_dir, best))
     deleted = []
-    for path in complete:
+    # damaged ones are never kept, nor trusted; oldest first, by step
+    for path in [os.path.join(output_dir, name) for name in sorted(damaged, key=checkpoint_step)] + complete:
         if path not in kept:
             doomed = os.path.join(output_dir, TMP_PREFIX + "deleting-" + os.path.basename(path))
             shutil.rmtree(doomed, ignore_errors=True)
@@ -228,7 +233,7 @@ def read_trainer_state(checkpoint: str, keys=TRAINER_STATE_KEYS) -> dict:
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
     if keys == TRAINER_STATE_KEYS:  # train.py's own, checked in full
-        problem = trainer_state_problem(state, os.path.basename(os.path.normpath(checkpoint)))
+        problem = trainer_state_problem(state, os.path.basename(os.path.realpath(checkpoint)))
         if problem:
             raise UserError(f"{path}: {problem}")
     return state
@@ -251,7 +256,8 @@ def check_resumable(state: dict, checkpoint: str, world_size: int, steps_per_epo
 
 def resume_command(world_size: int) -> str:
     """The command that started this process, as a shell line, with --resume_from_checkpoint
-    latest; under a launcher, the launcher's command for this many processes on one machine."""
+    latest; under a launcher, the launcher's command for this many processes on one machine, or
+    under torchrun on several, its command with R for each node's --node_rank."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip or arg.startswith(("--local_rank=", "--resume_from_checkpoint=")):
@@ -261,7 +267,12 @@ def resume_command(world_size: int) -> str:
         if not skip:
             args.append(arg)
     args += ["--resume_from_checkpoint", "latest"]
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    if "TORCHELASTIC_RUN_ID" in os.environ and nodes != "1":  # each node runs it with its own --node_rank
+        launcher = ["torchrun", "--nnodes", nodes, "--node_rank", "R", "--nproc_per_node",
+                    os.environ.get("LOCAL_WORLD_SIZE", "1"), "--master_addr", os.environ.get("MASTER_ADDR", "?"),
+                    "--master_port", os.environ.get("MASTER_PORT", "?")]
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
         launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world_size))]
     elif any(arg.startswith("--local_rank") for arg in sys.argv[1:]):
         launcher = ["deepspeed", "--num_gpus", str(world_size)]

@@ -113,7 +113,7 @@ def checkpoint_problem(path: str, ranks=()) -> str | None:
         state = read_json(os.path.join(path, TRAINER_STATE), "trainer state")
     except UserError as error:
         return str(error).removeprefix(path + os.sep)
-    problem = trainer_state_problem(state, os.path.basename(os.path.normpath(path)))
+    problem = trainer_state_problem(state, os.path.basename(os.path.realpath(path)))  # `best` is a link
     if problem:
         return f"{TRAINER_STATE}: {problem}"
     for rank in ranks:
