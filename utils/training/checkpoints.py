@@ -93,12 +93,14 @@ def checkpoint_step(name: str) -> int:
 
 
 def save_problem(path: str, error: Exception) -> str:
-    """One line for an OS error while saving: the path and the reason (safetensors wraps the OS's)."""
+    """One line for an OS error while saving into `path`: the file written and the reason
+    (safetensors wraps the OS's; a copy's error names its source first, its destination second)."""
     reason = getattr(error, "strerror", None)
     if not reason:
         found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
         reason = found[1] if found else str(error).strip().splitlines()[0]
-    return f"cannot save a checkpoint: {getattr(error, 'filename', None) or path}: {reason}"
+    names = [str(name) for name in (getattr(error, "filename2", None), getattr(error, "filename", None)) if name]
+    return f"cannot save a checkpoint: {next((n for n in names if n.startswith(path)), path)}: {reason}"
 
 
 class SaveFailed(Exception):
