@@ -135,11 +135,11 @@ def main():
     quiet_third_party()
     lock_destination(args.save_model_dir)  # its descriptor stays open, and the lock held, until the process ends
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     import baichuan  # noqa: F401
     from baichuan.convert_llama import check_convertible, normalize_head_, save_as_llama
-    from utils.models import LOAD_ERRORS, cannot_load, load_tokenizer_for, pick_device_dtype
+    from utils.models import LOAD_ERRORS, load_base_model, load_tokenizer_for, pick_device_dtype
     from utils.prompts import read_record, write_record
 
     if args.format == "llama":  # before minutes of loading weights
@@ -148,12 +148,7 @@ def main():
         except (OSError, ValueError) as error:
             raise UserError(f"--format llama: {error}") from None
     device, dtype = pick_device_dtype(args.device)
-    print(f"loading {args.ori_model_dir} in {dtype} on {device}", flush=True)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(args.ori_model_dir, dtype=dtype, device_map={"": device},
-                                                    trust_remote_code=args.trust_remote_code)
-    except LOAD_ERRORS as error:
-        raise cannot_load(args.ori_model_dir, error) from None
+    base = load_base_model(args.ori_model_dir, device, dtype, trust_remote_code=args.trust_remote_code)
     try:
         model = PeftModel.from_pretrained(base, args.model_dir)
     except LOAD_ERRORS as error:

@@ -10,10 +10,11 @@ No download: the model is built from `BaichuanConfig()` (Baichuan2-7B: 32 layers
 125,696 tokens) on the meta device, then every linear layer but lm_head becomes a bitsandbytes
 `Linear4bit` whose random bf16 weight is drawn on the GPU and quantised there (NF4, double
 quantisation) one layer at a time, so no full-precision copy of the model ever exists.
-Embeddings, norms and lm_head get random bf16 weights directly on the GPU. The model goes
-through `utils.models.load_for_training` itself (its `from_pretrained` call answered by this builder, with the
-BitsAndBytesConfig train.py passes), so freezing, gradient checkpointing and LoRA are exactly
-train.py's: its defaults r=8, alpha 30, dropout 0.1, every linear layer but lm_head.
+Embeddings, norms and lm_head get random bf16 weights directly on the GPU, quantised with the
+BitsAndBytesConfig train.py loads with (utils.models.quantization_config). Then `utils.models.add_lora`,
+what `load_for_training` does after loading, makes it train.py's: frozen, gradient checkpointing,
+and LoRA with train.py's defaults (utils.training.config: r=8, alpha 30, dropout 0.1, every linear
+layer but lm_head).
 
 Then QLoRA steps (batch 2 x 512 tokens, the first 128 of each row labelled -100 like a prompt;
 AdamW on the LoRA weights, betas 0.9/0.95, bf16 autocast) with the model's own loss, computed
@@ -25,13 +26,14 @@ then F.cross_entropy on their fp32 copy. With `--compare_packing N`, N random sa
 RoleBench-zh's (one 150-token role prompt, a short question and reply) are trained on as one padded
 batch and as train.py's --packing rows (utils.pack_examples and collate), and samples/s compared.
 With `--deepspeed`, the same steps once more through
-the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by utils.training.fill_ds_config;
-torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's gradient bucket buffers; their
-size is printed. The engine takes train.py's own steps (utils.training.start_step and train_step:
-token-weighted, as train.py). With `--check_resume`, it then writes a checkpoint with
-utils.training.save_checkpoint (size and seconds printed), takes 2 more steps, restores the
-checkpoint into the engine with utils.training.resume (adapter, optimizer, scheduler, RNG and, in
-fp16, the dynamic loss scale) and takes the same 2 steps again: their losses must agree.
+the DeepSpeed engine train.py builds (ds_config.json, 'auto' values filled by
+utils.training.deepspeed_config; torch AdamW instead of a compiled FusedAdam), which adds ZeRO-2's
+gradient bucket buffers; their size is printed. The engine takes train.py's own steps
+(utils.training.steps.start_step and train_step: token-weighted, as train.py). With `--check_resume`,
+it then writes a checkpoint with utils.training.checkpoints.Checkpointer (size and seconds printed),
+takes 2 more steps, restores the checkpoint into the engine with utils.training.checkpoints.resume
+(adapter, optimizer, scheduler, RNG and, in fp16, the dynamic loss scale) and takes the same 2 steps
+again: their losses must agree.
 `--dtype fp16` trains in fp16 as train.py does on GPUs without bf16 (T4, V100), with DeepSpeed's
 dynamic loss scale; `--deepspeed_only` skips the plain-loop phases. Goal: <= 8 GB peak for the
 chunked loss (the book measured 13 GB).
@@ -189,38 +191,21 @@ def build_4bit(config, device: torch.device, dtype: torch.dtype, quantization, s
     return model
 
 
-def load_like_train_py(config, args, device, dtype):
-    """The model as `utils.models.load_for_training` makes it, with its from_pretrained answered by build_4bit."""
-    from transformers import AutoModelForCausalLM
+def build_like_train_py(config, args, device, dtype):
+    """(the model as `utils.models.load_for_training` makes it, from build_4bit's random weights;
+    the TrainConfig of this run: train.py's defaults, with this benchmark's batch, lr and LoRA rank)."""
+    from utils.models import add_lora, quantization_config
+    from utils.training.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig
 
-    import train
-    from utils.models import load_for_training
-
-    argv = ["--model_name_or_path", "random-weights"]
-    if not args.no_gradient_checkpointing:
-        argv.append("--gradient_checkpointing")
-    if args.lora_dim:
-        argv += ["--lora_dim", str(args.lora_dim)]
-    train_args = train.parse_args(argv)
-    seen = {}
-
-    def from_pretrained(path, dtype=None, quantization_config=None, device_map=None, **kwargs):
-        seen.update(dtype=dtype, quantization_config=quantization_config, device_map=device_map)
-        target = torch.device(device_map[""]) if device_map else device
-        return build_4bit(config, target, dtype, quantization_config, args.seed)
-
-    own = AutoModelForCausalLM.__dict__.get("from_pretrained")  # None: inherited from the base class
-    AutoModelForCausalLM.from_pretrained = staticmethod(from_pretrained)
-    try:
-        model = load_for_training(train_args, device, dtype)
-    finally:
-        if own is None:
-            del AutoModelForCausalLM.from_pretrained
-        else:
-            AutoModelForCausalLM.from_pretrained = own
-    if seen.get("quantization_config") is None:
-        raise RuntimeError("utils.models.load_for_training asked for no 4-bit quantisation")
-    return model, train_args
+    train_config = TrainConfig(
+        model=ModelConfig(model_name_or_path="random-weights",
+                          gradient_checkpointing=not args.no_gradient_checkpointing),
+        lora=LoraConfig(lora_dim=args.lora_dim) if args.lora_dim else LoraConfig(),
+        optim=OptimConfig(per_device_train_batch_size=args.batch, learning_rate=args.lr),
+    )
+    quantization = quantization_config(train_config.model.quantization_bit, dtype)
+    model = build_4bit(config, device, dtype, quantization, args.seed)
+    return add_lora(model, train_config.model.gradient_checkpointing, train_config.lora), train_config
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -265,20 +250,15 @@ def plain_step(model, optimizer, batch, dtype, full_logits=False):
     return loss
 
 
-def deepspeed_engine(model, train_args, device, dtype, total_steps):
+def deepspeed_engine(model, train_config, dtype, total_steps):
     """The DeepSpeed engine train.py makes: ds_config.json with its 'auto' values filled in."""
-    import deepspeed
-
-    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config, start_engine
     from utils.training.distributed import setup_distributed
 
-    setup_distributed(train_args.local_rank)  # a one-process group, as a bare `python train.py` makes
+    setup_distributed(train_config.distributed.local_rank)  # one process, as a bare `python train.py` makes
     config = read_ds_config(os.path.join(ROOT, "ds_config.json"))
-    config = fill_ds_config(config, train_args, world_size=1, dtype=dtype, total_steps=total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config
-    )
-    return engine, config
+    config = fill_ds_config(config, train_config.optim, world_size=1, dtype=dtype, total_steps=total_steps)
+    return start_engine(model, config), config
 
 
 def watch_zero_buckets(engine, seen: dict) -> None:
@@ -310,12 +290,14 @@ def deepspeed_step(engine, batch):
 
 def check_resume(engine, model, batch, workdir: str) -> dict:
     """Save, take 2 steps, restore, take the same 2 steps: how far apart their losses are."""
-    from utils.training.checkpoints import load_adapter_weights, optimizer_state, resume, save_checkpoint
+    from utils.training.checkpoints import (Checkpointer, load_adapter_weights, optimizer_state, read_trainer_state,
+                                            resume)
 
-    state = {"global_step": engine.global_steps, "epoch": 0, "step_in_epoch": engine.global_steps, "world_size": 1,
-             "scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None}
+    step = engine.global_steps
+    checkpointer = Checkpointer(workdir, engine, model, None, {}, steps_per_epoch=step, limit=None,
+                                state={"global_step": 0}, resumed_from=None)
     started = time.perf_counter()
-    path = save_checkpoint(workdir, engine, model, None, {}, state)
+    path = checkpointer.save(global_step=step, epoch=0, step_in_epoch=step)
     save_s = time.perf_counter() - started
     size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
@@ -325,7 +307,7 @@ def check_resume(engine, model, batch, workdir: str) -> dict:
 
     first = two_steps()
     load_adapter_weights(model, path)
-    resume(engine, path, 1, 1)
+    resume(engine, path, read_trainer_state(path, world_size=1, steps_per_epoch=step), accumulation=1)
     second = two_steps()
     return {"checkpoint_mib": size / 2**20, "save_s": save_s, "losses": first[0], "resumed_losses": second[0],
             "max_loss_difference": max(abs(a - b) for a, b in zip(first[0], second[0])),
@@ -449,7 +431,7 @@ def setup_device(args):
     return device, dtype, where
 
 
-def describe_model(model, train_args, args, dtype) -> None:
+def describe_model(model, train_config, args, dtype) -> None:
     from utils.training.sizes import print_trainable_parameters
 
     print_trainable_parameters(model)
@@ -460,8 +442,9 @@ def describe_model(model, train_args, args, dtype) -> None:
     if bad:
         print(f"warning: expected embeddings, norms and lm_head in {dtype}: {bad}")
     print(
-        f"LoRA: r={train_args.lora_dim}, alpha={train_args.lora_alpha}, dropout={train_args.lora_dropout}, "
-        f"gradient checkpointing {'on' if train_args.gradient_checkpointing else 'off'}; "
+        f"LoRA: r={train_config.lora.lora_dim}, alpha={train_config.lora.lora_alpha}, "
+        f"dropout={train_config.lora.lora_dropout}, "
+        f"gradient checkpointing {'on' if train_config.model.gradient_checkpointing else 'off'}; "
         f"batch {args.batch} x {args.max_len}, {args.warmup} warm-up + {args.steps} timed steps",
         flush=True,
     )
@@ -497,15 +480,16 @@ def main(argv=None) -> int:
                "max_len": args.max_len}  # fmt: skip
 
     started = time.perf_counter()
-    model, train_args = load_like_train_py(config, args, device, dtype)
+    model, train_config = build_like_train_py(config, args, device, dtype)
     print(f"built, quantised and wrapped in {time.perf_counter() - started:.1f} s", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         results["model_gib"] = torch.cuda.memory_allocated(device) / GIB
         print(f"model on the GPU: {results['model_gib']:.2f} GiB allocated "
               f"(peak while building {torch.cuda.max_memory_allocated(device) / GIB:.2f} GiB)")  # fmt: skip
-    describe_model(model, train_args, args, dtype)
-    results.update(lora_dim=train_args.lora_dim, gradient_checkpointing=train_args.gradient_checkpointing)
+    describe_model(model, train_config, args, dtype)
+    results.update(lora_dim=train_config.lora.lora_dim,
+                   gradient_checkpointing=train_config.model.gradient_checkpointing)
 
     batch = random_batch(config, args, device)
     layouts = {}
@@ -521,10 +505,8 @@ def main(argv=None) -> int:
         del optimizer
     if args.deepspeed:  # last: the engine casts the LoRA weights to the compute dtype
         model.zero_grad(set_to_none=True)
-        train_args.per_device_train_batch_size = args.batch
-        train_args.learning_rate = args.lr
         try:
-            deepspeed_phases(results, model, train_args, batch, layouts, dtype, device, args)
+            deepspeed_phases(results, model, train_config, batch, layouts, dtype, device, args)
         except Exception as error:  # report what was measured before, and this failure
             import traceback
 
@@ -555,13 +537,13 @@ def plain_phases(results, model, optimizer, batch, layouts, dtype, device, args)
         results[name]["samples_per_s"] = args.compare_packing / results[name]["step_s"]
 
 
-def deepspeed_phases(results, model, train_args, batch, layouts, dtype, device, args) -> None:
+def deepspeed_phases(results, model, train_config, batch, layouts, dtype, device, args) -> None:
     """train.py's route: its DeepSpeed engine and its steps, on the batch and the packing layouts;
     then, with --check_resume, a save and restore."""
     import tempfile
 
     phases = 1 + len(layouts)
-    engine, ds_config = deepspeed_engine(model, train_args, device, dtype, phases * (args.warmup + args.steps) + 4)
+    engine, ds_config = deepspeed_engine(model, train_config, dtype, phases * (args.warmup + args.steps) + 4)
     seen = {}
     watch_zero_buckets(engine, seen)
     results["deepspeed"] = run_steps(lambda: deepspeed_step(engine, batch), batch, device, args.steps, args.warmup)

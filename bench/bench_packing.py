@@ -3,8 +3,9 @@
     python bench/bench_packing.py [--samples 192] [--reps 3]
 
 Builds a tiny Baichuan2 with the real 125,696-token vocabulary (../shared/baichuan2, else a
-corpus-trained one), loads it through utils.models.load_for_training (NF4 base, LoRA r=8 on every linear layer
-but lm_head, gradient checkpointing), and times forward + backward + AdamW over the same samples
+corpus-trained one), loads it through utils.models.load_for_training with train.py's defaults
+(utils.training.config: NF4 base, LoRA r=8 on every linear layer but lm_head) and gradient
+checkpointing, and times forward + backward + AdamW over the same samples
 (RoleBench-zh train via data_helper.py when ../shared/rolebench exists, else data/sample), once as
 length-grouped batches of 4 samples and once as packed rows of 4, interleaved over `--reps` rounds.
 """
@@ -45,12 +46,12 @@ def main():
     parser.add_argument("--max_len", type=int, default=512, help="row length")
     cli = parser.parse_args()
 
-    import train
     from baichuan.generation_utils import chat_token_ids
     from transformers import GenerationConfig
     from utils import quiet_third_party
     from utils.data import PackedDataset, RolePlayDataset, collate, length_grouped_batches, read_files
     from utils.models import load_for_training, load_tokenizer
+    from utils.training.config import DataConfig, LoraConfig, ModelConfig
 
     quiet_third_party()
     torch.manual_seed(0)
@@ -58,10 +59,12 @@ def main():
         model_dir, data = prepare(workdir)
         tokenizer = load_tokenizer(model_dir)
         user_id, assistant_id = chat_token_ids(GenerationConfig.from_pretrained(model_dir))
-        dataset = RolePlayDataset(read_files(data), tokenizer, user_id, assistant_id, cli.max_len, 256)
+        data_config = DataConfig(max_len=cli.max_len)
+        dataset = RolePlayDataset(read_files(data), tokenizer, user_id, assistant_id, data_config.max_len,
+                                  data_config.max_src_len)
         dataset.examples = random.Random(0).sample(dataset.examples, min(cli.samples, len(dataset.examples)))
-        args = train.parse_args(["--model_name_or_path", model_dir, "--gradient_checkpointing"])
-        model = load_for_training(args, torch.device("cpu"), torch.float32)
+        model_config = ModelConfig(model_name_or_path=model_dir, gradient_checkpointing=True)
+        model = load_for_training(model_config, LoraConfig(), torch.device("cpu"), torch.float32)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         lengths = dataset.lengths()

@@ -194,18 +194,14 @@ def hf_rows(args) -> list[dict]:
 
 
 def hf_model(args):
-    """The base in NF4, prepared and wrapped the way the PEFT docs do it."""
+    """The base in NF4 (loaded as train.py loads it), prepared and wrapped the way the PEFT docs do it."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    import baichuan  # noqa: F401  (registers the Auto classes)
+    from utils.models import load_base_model
 
-    dtype = torch.float32  # what train.py computes in on the CPU (utils.models.pick_device_dtype)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, quantization_config=quantization,
-                                                 device_map={"": "cpu"})
+    # what train.py computes in on the CPU (utils.models.pick_device_dtype), in NF4 with double quantisation
+    model = load_base_model(args.model_dir, torch.device("cpu"), torch.float32, quantization_bit=4)
     model.config.use_cache = False
     # freeze, upcast, and (by default) turn on gradient checkpointing
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=not args.no_gradient_checkpointing)

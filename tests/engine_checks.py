@@ -4,16 +4,16 @@ subprocess (one process), or under torchrun (two):
     python tests/engine_checks.py MODEL_DIR OUT_DIR step_gradient fp16_resume
     python -m torch.distributed.run --nproc_per_node 2 tests/engine_checks.py MODEL_DIR OUT_DIR step_gradient
 
-step_gradient: one optimizer step of utils.training.train_step, 2 accumulation steps on every rank,
+step_gradient: one optimizer step of utils.training.steps.train_step, 2 accumulation steps on every rank,
 micro-batches of very different label counts, through ZeRO-2 as ds_config.json sets it, with plain
 SGD at lr 1 so that the weights move by exactly the step's gradient. Writes, per rank, how far that
 move is from the gradient of the whole step taken as one batch in one process (token-weighted), and
 from the per-micro-batch mean the book's loop took.
 
 fp16_resume: an fp16 engine with a dynamic loss scale (started high, so that it overflows and moves)
-trains 3 steps, is saved by utils.training.save_checkpoint, trains 3 more; a fresh engine resumed
-from the checkpoint by utils.training.resume trains the same 3. Writes both sides' losses and loss
-scaler states.
+trains 3 steps, is saved by utils.training.checkpoints.Checkpointer, trains 3 more; a fresh engine
+resumed from the checkpoint by utils.training.checkpoints.resume trains the same 3. Writes both
+sides' losses and loss scaler states.
 """
 
 import json
@@ -41,11 +41,12 @@ def micro_batch(rank: int, micro: int) -> dict:
     return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
 
 
-def train_args(model_dir: str, *extra):
-    import train
+def train_config(model_dir: str, **lora):
+    """train.py's config of 2 accumulation steps of 2 rows each."""
+    from utils.training.config import LoraConfig, ModelConfig, OptimConfig, TrainConfig
 
-    return train.parse_args(["--model_name_or_path", model_dir, "--per_device_train_batch_size", "2",
-                             "--gradient_accumulation_steps", "2", *extra])
+    return TrainConfig(model=ModelConfig(model_name_or_path=model_dir), lora=LoraConfig(**lora),
+                       optim=OptimConfig(per_device_train_batch_size=2, gradient_accumulation_steps=2))
 
 
 def lora_weights(model) -> dict:
@@ -60,9 +61,9 @@ def step_gradient(model_dir: str, out_dir: str, rank: int, world_size: int, devi
     from utils.training.steps import start_step, train_step
 
     dtype = torch.float32
-    args = train_args(model_dir, "--lora_dropout", "0")
+    config = train_config(model_dir, lora_dropout=0.0)
     torch.manual_seed(0)  # the same LoRA weights on every rank
-    model = load_for_training(args, device, dtype)
+    model = load_for_training(config.model, config.lora, device, dtype)
     for name, weight in lora_weights(model).items():
         if "lora_B" in name:  # as after some training: PEFT starts B at zero, which zeroes A's gradient
             weight.data.normal_(0.0, 0.05)
@@ -79,11 +80,11 @@ def step_gradient(model_dir: str, out_dir: str, rank: int, world_size: int, devi
     book = grads([model(**b).loss / len(batches) for b in batches.values()])
     model.zero_grad(set_to_none=True)
 
-    config = fill_ds_config(read_ds_config(os.path.join(ROOT, "ds_config.json")), args, world_size, dtype, 1)
-    del config["optimizer"], config["scheduler"]
-    config.update(gradient_clipping=0.0, zero_allow_untested_optimizer=True)
+    ds_config = fill_ds_config(read_ds_config(os.path.join(ROOT, "ds_config.json")), config.optim, world_size, dtype, 1)
+    del ds_config["optimizer"], ds_config["scheduler"]
+    ds_config.update(gradient_clipping=0.0, zero_allow_untested_optimizer=True)
     sgd = torch.optim.SGD(list(lora_weights(model).values()), lr=1.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=ds_config)
     before = {n: w.detach().clone() for n, w in lora_weights(model).items()}
     mine = [batches[rank, 0], batches[rank, 1]]
     step_tokens, _ = start_step(mine, device)
@@ -112,32 +113,28 @@ class CPUWithHalf(CPU_Accelerator):
 
 
 def fp16_resume(model_dir: str, out_dir: str, rank: int, world_size: int, device) -> None:
-    import deepspeed
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
     from utils.models import load_for_training, load_tokenizer
-    from utils.training.checkpoints import load_adapter_weights, optimizer_state, resume, save_checkpoint
-    from utils.training.deepspeed_config import fill_ds_config, read_ds_config
+    from utils.training.checkpoints import (Checkpointer, load_adapter_weights, optimizer_state, read_trainer_state,
+                                            resume)
+    from utils.training.deepspeed_config import fill_ds_config, read_ds_config, start_engine
     from utils.training.steps import start_step, train_step
 
     dtype = torch.float16
-    args = train_args(model_dir)
-    config = fill_ds_config(read_ds_config(os.path.join(ROOT, "ds_config.json")), args, world_size, dtype, 6)
+    config = train_config(model_dir)
+    ds_config = fill_ds_config(read_ds_config(os.path.join(ROOT, "ds_config.json")), config.optim, world_size, dtype, 6)
     # high and quick to move: the first steps overflow and halve it, later ones double it again
-    config["fp16"].update(initial_scale_power=17, loss_scale_window=2, hysteresis=1)
+    ds_config["fp16"].update(initial_scale_power=17, loss_scale_window=2, hysteresis=1)
     if device.type == "cpu" and not get_accelerator().is_fp16_supported():
         set_accelerator(CPUWithHalf())
 
-
     def engine_for(checkpoint=None):
         torch.manual_seed(0)
-        model = load_for_training(args, device, dtype)
+        model = load_for_training(config.model, config.lora, device, dtype)
         if checkpoint:
             load_adapter_weights(model, checkpoint)
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
-        scheduler.step()  # as train.py does
-        return engine, model
+        return start_engine(model, ds_config), model  # the engine train.py starts
 
     def steps(engine, numbers):
         losses, scalers = [], []
@@ -151,13 +148,14 @@ def fp16_resume(model_dir: str, out_dir: str, rank: int, world_size: int, device
     engine, model = engine_for()
     initial = optimizer_state(engine)[1]["loss_scaler"]
     steps(engine, range(3))
-    trainer_state = {"global_step": 3, "epoch": 0, "step_in_epoch": 3, "world_size": world_size,
-                     "scheduler": engine.lr_scheduler.state_dict()}
-    checkpoint = save_checkpoint(out_dir, engine, model, load_tokenizer(model_dir), {}, trainer_state)
+    checkpointer = Checkpointer(out_dir, engine, model, load_tokenizer(model_dir), {}, steps_per_epoch=6, limit=None,
+                                state={"global_step": 0}, resumed_from=None)
+    checkpoint = checkpointer.save(global_step=3, epoch=0, step_in_epoch=3)
     saved = optimizer_state(engine)[1]["loss_scaler"]
     uninterrupted = steps(engine, range(3, 6))
     resumed_engine, _ = engine_for(checkpoint)
-    resume(resumed_engine, checkpoint, world_size, args.gradient_accumulation_steps)
+    state = read_trainer_state(checkpoint, world_size, steps_per_epoch=6)
+    resume(resumed_engine, checkpoint, state, config.optim.gradient_accumulation_steps)
     resumed = steps(resumed_engine, range(3, 6))
     with open(os.path.join(out_dir, "fp16_resume.json"), "w") as f:
         json.dump({"initial": initial, "saved": saved, "uninterrupted": uninterrupted, "resumed": resumed,

@@ -81,16 +81,36 @@ def trained(tiny_model_dir, samples, tmp_path_factory):
 
 def test_table_6_3_arguments_keep_their_names_and_defaults():
     import train
+    from utils.training.config import TrainConfig
 
-    args = train.parse_args([])
+    config = TrainConfig.from_args(train.build_parser().parse_args([]))
     expected = {
-        "model_name_or_path": None, "train_path": None, "test_path": None, "max_len": 1024, "max_src_len": 256,
+        "model_name_or_path": None, "train_path": [], "test_path": [], "max_len": 1024, "max_src_len": 256,
         "is_skip": False, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "weight_decay": 0.1,
         "num_train_epochs": 1, "gradient_accumulation_steps": 1, "warmup_ratio": 0.1, "output_dir": None,
         "seed": 1234, "local_rank": -1, "show_loss_step": 10, "gradient_checkpointing": False,
         "save_model_step": None, "ds_file": "ds_config.json", "lora_dim": 8, "lora_alpha": 30, "lora_dropout": 0.1,
     }  # fmt: skip
-    assert {name: getattr(args, name) for name in expected} == expected
+    assert {name: config.flat()[name] for name in expected} == expected
+    # the flags take their defaults from the config's classes, and name every field
+    assert config == TrainConfig()
+    assert {a.dest for a in train.build_parser()._actions} - {"help"} == set(TrainConfig().flat())
+
+
+def test_max_src_len_follows_max_len_unless_given():
+    """`--max_len 256` alone was refused: "--max_src_len (256) must be smaller than --max_len (256)"."""
+    import train
+    from utils.training.config import TrainConfig
+
+    def config(*argv):
+        return TrainConfig.from_args(train.build_parser().parse_args(["--dry_run", *argv]))
+
+    assert config("--max_len", "256").data.max_src_len == 64
+    assert [p for p in config("--max_len", "256").problems() if "max_" in p] == []
+    assert config("--max_len", "256", "--max_src_len", "200").data.max_src_len == 200
+    assert "--max_src_len (256) must be smaller than --max_len (256)" in config("--max_len", "256", "--max_src_len",
+                                                                                 "256").problems()
+    assert "--max_len must be at least 2, got 1" in config("--max_len", "1").problems()
 
 
 def test_every_flag_has_help():
@@ -210,12 +230,12 @@ def test_length_grouped_batches_are_reproducible_and_disjoint():
 def test_gradients_after_an_eval_pass_equal_gradients_without(tiny_model_dir):
     """bitsandbytes repacks 4-bit weights after a no-grad eval forward on AVX512-BF16 CPUs;
     load_for_training must keep the LoRA gradients right all the same."""
-    import train
     from utils.models import load_for_training
+    from utils.training.config import LoraConfig, ModelConfig
 
-    args = train.parse_args(["--model_name_or_path", str(tiny_model_dir), "--lora_dropout", "0"])
     torch.manual_seed(0)
-    model = load_for_training(args, torch.device("cpu"), torch.float32)
+    model = load_for_training(ModelConfig(model_name_or_path=str(tiny_model_dir)), LoraConfig(lora_dropout=0.0),
+                              torch.device("cpu"), torch.float32)
     ids = torch.randint(3, 1000, (2, 24))
     labels = ids.clone()
     labels[:, :8] = -100
@@ -406,18 +426,23 @@ def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tiny_model_
 
 
 def test_a_run_is_complete_at_max_steps_or_after_its_last_epoch():
-    import train
+    from utils.training.config import OptimConfig
+    from utils.training.schedule import Schedule
 
-    args = train.parse_args(["--num_train_epochs", "2", "--resume_from_checkpoint", "x"])
+    def schedule(**optim):  # 10 rows in batches of 1: 10 steps an epoch
+        return Schedule([5] * 10, OptimConfig(per_device_train_batch_size=1, **optim), 1, 0, "train.jsonl")
+
     state = lambda epoch, step_in_epoch, global_step: {"epoch": epoch, "step_in_epoch": step_in_epoch,  # noqa: E731
                                                        "global_step": global_step}
-    assert train.run_is_complete(args, state(1, 10, 20), steps_per_epoch=10, total_steps=20)
-    assert not train.run_is_complete(args, state(0, 10, 10), steps_per_epoch=10, total_steps=20)
-    assert not train.run_is_complete(args, state(1, 9, 19), steps_per_epoch=10, total_steps=20)
-    args.max_steps = 15
-    assert train.run_is_complete(args, state(1, 5, 15), steps_per_epoch=10, total_steps=15)
-    args.num_train_epochs = 1  # fewer epochs than the checkpoint was trained for
-    assert train.run_is_complete(args, state(1, 10, 20), steps_per_epoch=10, total_steps=10)
+    two_epochs = schedule(num_train_epochs=2)
+    assert (two_epochs.steps_per_epoch, two_epochs.total_steps) == (10, 20)
+    assert two_epochs.is_complete(state(1, 10, 20))
+    assert not two_epochs.is_complete(state(0, 10, 10))
+    assert not two_epochs.is_complete(state(1, 9, 19))
+    assert [step[:2] for step in two_epochs.steps(state(1, 8, 18))] == [(1, 8), (1, 9)]
+    assert schedule(num_train_epochs=2, max_steps=15).is_complete(state(1, 5, 15))
+    # fewer epochs than the checkpoint was trained for
+    assert schedule(num_train_epochs=1).is_complete(state(1, 10, 20))
 
 
 def test_dry_run_counts_the_books_trainable_parameters(tmp_path):
@@ -636,14 +661,14 @@ def test_a_resume_with_another_batch_size_is_refused_before_the_model_loads(trai
 
 
 def test_no_warmup_still_gives_deepspeed_a_schedule_it_accepts():
-    import train
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
+    from utils.training.config import OptimConfig
     from utils.training.deepspeed_config import fill_ds_config, read_ds_config
 
-    args = train.parse_args(["--warmup_ratio", "0"])
-    config = fill_ds_config(read_ds_config(str(REPO_ROOT / "ds_config.json")), args, 1, torch.float32, total_steps=12)
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    optim = OptimConfig(warmup_ratio=0.0)
+    config = fill_ds_config(read_ds_config(str(REPO_ROOT / "ds_config.json")), optim, 1, torch.float32, total_steps=12)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.learning_rate)
     # 0 warm-up steps raised "warmup_num_steps must be a positive integer" here, after the model load
     scheduler = WarmupCosineLR(optimizer, **config["scheduler"]["params"])
     assert config["scheduler"]["params"]["warmup_num_steps"] == 1 and scheduler.total_num_steps == 12

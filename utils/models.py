@@ -1,10 +1,14 @@
 """Loading models and tokenizers: device and dtype, a base for QLoRA training, a model to chat with.
 
+Every base model (training, merging, chatting, the benches) loads through `load_base_model`, which
+prints its load time as one line instead of transformers' per-weight progress bar.
 Every loader reports what cannot be loaded (a missing directory, a hub id that cannot be fetched,
 a corrupt adapter, an adapter made for another base) as a one-line UserError.
 """
 
 import os
+import sys
+import time
 
 import torch
 from safetensors import SafetensorError
@@ -104,6 +108,46 @@ def keep_4bit_layout(model, where=lambda module: True) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def quiet_weight_loading() -> None:
+    """Turn off transformers' "Loading weights" progress bar, a few seconds of nothing to act on.
+    transformers' switch also turns off huggingface_hub's download bars, which are worth watching
+    on a first download of a 15 GB model, so those are turned back on unless they were off."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as transformers_logging
+
+    downloads_were_off = hub.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if not downloads_were_off:
+        hub.enable_progress_bars()
+
+
+def load_base_model(path: str, device: torch.device, dtype: torch.dtype, quantization_bit: int | None = None,
+                    trust_remote_code: bool = False, log=print):
+    """The one loader of a base model: placed on `device` as it loads, in `dtype`, its linear
+    layers (lm_head excepted) quantised with `quantization_bit` 4 or 8. `log` (unless None) gets
+    the one line that says how long it took."""
+    import baichuan  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    quiet_weight_loading()
+    quantization = quantization_config(quantization_bit, dtype)
+    started = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization,
+                                                     device_map={"": device}, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as error:
+        raise cannot_load(path, error) from None
+    if log is not None:
+        log(load_line(path, quantization_bit, dtype, device, started))
+    return model
+
+
+def load_line(path: str, quantization_bit: int | None, dtype: torch.dtype, device: torch.device,
+              started: float) -> str:
+    bits = f"{quantization_bit}-bit" if quantization_bit in (4, 8) else str(dtype).removeprefix("torch.")
+    return f"loaded {path} ({bits}, {device}) in {time.perf_counter() - started:.1f} s"
+
+
 def load_for_inference(
     model_path: str,
     adapter_path: str | None = None,
@@ -114,57 +158,50 @@ def load_for_inference(
     """Model and tokenizer ready to generate: a merged directory, or a base plus a LoRA adapter;
     with `quantization_bit` 4 or 8, the base's linear layers (lm_head excepted) are quantised as
     they load, and an adapter stays unmerged on top of them."""
-    import baichuan  # noqa: F401
-    from transformers import AutoModelForCausalLM
-
     check_model_dir(model_path)
     if adapter_path is not None and not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise UserError(f"adapter directory {adapter_path!r} has no adapter_config.json")
     device, dtype = pick_device_dtype(device)
     tokenizer = load_tokenizer_for(model_path, adapter_path, trust_remote_code)
-    quantization = quantization_config(quantization_bit, dtype)
-    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **placement)
-        if adapter_path is not None:
-            from peft import PeftModel
+    started = time.perf_counter()
+    model = load_base_model(model_path, device, dtype, quantization_bit, trust_remote_code, log=None)
+    if adapter_path is not None:
+        from peft import PeftModel
 
+        try:
             model = PeftModel.from_pretrained(model, adapter_path)
-    except LOAD_ERRORS as error:
-        raise cannot_load(model_path, error, adapter_path) from None
-    if quantization is None:
-        model.to(device)  # a quantised model was placed as it loaded, and cannot be moved
-    elif device.type == "cpu":
+        except LOAD_ERRORS as error:
+            raise cannot_load(model_path, error, adapter_path) from None
+    if quantization_bit in (4, 8) and device.type == "cpu":
         keep_4bit_layout(model, lambda module: module.out_features % 32 != 0
                          or module.in_features % module.weight.quant_state.blocksize != 0)
+    # once the adapter is in too (a bad one is then the only line), on stderr: the front ends'
+    # standard output is the chat itself
+    where = model_path + (f" with adapter {adapter_path}" if adapter_path else "")
+    print(load_line(where, quantization_bit, dtype, device, started), file=sys.stderr, flush=True)
     return model.eval(), tokenizer
 
 
-def load_for_training(args, device, dtype):
-    """The base model (4-bit NF4 with double quantisation unless --quantization_bit 16), frozen,
-    with LoRA on every linear layer but lm_head (PEFT's "all-linear")."""
-    import baichuan  # noqa: F401
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def add_lora(model, gradient_checkpointing: bool, lora):
+    """A loaded base made ready for LoRA training: frozen, without the KV cache, with gradient
+    checkpointing if asked, and LoRA (a LoraConfig of utils.training.config) on every linear layer
+    but lm_head (PEFT's "all-linear")."""
+    import peft
 
-    quantization = quantization_config(args.quantization_bit, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model_name_or_path,
-            dtype=dtype,
-            quantization_config=quantization,
-            device_map={"": device},
-            trust_remote_code=args.trust_remote_code,
-        )
-    except LOAD_ERRORS as error:
-        raise cannot_load(args.model_name_or_path, error) from None
     keep_4bit_layout(model)  # an evaluation forward would break the LoRA gradients
     model.config.use_cache = False
-    if args.gradient_checkpointing:
+    if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     # PEFT freezes the base; prepare_model_for_kbit_training is not used because it would copy the
     # embeddings and the head to fp32 (2 GB each for Baichuan2-7B)
-    lora = LoraConfig(r=args.lora_dim, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return peft.get_peft_model(model, peft.LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_alpha,
+                                                      lora_dropout=lora.lora_dropout, target_modules="all-linear",
+                                                      task_type="CAUSAL_LM"))
+
+
+def load_for_training(model_config, lora, device: torch.device, dtype: torch.dtype, log=print):
+    """The base model of `model_config` (a ModelConfig: 4-bit NF4 with double quantisation unless
+    quantization_bit is 16), frozen, with LoRA as `lora` says (add_lora)."""
+    model = load_base_model(model_config.model_name_or_path, device, dtype, model_config.quantization_bit,
+                            model_config.trust_remote_code, log)
+    return add_lora(model, model_config.gradient_checkpointing, lora)

@@ -27,6 +27,7 @@ from utils import TMP_PREFIX, UserError, fix_permissions, read_json, write_json
 from utils.signals import NAMES, stall_point
 from utils.training.manifest import (TRAINER_STATE, checkpoint_name, partition_name, scan_checkpoints,
                                      trainer_state_problem, write_manifest)
+from utils.training.distributed import is_main_process
 from utils.training.storage import Storage, agree
 
 BEST = "best"  # a symlink in output_dir to the checkpoint with the lowest eval loss
@@ -226,24 +227,21 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
 TRAINER_STATE_KEYS = ("global_step", "epoch", "step_in_epoch", "world_size", "scheduler", "steps_per_epoch")
 
 
-def read_trainer_state(checkpoint: str, keys=TRAINER_STATE_KEYS) -> dict:
+def read_trainer_state(checkpoint: str, world_size: int, steps_per_epoch: int | None = None) -> dict:
+    """The trainer state of a checkpoint to resume from, read once and checked: a JSON object with
+    TRAINER_STATE_KEYS of the types train.py writes, the step of the folder's name (utils.training.manifest),
+    written by as many processes as now and, when given, with as many steps per epoch (else the data
+    order would differ). Each rank loads its own optimizer partition, hence the first."""
     path = os.path.join(checkpoint, TRAINER_STATE)
     state = read_json(path, "trainer state")
     if not isinstance(state, dict):
         raise UserError(f"{path}: must hold a JSON object")
-    missing = [key for key in keys if key not in state]
+    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
-    if keys == TRAINER_STATE_KEYS:  # train.py's own, checked in full
-        problem = trainer_state_problem(state, os.path.basename(os.path.realpath(checkpoint)))
-        if problem:
-            raise UserError(f"{path}: {problem}")
-    return state
-
-
-def check_resumable(state: dict, checkpoint: str, world_size: int, steps_per_epoch: int | None = None) -> None:
-    """Refuse a checkpoint written by another number of processes (each rank loads its own optimizer
-    partition) or, when given, with another number of steps per epoch (the data order would differ)."""
+    problem = trainer_state_problem(state, os.path.basename(os.path.realpath(checkpoint)))
+    if problem:
+        raise UserError(f"{path}: {problem}")
     written, now = [], []
     if state["world_size"] != world_size:
         written.append(f"{state['world_size']} processes")
@@ -254,6 +252,7 @@ def check_resumable(state: dict, checkpoint: str, world_size: int, steps_per_epo
     if written:
         raise UserError(f"{checkpoint} was written with {' and '.join(written)}, now {' and '.join(now)}; "
                         "resume with the same processes, batch size, accumulation and data")
+    return state
 
 
 def resume_command(world_size: int) -> str:
@@ -300,15 +299,13 @@ def load_adapter_weights(model, checkpoint: str) -> None:
         raise cannot_load(checkpoint, error) from None
 
 
-def resume(engine, checkpoint: str, world_size: int, accumulation: int) -> dict:
-    """Load optimizer, scheduler and RNG state; the adapter weights were loaded before."""
+def resume(engine, checkpoint: str, state: dict, accumulation: int) -> None:
+    """Load this rank's optimizer and RNG state, and the scheduler's position of `state` (the
+    checkpoint's trainer state, read_trainer_state's); the adapter weights were loaded before."""
     from safetensors.torch import load_file
 
     from utils.models import LOAD_ERRORS, first_line
 
-    # all that resume() itself needs: tests/engine_checks.py and the GPU bench write no steps_per_epoch
-    state = read_trainer_state(checkpoint, ("global_step", "world_size", "scheduler"))
-    check_resumable(state, checkpoint, world_size)
     rank = dist.get_rank()
     rest = read_json(os.path.join(checkpoint, f"optimizer-rank{rank}.json"), "optimizer state")
     tensors_path = os.path.join(checkpoint, f"optimizer-rank{rank}.safetensors")
@@ -324,4 +321,44 @@ def resume(engine, checkpoint: str, world_size: int, accumulation: int) -> dict:
         engine.lr_scheduler.load_state_dict(state["scheduler"])
     engine.global_steps = state["global_step"]
     engine.micro_steps = state["global_step"] * accumulation
-    return state
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run (save_checkpoint), points `best` at the one with the lowest
+    test loss, keeps the `limit` written last (keep_checkpoints), and remembers the last one written
+    (at start, the one resumed from), so that a stop right after it writes no other."""
+
+    def __init__(self, output_dir: str, engine, model, tokenizer, files: dict, steps_per_epoch: int,
+                 limit: int | None, state: dict, resumed_from: str | None, log=print, storage: Storage | None = None):
+        """`files`: the JSON files every checkpoint carries (name -> object); `state`: the trainer
+        state started from, whose best checkpoint stays the best to beat; `log`: where rank 0 says
+        what was saved and deleted; `storage`: where the copies go (utils.training.storage's check;
+        by default one folder that every rank shares)."""
+        self.output_dir, self.storage = output_dir, storage or Storage.one_folder(output_dir)
+        self.engine, self.model, self.tokenizer = engine, model, tokenizer
+        self.files, self.steps_per_epoch, self.limit, self.log = files, steps_per_epoch, limit, log
+        self.best = {key: state.get(key) for key in ("best_model_checkpoint", "best_metric")}
+        self.last, self.last_step = resumed_from, state["global_step"] if resumed_from else None
+
+    def save(self, global_step: int, epoch: int, step_in_epoch: int, eval_loss: float | None = None,
+             ppl: float | None = None) -> str:
+        """Write the checkpoint after `step_in_epoch` steps of `epoch` (from 0), with the test loss
+        and perplexity when evaluated; returns its path."""
+        name = checkpoint_name(epoch, global_step)
+        if eval_loss is not None and (self.best["best_metric"] is None or eval_loss < self.best["best_metric"]):
+            self.best.update(best_model_checkpoint=name, best_metric=eval_loss)
+        scheduler = self.engine.lr_scheduler
+        trainer_state = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                         "steps_per_epoch": self.steps_per_epoch, "world_size": dist.get_world_size(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                         "eval_loss": eval_loss, "ppl": ppl, **self.best}
+        started = time.perf_counter()
+        path = save_checkpoint(self.output_dir, self.engine, self.model, self.tokenizer, self.files, trainer_state,
+                               self.storage)
+        if self.storage.is_writer:  # on each copy: every node sees the same steps and the same best
+            deleted = keep_checkpoints(self.output_dir, name, self.best["best_model_checkpoint"], self.limit)
+        if is_main_process():
+            self.log(f"saved {path} in {time.perf_counter() - started:.1f} s"
+                     + (f"; deleted {', '.join(deleted)}" if deleted else ""))
+        self.last, self.last_step = path, global_step
+        return path

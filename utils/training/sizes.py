@@ -55,18 +55,20 @@ def nf4_bits_per_weight() -> float:
     return 8 * sum(t.numel() * t.element_size() for t in stored) / weight.numel()
 
 
-def memory_estimate(model, config, args, ds_config: dict) -> dict[str, float]:
-    """Bytes per GPU, by part, of training `model` (a LoRA skeleton on the meta device)."""
+def memory_estimate(model, config, train, ds_config: dict) -> dict[str, float]:
+    """Bytes per GPU, by part, of training `model` (a LoRA skeleton on the meta device, of the
+    transformers `config`) as `train` (a TrainConfig) says."""
     from baichuan.modeling_baichuan import LOSS_CHUNK_ELEMENTS
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head") and not m.weight.requires_grad)
     other = sum(p.numel() for p in model.parameters() if not p.requires_grad) - linear
-    bits = nf4_bits_per_weight() if args.quantization_bit == 4 else 16
-    b, s, h, i = args.per_device_train_batch_size, args.max_len, config.hidden_size, config.intermediate_size
+    bits = nf4_bits_per_weight() if train.model.quantization_bit == 4 else 16
+    b, s = train.optim.per_device_train_batch_size, train.data.max_len
+    h, i = config.hidden_size, config.intermediate_size
     layer_acts = b * s * (10 * h + 4 * i) * 2  # bf16 inputs kept for backward in one layer
-    if args.gradient_checkpointing:
+    if train.model.gradient_checkpointing:
         acts = config.num_hidden_layers * b * s * h * 2 + layer_acts
     else:
         acts = config.num_hidden_layers * layer_acts
