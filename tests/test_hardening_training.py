@@ -49,7 +49,8 @@ def one_error_line(proc, *needles) -> str:
     """stderr holds one `error:` line, besides progress bars and `note:` lines; no traceback."""
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", proc.stderr)  # tqdm's cursor moves
+    lines = [line for line in text.replace("\r", "\n").splitlines()
              if line.strip() and not re.search(r"\d+%\|", line) and not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
     for needle in needles:
