@@ -9,6 +9,11 @@ Several GPUs:
     deepspeed --num_gpus 2 train.py ...same flags...
     CUDA_VISIBLE_DEVICES=0,1 deepspeed train.py ...same flags...
     torchrun --nproc_per_node 2 train.py ...same flags...
+Several machines (on each, the same command; --output_dir on a filesystem every node mounts, or
+--save_on_each_node for a full copy of each checkpoint on every node's own disk):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
+        --rdzv_id JOB train.py ...same flags...
+    deepspeed --hostfile hostfile --master_addr HOST0 train.py ...same flags...   (ssh + pdsh to each host)
 Resume after a crash or a stop (the complete checkpoint written last, or a given one), with the
 same processes, batch size, accumulation and data:
     python train.py ...same flags... --resume_from_checkpoint latest
@@ -28,7 +33,8 @@ self-contained checkpoint `output_dir/epoch-E-step-S/` is written: adapter, toke
 config (train_args.json), the prompt record (roleplay.json: the roles and exact system prompts
 trained on), and the state needed to resume exactly (utils.training.checkpoints). `output_dir/best`
 links to the one with the lowest test loss; `--save_total_limit` deletes all but the few written
-last and that one. The flags are the fields of utils.training.config.TrainConfig, printed at start.
+last and that one. Only a checkpoint whose manifest.json (written last) lists its files at their
+sizes is resumed from, and a run locks --output_dir (utils.training.storage). The flags are the fields of utils.training.config.TrainConfig, printed at start.
 
 An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
 micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
