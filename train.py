@@ -130,6 +130,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
 def dry_run(config: TrainConfig) -> None:
     """Parameter counts and a rough per-GPU memory estimate, from the model's config alone."""
     import torch
@@ -224,10 +228,12 @@ def log_window(window, global_step: int, lr: float, progress, writer) -> None:
         writer.add_scalar(name, value, global_step)
 
 
-def evaluate_and_log(engine, test_batches, device, global_step: int, progress, writer) -> tuple[float, float]:
-    """The test loss and perplexity, written to the log and TensorBoard by rank 0."""
+def evaluate_and_log(engine, test_batches, device, global_step: int, progress, writer):
+    """The test loss and perplexity (None without a test set), written to the log and TensorBoard by rank 0."""
     from utils.training.steps import evaluate
 
+    if not test_batches:
+        return None, None
     started = time.perf_counter()
     eval_loss, ppl = evaluate(engine, test_batches, device)
     seconds = time.perf_counter() - started
@@ -251,9 +257,9 @@ def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: d
 
     main_process = is_main_process()
     writer = SummaryWriter(os.path.join(config.output.output_dir, "tensorboard")) if main_process else None
+    # every step updates the rate, so that unpause() drops only the pauses for evaluating and saving
     progress = tqdm(total=schedule.total_steps, initial=state["global_step"], disable=not main_process,
-                    dynamic_ncols=True, mininterval=0, miniters=1)  # every step updates the rate, so
-    #                                                                 unpause() drops only the pauses
+                    dynamic_ncols=True, mininterval=0, miniters=1)
     engine.train()
     STOP.armed = True
     try:
@@ -290,9 +296,8 @@ def fit_steps(config: TrainConfig, engine, train_set, test_batches, schedule, st
             log_window(window, global_step, lr, progress, writer)
         done = global_step >= schedule.total_steps
         if done or schedule.ends_epoch(step_in_epoch) or (every and global_step % every == 0):
-            evaluated = evaluate_and_log(engine, test_batches, device, global_step, progress, writer) \
-                if test_batches else (None, None)
-            checkpointer.save(global_step, epoch, step_in_epoch + 1, *evaluated)
+            eval_loss, ppl = evaluate_and_log(engine, test_batches, device, global_step, progress, writer)
+            checkpointer.save(global_step, epoch, step_in_epoch + 1, eval_loss, ppl)
             progress.unpause()  # the bar's rate and ETA leave out evaluation and saving
         if done:
             break
@@ -304,7 +309,7 @@ def fit_steps(config: TrainConfig, engine, train_set, test_batches, schedule, st
 def main():
     from utils.signals import STOP
 
-    args = build_parser().parse_args()
+    args = parse_args()
     STOP.install()  # before torch starts threads (utils.signals)
     config = TrainConfig.from_args(args)
     exit_on_problems(config.problems())

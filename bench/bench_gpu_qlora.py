@@ -172,7 +172,14 @@ def build_4bit(config, device: torch.device, dtype: torch.dtype, quantization, s
             if child.bias is not None:
                 layer.bias = nn.Parameter(torch.zeros(child.out_features, device=device, dtype=dtype))
             setattr(parent, name, layer)
-    # What is left on the meta device: embeddings, norms, lm_head.
+    fill_the_rest(model, random, device, dtype)
+    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then wraps Linear4bit layers
+    return model
+
+
+def fill_the_rest(model, random, device: torch.device, dtype: torch.dtype) -> None:
+    """Give what build_4bit left on the meta device (embeddings, norms, lm_head) weights on `device`:
+    ones for norms, `random(*shape)` for the others."""
     for module_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if not param.is_meta:
@@ -187,8 +194,6 @@ def build_4bit(config, device: torch.device, dtype: torch.dtype, quantization, s
     ]
     if left:
         raise RuntimeError(f"left on the meta device: {left[:5]}")
-    model.is_loaded_in_4bit = True  # what from_pretrained sets; PEFT then wraps Linear4bit layers
-    return model
 
 
 def build_like_train_py(config, args, device, dtype):

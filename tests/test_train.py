@@ -122,6 +122,20 @@ def test_every_flag_has_help():
     assert "--resume_from_checkpoint" in run([sys.executable, "train.py", "--help"]).stdout
 
 
+def test_no_bench_or_library_module_imports_train_py():
+    """The benches and tests/engine_checks.py build a TrainConfig and call utils; none imports the script."""
+    import ast
+
+    paths = [*REPO_ROOT.glob("bench/*.py"), *REPO_ROOT.glob("utils/**/*.py"), REPO_ROOT / "tests" / "engine_checks.py"]
+    importers = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            importers += [f"{path.name}: {name}" for name in names if name == "train"]
+    assert len(paths) > 20 and importers == []
+
+
 def test_trained_tokens_are_exactly_reply_and_eos(tiny_model_dir):
     from transformers import GenerationConfig
 
@@ -264,6 +278,13 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     assert last < first - 0.2, steps
     assert re.search(r"\d+%\|", output), "no tqdm progress bar"
     assert re.search(r"eval: +\d+%\|", output), "no progress bar for the evaluation"
+    # transformers' per-weight bar is off; the load is one line with its time
+    assert "Loading weights" not in output
+    assert len(re.findall(r"^loaded \S+ \(4-bit, cpu\) in [0-9.]+ s$", output, re.M)) == 1
+    # the config, printed at start, one line a section
+    assert "\nlora: lora_dim=8, lora_alpha=30.0, lora_dropout=0.1\n" in output
+    assert re.search(r"^data: train_path=\S+train.jsonl, test_path=\S+test.jsonl, .*max_len=384, max_src_len=64,", output,
+                     re.M)
     # --save_total_limit 2: the newest two, and the best by eval loss, which `best` points to
     evals = {int(step): float(loss) for step, loss in EVAL_LINE.findall(output)}
     assert sorted(evals) == [4, 8, 12]
@@ -303,8 +324,10 @@ def test_checkpoint_loads_on_its_own_and_merge_matches_base_plus_adapter(trained
     out, _ = trained
     adapter = out / "best"  # the pointer, as a user would pass it
     merged_dir = tmp_path / "merged"
-    run([sys.executable, "merge_params.py", "--ori_model_dir", str(tiny_model_dir), "--model_dir", str(adapter),
-         "--save_model_dir", str(merged_dir), "--device", "-1"])  # fmt: skip
+    proc = run([sys.executable, "merge_params.py", "--ori_model_dir", str(tiny_model_dir), "--model_dir", str(adapter),
+                "--save_model_dir", str(merged_dir), "--device", "-1"])  # fmt: skip
+    assert "Loading weights" not in proc.stderr
+    assert re.search(r"^loaded \S+ \(float32, cpu\) in [0-9.]+ s$", proc.stdout, re.M), proc.stdout
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "modeling_baichuan.py").is_file()
     assert not list(merged_dir.glob("*.bin"))
 

@@ -115,9 +115,13 @@ class TrainConfig:
                 for section in fields(self) for key, value in dataclasses.asdict(getattr(self, section.name)).items()}
 
     def __str__(self) -> str:
-        return "\n".join(f"{section.name}: " + ", ".join(f"{key}={value}" for key, value in
-                                                          dataclasses.asdict(getattr(self, section.name)).items())
-                         for section in fields(self))
+        """One line per section: `lora: lora_dim=8, lora_alpha=30.0, lora_dropout=0.1`."""
+        lines = []
+        for section in fields(self):
+            values = dataclasses.asdict(getattr(self, section.name)).items()
+            lines.append(f"{section.name}: " + ", ".join(
+                f"{key}={' '.join(value) if isinstance(value, tuple) else value}" for key, value in values))
+        return "\n".join(lines)
 
     def problems(self) -> list[str]:
         """Every problem with the config, so that all of them are reported at once: values, then the
