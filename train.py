@@ -47,7 +47,7 @@ import time
 
 from utils import HelpFormatter, exit_on_problems, exit_on_user_error
 from utils.training.config import (DataConfig, DistributedConfig, LoraConfig, ModelConfig, OptimConfig, OutputConfig,
-                                   TrainConfig)
+                                   TrainConfig, output_dir_problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,7 +343,9 @@ def main():
     set_seed(config.optim.seed)
     print_rank_0(f"world size {world_size}, device {device}, dtype {dtype}\n{config}")
     # where the checkpoints go: one shared folder, or with --save_on_each_node each node's disk; locked
-    storage = Storage.check(config.output.output_dir, config.output.save_on_each_node, log=print_rank_0)
+    storage = Storage.check(config.output.output_dir, config.output.save_on_each_node, log=print_rank_0,
+                            folder_problems=lambda: output_dir_problems(config.output.output_dir,
+                                                                        config.output.resume_from_checkpoint, True))
     resume_from = storage.checkpoint_to_resume(config.output.resume_from_checkpoint, log=print_rank_0)
     tokenizer, user_id, assistant_id = chat_tokenizer(config.model)
     train_set, roles, test_batches = load_data(config, rows, tokenizer, user_id, assistant_id, rank, world_size)

@@ -143,7 +143,7 @@ class TrainConfig:
         if not self.output.output_dir:
             problems.append("--output_dir is required")
         else:
-            problems += _output_dir_problems(self.output.output_dir, self.output.resume_from_checkpoint)
+            problems += output_dir_problems(self.output.output_dir, self.output.resume_from_checkpoint)
         return problems
 
     def _value_problems(self) -> list[str]:
@@ -196,17 +196,25 @@ def _ds_file_problems(config: TrainConfig) -> list[str]:
     return []
 
 
-def _output_dir_problems(output_dir: str, resume: str | None) -> list[str]:
-    """What this process sees of --output_dir (with --save_on_each_node, its own node's copy)."""
+def output_dir_problems(output_dir: str, resume: str | None, after_start: bool = False) -> list[str]:
+    """What this process sees of --output_dir (with --save_on_each_node, its own node's copy).
+
+    Across several machines each node may see another folder, and a node that stopped here alone
+    would leave the others waiting for it: there these checks wait until every process has started
+    (`after_start`, utils.training.storage), when the run holds the lock and the checkpoint to resume
+    from is agreed on every node."""
     from utils.lock import LOCK_FILE, check_not_locked
     from utils.training.checkpoints import BEST
     from utils.training.manifest import checkpoint_problem, scan_checkpoints
+    from utils.training.storage import several_nodes
 
+    if several_nodes() and not after_start:
+        return []
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    locked = check_not_locked(os.path.join(output_dir, LOCK_FILE), f"--output_dir {output_dir!r}")
+    locked = None if after_start else check_not_locked(os.path.join(output_dir, LOCK_FILE), f"--output_dir {output_dir!r}")
     if locked:  # before what the run holding it has written there
         return [locked]
     ours = [n for n in os.listdir(output_dir)
@@ -215,12 +223,14 @@ def _output_dir_problems(output_dir: str, resume: str | None) -> list[str]:
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]
     checkpoints, damaged = scan_checkpoints(output_dir)
+    if (checkpoints or damaged) and not resume:
+        return [f"--output_dir: {output_dir!r} already holds checkpoints; pass --resume_from_checkpoint latest"]
+    if after_start:
+        return []
     if resume == "latest" and not checkpoints:
         return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"
                 + (f" ({len(damaged)} damaged or incomplete: {', '.join(sorted(damaged))})" if damaged else "")]
     problem = checkpoint_problem(resume) if resume and resume != "latest" else None
     if problem:
         return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint: {problem}"]
-    if (checkpoints or damaged) and not resume:
-        return [f"--output_dir: {output_dir!r} already holds checkpoints; pass --resume_from_checkpoint latest"]
     return []

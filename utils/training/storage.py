@@ -35,6 +35,14 @@ TOKEN_PREFIX = TMP_PREFIX + "storage-check-"
 LEFTOVERS = (TMP_PREFIX + "epoch-", TMP_PREFIX + "deleting-", TMP_PREFIX + "best")
 
 
+def several_nodes() -> bool:
+    """Whether the launcher started this run's processes on more than one machine (before the
+    process group starts: from the launchers' variables)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world
+    return world.isdigit() and local.isdigit() and int(world) > int(local)
+
+
 def node_of_this_process() -> str:
     """How this process's machine is named in messages: its node rank where the launcher set one
     (torchrun, deepspeed, SLURM), and its host."""
@@ -80,10 +88,12 @@ class Storage:
         return cls(output_dir, 0, list(range(dist.get_world_size())), True, nonce[0])
 
     @classmethod
-    def check(cls, output_dir: str, save_on_each_node: bool, log=print) -> "Storage":
+    def check(cls, output_dir: str, save_on_each_node: bool, log=print, folder_problems=None) -> "Storage":
         """Find out which ranks share which copy of `output_dir`, stop every rank at once where the
         ranks do not share one and `save_on_each_node` is off, then lock each copy and clear it of
-        an earlier run's leftovers. Collective: every rank calls it, after the process group starts."""
+        an earlier run's leftovers. `folder_problems()`: the problems with what this rank sees in
+        the folder, once it is locked, which stop every rank. Collective: every rank calls it, after
+        the process group starts."""
         rank, world_size = dist.get_rank(), dist.get_world_size()
         nonce = [secrets.token_hex(4)]
         dist.broadcast_object_list(nonce, src=0)
@@ -129,6 +139,9 @@ class Storage:
                 storage.remove_leftovers(log)
             except UserError as error:
                 problem = f"{error} ({storage.node})" if not storage.shared else str(error)
+        if not problem and folder_problems:
+            problem = next(iter(folder_problems()), None)
+            problem = f"{problem} (on {storage.node})" if problem and not storage.shared else problem
         agree(problem)
         return storage
 
