@@ -324,3 +324,30 @@ def test_each_node_keeps_its_own_copy_survives_a_killed_node_resumes_exactly_and
     print(f"merge of node 0's copy: {time.monotonic() - started:.1f} s")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (merged / "config.json").is_file() and list(merged.glob("*.safetensors"))
+
+
+def test_a_partition_missing_on_resume_is_one_line_naming_the_rank_and_the_node(reference, tmp_path, monkeypatch):
+    """The check that every rank makes of the checkpoint it resumes from, on its own disk, here in
+    a process group of one (rank 0, as node 1 of a torchrun launch) over a copy of the reference's."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from utils import UserError
+    from utils.training.storage import Storage
+
+    out = tmp_path / "out"
+    shutil.copytree(reference[1] / "epoch-1-step-4", out / "epoch-1-step-4")
+    (out / "epoch-1-step-4" / "optimizer-rank0.safetensors").unlink()
+    monkeypatch.setenv("GROUP_RANK", "1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        storage = Storage(str(out), 0, [0], False, "test")
+        with pytest.raises(UserError) as raised:
+            storage.checkpoint_to_resume(str(out / "epoch-1-step-4"))
+        assert f"epoch-1-step-4 on node 1 ({socket.gethostname()}), rank 0: optimizer-rank0.safetensors is " \
+               "missing" in str(raised.value)
+        with pytest.raises(UserError, match="no checkpoint in .* is complete on every node"):
+            storage.checkpoint_to_resume("latest")
+    finally:
+        dist.destroy_process_group()

@@ -217,9 +217,8 @@ def output_dir_problems(output_dir: str, resume: str | None, after_start: bool =
     locked = None if after_start else check_not_locked(os.path.join(output_dir, LOCK_FILE), f"--output_dir {output_dir!r}")
     if locked:  # before what the run holding it has written there
         return [locked]
-    ours = [n for n in os.listdir(output_dir)
-            if n in ("tensorboard", BEST, LOCK_FILE) or n.startswith(("epoch-", TMP_PREFIX))]
-    foreign = sorted(set(os.listdir(output_dir)) - set(ours))
+    foreign = sorted(n for n in os.listdir(output_dir)
+                     if n not in ("tensorboard", BEST, LOCK_FILE) and not n.startswith(("epoch-", TMP_PREFIX)))
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]
     checkpoints, damaged = scan_checkpoints(output_dir)

@@ -139,10 +139,10 @@ class Storage:
                 storage.remove_leftovers(log)
             except UserError as error:
                 problem = f"{error} ({storage.node})" if not storage.shared else str(error)
-        if not problem and folder_problems:
-            problem = next(iter(folder_problems()), None)
-            problem = f"{problem} (on {storage.node})" if problem and not storage.shared else problem
         agree(problem)
+        if folder_problems:  # once every copy is locked and cleared
+            problem = next(iter(folder_problems()), None)
+            agree(f"{problem} (on {storage.node})" if problem and not storage.shared else problem)
         return storage
 
     def remove_leftovers(self, log) -> None:
