@@ -6,6 +6,7 @@
     utils.data       training samples and conversations: reading, encoding, packing, batching
     utils.training   distributed set-up, the DeepSpeed config, checkpoints, evaluation, the memory estimate
     utils.signals    clean stops of a training run on SIGINT/SIGTERM, and the stall points of its tests
+    utils.lock       a run's exclusive lock on its output (train.py, merge_params.py)
     utils.chat       the chat core of the front ends: loading a model, settings, streaming with a stop event
 
 This module holds what every script needs and imports nothing heavy, so that `--help` stays instant:
