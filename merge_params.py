@@ -9,7 +9,7 @@ As a plain Llama checkpoint, for vLLM, llama.cpp and Ollama (Baichuan2-7B only):
     python merge_params.py ...same flags... --format llama
 
 Only one merge at a time writes a destination: a second into the same --save_model_dir stops
-at once, naming the first (a lock file `.NAME.lock` beside it). A checkpoint of train.py is
+at once, naming the first (a lock file `.NAME.lock` beside it while the merge runs). A checkpoint of train.py is
 merged only when complete: its manifest lists every file at its size (one node's copy will do
 after --save_on_each_node).
 
@@ -133,7 +133,7 @@ def main():
     from utils import atomic_directory, quiet_third_party
 
     quiet_third_party()
-    lock_destination(args.save_model_dir)  # its descriptor stays open, and the lock held, until the process ends
+    lock_destination(args.save_model_dir)  # held until the process exits
     from peft import PeftModel
     from transformers import AutoConfig
 

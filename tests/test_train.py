@@ -290,7 +290,7 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     assert sorted(evals) == [4, 8, 12]
     best = f"epoch-1-step-{min(evals, key=evals.get)}"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted({".lock", "best", "epoch-1-step-12", "epoch-1-step-8", best, "tensorboard"})
+    assert names == sorted({"best", "epoch-1-step-12", "epoch-1-step-8", best, "tensorboard"})  # no lock left
     assert os.readlink(out / "best") == best
     checkpoint = out / "epoch-1-step-12"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json",
@@ -437,19 +437,13 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model_dir, samples
     assert list_checkpoints(str(out)) == [] and list(out.glob(".tmp-epoch-1-step-2.*"))
 
 
-def files_but_the_lock(out: Path) -> list:
-    """Every file under `out` with its time of change, but the lock file: each run that takes it
-    writes its own pid there (utils.lock)."""
-    return sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != ".lock")
-
-
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tiny_model_dir, samples):
     out, _ = trained
-    before = files_but_the_lock(out)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     proc = run(train_command(tiny_model_dir, samples, out, "--resume_from_checkpoint", "latest"))
     assert "the run is complete:" in proc.stdout and "epoch-1-step-12 is at step 12 of 12" in proc.stdout
     assert losses(proc.stdout) == {} and "%|" not in proc.stderr  # no step, not even a progress bar
-    assert files_but_the_lock(out) == before
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
 def test_a_run_is_complete_at_max_steps_or_after_its_last_epoch():
@@ -679,12 +673,12 @@ def test_a_resume_with_another_batch_size_is_refused_before_the_model_loads(trai
 
     out = tmp_path / "out"
     shutil.copytree(trained[0], out, symlinks=True)
-    before = files_but_the_lock(out)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     proc = run(train_command(tiny_model_dir, samples, out, "--per_device_train_batch_size", "4",
                              "--resume_from_checkpoint", "latest"), check=False)  # fmt: skip
     assert_one_line_error(proc, "epoch-1-step-12", "optimizer steps per epoch", "same processes, batch size")
     assert "trainable params" not in proc.stdout  # refused before the model was loaded
-    assert files_but_the_lock(out) == before
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
 
 
 def test_no_warmup_still_gives_deepspeed_a_schedule_it_accepts():

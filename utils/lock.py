@@ -5,10 +5,12 @@ merge_params.py a lock file beside the merged model's folder, so that a second r
 same output stops at once, with one line naming the holder, instead of both writing into one
 folder. fcntl.flock, not a lock file that is merely created: the kernel releases it when the
 holder dies, however it dies, so a crash never leaves a stale lock behind (on NFS, Linux turns
-flock into an fcntl lock the server knows of). The file itself stays; deleting it would let a
-third run lock a new file while the second still waits on the old one.
+flock into an fcntl lock the server knows of). The holder deletes the file when it exits, while
+it still holds the lock; whoever locked the deleted file in that moment sees that it is no longer
+the one at the path, and locks the new one instead.
 """
 
+import atexit
 import fcntl
 import os
 import socket
@@ -35,29 +37,43 @@ class OutputLock:
         self.path, self.what, self.user, self.fd = path, what, user, None
 
     def acquire(self) -> "OutputLock":
-        """Take the lock, or raise a UserError naming the holder; never waits."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise UserError(f"{self.path}: cannot create the lock file ({error.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{self.what} is in use by another run ({holder(self.path)}); wait for it to end, "
-                            "or choose another folder") from None
-        except OSError as error:
-            os.close(fd)
-            raise UserError(f"{self.path}: cannot lock ({error.strerror})") from None
+        """Take the lock, or raise a UserError naming the holder; never waits. It is released, and
+        its file deleted, when the process exits."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as error:
+                raise UserError(f"{self.path}: cannot create the lock file ({error.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(f"{self.what} is in use by another run ({holder(self.path)}); wait for it to end, "
+                                "or choose another folder") from None
+            except OSError as error:
+                os.close(fd)
+                raise UserError(f"{self.path}: cannot lock ({error.strerror})") from None
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # its holder deleted it as it exited: lock the one at the path now
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.user}, pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
         self.fd = fd
+        atexit.register(self.release)
         return self
 
     def release(self) -> None:
+        """Delete the lock file, then release the lock (closing the last descriptor does)."""
         if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor releases the lock
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass  # gone with its folder, or a read-only one: the next run locks it as it is
+            os.close(self.fd)
             self.fd = None
 
 

@@ -228,7 +228,7 @@ def output_dir_problems(output_dir: str, resume: str | None, after_start: bool =
         return []
     if resume == "latest" and not checkpoints:
         return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"
-                + (f" ({len(damaged)} damaged or incomplete: {', '.join(sorted(damaged))})" if damaged else "")]
+                + (" (" + "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items())) + ")" if damaged else "")]
     problem = checkpoint_problem(resume) if resume and resume != "latest" else None
     if problem:
         return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint: {problem}"]

@@ -169,18 +169,21 @@ class Storage:
             complete, damaged = scan_checkpoints(self.output_dir)
             if damaged and self.is_writer:
                 print(damaged_note(damaged, self.output_dir), file=sys.stderr, flush=True)
-            names = [os.path.basename(path) for path in complete
-                     if not checkpoint_problem(path, [rank])]  # fmt: skip
+            # {name: why this rank cannot resume from it, or None}
+            mine = {os.path.basename(path): checkpoint_problem(path, [rank]) for path in complete}
             everywhere = [None] * world_size
-            dist.all_gather_object(everywhere, names)
-            common = [name for name in everywhere[0] if all(name in names_r for names_r in everywhere)]
+            dist.all_gather_object(everywhere, (mine, self.node))
+            common = [name for name in everywhere[0][0]
+                      if all(name in theirs and not theirs[name] for theirs, _ in everywhere)]  # fmt: skip
             if not common:
+                why = next((f" ({name} on {node}, rank {r}: {theirs[name]})" for r, (theirs, node) in enumerate(everywhere)
+                            for name in reversed(list(theirs)) if theirs[name]), "")  # fmt: skip
                 raise UserError(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir!r} is complete "
-                                "on every node" if not self.shared else
-                                f"--resume_from_checkpoint latest: no complete checkpoint in {self.output_dir!r}")
-            if common[-1] != everywhere[0][-1] and rank == 0:
-                log(f"note: {everywhere[0][-1]} is not complete on every node; resuming from {common[-1]}, "
-                    "the newest that is")
+                                f"on every node{why}" if not self.shared else
+                                f"--resume_from_checkpoint latest: no complete checkpoint in {self.output_dir!r}{why}")
+            newest = list(everywhere[0][0])[-1]
+            if common[-1] != newest and rank == 0:
+                log(f"note: {newest} is not complete on every node; resuming from {common[-1]}, the newest that is")
             return os.path.join(self.output_dir, common[-1])
         problem = checkpoint_problem(wanted, [rank])
         if problem:
