@@ -8,6 +8,11 @@ On the CPU (fp32):
 As a plain Llama checkpoint, for vLLM, llama.cpp and Ollama (Baichuan2-7B only):
     python merge_params.py ...same flags... --format llama
 
+Only one merge at a time writes a destination: a second into the same --save_model_dir stops
+at once, naming the first (a lock file `.NAME.lock` beside it while the merge runs). A checkpoint of train.py is
+merged only when complete: its manifest lists every file at its size (one node's copy will do
+after --save_on_each_node).
+
 The base is never loaded in 4-bit: rounding the merged weights back to 4 bits would throw most of
 the adapter away. The result holds safetensors shards, the tokenizer, the generation config, the
 model code files and the adapter's prompt record (roleplay.json), and is written under a
@@ -56,6 +61,8 @@ def validate_args(args) -> list[str]:
         if not os.path.isfile(os.path.join(args.model_dir, name)):
             problems.append(f"--model_dir: {args.model_dir!r} has no {name}")
             break
+    else:
+        problems += check_checkpoint(args.model_dir)
     if os.path.exists(args.save_model_dir):
         problems.append(f"--save_model_dir: {args.save_model_dir!r} already exists")
     try:
@@ -63,6 +70,31 @@ def validate_args(args) -> list[str]:
     except UserError as error:
         problems.append(f"--device: {error}")
     return problems
+
+
+def check_checkpoint(model_dir: str) -> list[str]:
+    """A checkpoint of train.py (it has a trainer state or a manifest) must be complete and undamaged;
+    another adapter folder (PEFT's own save_pretrained) has neither and is taken as it is."""
+    from utils.training.manifest import MANIFEST, TRAINER_STATE, checkpoint_problem
+
+    if not any(os.path.exists(os.path.join(model_dir, name)) for name in (MANIFEST, TRAINER_STATE)):
+        return []
+    problem = checkpoint_problem(model_dir)
+    return [f"--model_dir: {model_dir!r} is not a complete checkpoint: {problem}"] if problem else []
+
+
+def lock_destination(save_model_dir: str):
+    """Hold the lock of the merge into `save_model_dir` (a file beside it), and check again, now that
+    no other merge can be writing it, that it does not exist."""
+    from utils.lock import OutputLock
+
+    final = os.path.abspath(save_model_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    lock = OutputLock(os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.lock"),
+                      f"--save_model_dir {save_model_dir!r}", "merge_params.py").acquire()
+    if os.path.exists(final):
+        raise UserError(f"--save_model_dir: {save_model_dir!r} already exists")
+    return lock
 
 
 def check_not_quantized(model_dir: str) -> list[str]:
@@ -101,6 +133,7 @@ def main():
     from utils import atomic_directory, quiet_third_party
 
     quiet_third_party()
+    lock_destination(args.save_model_dir)  # held until the process exits
     from peft import PeftModel
     from transformers import AutoConfig
 

@@ -9,6 +9,11 @@ Several GPUs:
     deepspeed --num_gpus 2 train.py ...same flags...
     CUDA_VISIBLE_DEVICES=0,1 deepspeed train.py ...same flags...
     torchrun --nproc_per_node 2 train.py ...same flags...
+Several machines (on each, the same command; --output_dir on a filesystem every node mounts, or
+--save_on_each_node for a full copy of each checkpoint on every node's own disk):
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
+        --rdzv_id JOB train.py ...same flags...
+    deepspeed --hostfile hostfile --master_addr HOST0 train.py ...same flags...   (ssh + pdsh to each host)
 Resume after a crash or a stop (the complete checkpoint written last, or a given one), with the
 same processes, batch size, accumulation and data:
     python train.py ...same flags... --resume_from_checkpoint latest
@@ -28,7 +33,8 @@ self-contained checkpoint `output_dir/epoch-E-step-S/` is written: adapter, toke
 config (train_args.json), the prompt record (roleplay.json: the roles and exact system prompts
 trained on), and the state needed to resume exactly (utils.training.checkpoints). `output_dir/best`
 links to the one with the lowest test loss; `--save_total_limit` deletes all but the few written
-last and that one. The flags are the fields of utils.training.config.TrainConfig, printed at start.
+last and that one. Only a checkpoint whose manifest.json (written last) lists its files at their
+sizes is resumed from, and a run locks --output_dir (utils.training.storage). The flags are the fields of utils.training.config.TrainConfig, printed at start.
 
 An optimizer step's gradient is that of the summed loss of its labelled tokens, over all its
 micro-batches and processes, divided by their number: micro-batches weigh by their tokens.
@@ -51,7 +57,7 @@ import time
 
 from utils import HelpFormatter, exit_on_problems, exit_on_user_error
 from utils.training.config import (PREF_LOSSES, DataConfig, DistributedConfig, LoraConfig, ModelConfig, OptimConfig,
-                                   OutputConfig, PreferenceConfig, TrainConfig)
+                                   OutputConfig, PreferenceConfig, TrainConfig, output_dir_problems)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +153,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="evaluate and save every this many steps (default: at each epoch's end only)")
     out.add_argument("--save_total_limit", type=int, default=R.save_total_limit,
                      help="keep only the N checkpoints written last, plus the best by test loss (default: keep all)")
+    out.add_argument("--save_on_each_node", action="store_true",
+                     help="several machines whose --output_dir is not one shared folder: each node keeps a full copy "
+                          "of every checkpoint on its own disk (with its own ranks' optimizer partitions) and resumes "
+                          "from it; without it such a run stops at start-up")
     out.add_argument("--resume_from_checkpoint",
                      help="a checkpoint directory, or 'latest' for the complete one written last in output_dir")
     out.add_argument("--dry_run", action="store_true",
@@ -288,16 +298,31 @@ def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: d
 
     from utils.signals import STOP
     from utils.training.distributed import is_main_process
-    from utils.training.steps import Throughput
 
-    main_process, every = is_main_process(), config.output.save_model_step
+    main_process = is_main_process()
     writer = SummaryWriter(os.path.join(config.output.output_dir, "tensorboard")) if main_process else None
     # every step updates the rate, so that unpause() drops only the pauses for evaluating and saving
     progress = tqdm(total=schedule.total_steps, initial=state["global_step"], disable=not main_process,
                     dynamic_ncols=True, mininterval=0, miniters=1)
-    global_step, stopped_by, window = state["global_step"], None, Throughput(device)
     engine.train()
     STOP.armed = True
+    try:
+        return fit_steps(config, engine, train_set, test_batches, schedule, state, checkpointer, stage, device,
+                         progress, writer)
+    finally:  # the bar ends its line: an error (a failed save) is then a line of its own
+        STOP.armed = False
+        progress.close()
+        if writer:
+            writer.close()
+
+
+def fit_steps(config: TrainConfig, engine, train_set, test_batches, schedule, state: dict, checkpointer, stage,
+              device, progress, writer) -> int | None:
+    """fit's loop: the steps, their logging, evaluation and checkpoints."""
+    from utils.training.steps import Throughput
+
+    global_step, stopped_by, every, window = state["global_step"], None, config.output.save_model_step, \
+        Throughput(device)
     for epoch, step_in_epoch, indices in schedule.steps(state):
         window.start()
         items = [[train_set[i] for i in micro] for micro in indices]
@@ -321,10 +346,6 @@ def fit(config: TrainConfig, engine, train_set, test_batches, schedule, state: d
             break
     if stopped_by and checkpointer.last_step != global_step:
         checkpointer.save(global_step, epoch, step_in_epoch)  # no evaluation: on the 7B model it takes minutes
-    STOP.armed = False
-    progress.close()
-    if writer:
-        writer.close()
     return stopped_by
 
 
@@ -356,22 +377,24 @@ def main():
 
     from utils.models import load_for_training
     from utils.prompts import RECORD_FILE
-    from utils.training.checkpoints import (Checkpointer, list_checkpoints, load_adapter_weights, read_trainer_state,
-                                            resume, stop_message)
+    from utils.training.checkpoints import Checkpointer, load_adapter_weights, read_trainer_state, resume, stop_message
     from utils.training.deepspeed_config import fill_ds_config, read_ds_config, start_engine
     from utils.training.distributed import print_rank_0, setup_distributed
     from utils.training.preference_steps import PreferenceStage, load_pairs, reference_tables, start_model
     from utils.training.schedule import Schedule
     from utils.training.sizes import print_trainable_parameters
     from utils.training.steps import SftStage
+    from utils.training.storage import Storage
 
     # setup: processes, data, the state resumed from, the model and its engine
     rank, world_size, device, dtype = setup_distributed(config.distributed.local_rank)
     set_seed(config.optim.seed)
     print_rank_0(f"world size {world_size}, device {device}, dtype {dtype}\n{config}")
-    resume_from = config.output.resume_from_checkpoint
-    if resume_from == "latest":
-        resume_from = list_checkpoints(config.output.output_dir)[-1]
+    # where the checkpoints go: one shared folder, or with --save_on_each_node each node's disk; locked
+    storage = Storage.check(config.output.output_dir, config.output.save_on_each_node, log=print_rank_0,
+                            folder_problems=lambda: output_dir_problems(config.output.output_dir,
+                                                                        config.output.resume_from_checkpoint, True))
+    resume_from = storage.checkpoint_to_resume(config.output.resume_from_checkpoint, log=print_rank_0)
     tokenizer, user_id, assistant_id = chat_tokenizer(config.model)
     if dpo:
         pairs, train_set, test_pairs, roles = load_pairs(config, rows, tokenizer)
@@ -408,7 +431,7 @@ def main():
     # every checkpoint records the config it was trained with, the checkpoint resumed from included
     files = {"train_args.json": {**config.flat(), "resume_from_checkpoint": resume_from}, RECORD_FILE: record}
     checkpointer = Checkpointer(config.output.output_dir, engine, model, tokenizer, files, schedule.steps_per_epoch,
-                                config.output.save_total_limit, state, resume_from, log=tqdm.write)
+                                config.output.save_total_limit, state, resume_from, log=tqdm.write, storage=storage)
 
     stopped_by = fit(config, engine, train_set, test_batches, schedule, state, checkpointer, stage, device)
 

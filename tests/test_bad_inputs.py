@@ -180,8 +180,9 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-# trainer_state.json of a checkpoint of the one-row `good_samples` in batches of 1: one step per epoch
-GOOD_STATE = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "steps_per_epoch": 1, "world_size": 1,
+# trainer_state.json of a checkpoint of the one-row `good_samples` in batches of 1: one step per epoch,
+# after the first (of 2, so that the run is not complete)
+GOOD_STATE = {"global_step": 1, "epoch": 0, "step_in_epoch": 1, "steps_per_epoch": 1, "world_size": 1,
               "scheduler": None}
 # (name, trainer_state.json's text, whether the adapter is cut short, what the error must name)
 RESUME_CASES = [
@@ -194,14 +195,21 @@ RESUME_CASES = [
 @pytest.mark.parametrize("name, state, cut, needles", RESUME_CASES, ids=[c[0] for c in RESUME_CASES])
 def test_train_rejects_a_broken_checkpoint_to_resume_from(tiny_model_dir, good_samples, foreign_adapter, tmp_path,
                                                          name, state, cut, needles):
+    import torch
+    from safetensors.torch import save_file
+
+    from utils.training.manifest import write_manifest
+
     checkpoint = tmp_path / "out" / "epoch-1-step-1"
     shutil.copytree(foreign_adapter, checkpoint)
     if cut:
         truncate(checkpoint / "adapter_model.safetensors")
     (checkpoint / "trainer_state.json").write_text(state)
+    save_file({"rng.cpu": torch.get_rng_state()}, checkpoint / "optimizer-rank0.safetensors")  # read last
+    write_manifest(str(checkpoint), [0], 1)  # as if saved so: only the checks of what is in it can tell
     before = sorted(p.name for p in (tmp_path / "out").rglob("*"))
     proc = run(train_args(tiny_model_dir, good_samples, tmp_path / "out", "--per_device_train_batch_size", "1",
-                          "--resume_from_checkpoint", "latest"))  # fmt: skip
+                          "--num_train_epochs", "2", "--resume_from_checkpoint", "latest"))  # fmt: skip
     assert_one_line_error(proc, *needles)
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == before
 

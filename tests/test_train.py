@@ -290,11 +290,12 @@ def test_training_run_writes_checkpoints_logs_and_loss_falls(trained):
     assert sorted(evals) == [4, 8, 12]
     best = f"epoch-1-step-{min(evals, key=evals.get)}"
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted({"best", "epoch-1-step-12", "epoch-1-step-8", best, "tensorboard"})
+    assert names == sorted({"best", "epoch-1-step-12", "epoch-1-step-8", best, "tensorboard"})  # no lock left
     assert os.readlink(out / "best") == best
     checkpoint = out / "epoch-1-step-12"
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.model", "tokenizer_config.json",
-                 "train_args.json", "roleplay.json", "trainer_state.json", "optimizer-rank0.safetensors"):
+                 "train_args.json", "roleplay.json", "trainer_state.json", "optimizer-rank0.safetensors",
+                 "manifest.json"):
         assert (checkpoint / name).is_file(), name  # fmt: skip
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 12 and math.isclose(state["ppl"], math.exp(state["eval_loss"]), rel_tol=1e-6)
@@ -408,7 +409,7 @@ def test_stop_or_kill_then_resume_reaches_the_same_losses(trained, tiny_model_di
     if sent == signal.SIGKILL:
         assert returncode == -signal.SIGKILL
         if point.startswith("save"):
-            assert (out / ".tmp-epoch-1-step-8").is_dir()  # the half-written one is there, and never picked
+            assert list(out.glob(".tmp-epoch-1-step-8.*"))  # the half-written one is there, and never picked
         resume_command = command + ["--resume_from_checkpoint", "latest"]
     else:
         assert returncode == 128 + sent and "Traceback" not in output, output[-3000:]
@@ -433,7 +434,7 @@ def test_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model_dir, samples
     returncode, output = signal_at(command, "step:2,save:1", [signal.SIGINT, signal.SIGINT])
     assert returncode == 130 and "Traceback" not in output, output[-3000:]
     assert "stopped at once" in output and not STOP_LINE.search(output)
-    assert list_checkpoints(str(out)) == [] and (out / ".tmp-epoch-1-step-2").is_dir()
+    assert list_checkpoints(str(out)) == [] and list(out.glob(".tmp-epoch-1-step-2.*"))
 
 
 def test_resuming_a_finished_run_says_so_and_trains_nothing(trained, tiny_model_dir, samples):
@@ -619,19 +620,29 @@ def test_tokens_per_s_right_after_a_checkpoint_is_like_before(tiny_model_dir, sa
         assert 0.5 < speeds[saved + 3] / speeds[saved] < 2, speeds
 
 
+def fake_checkpoint(folder: Path, step: int, saved_at: float = 0.0) -> None:
+    """A complete checkpoint as far as its trainer state and manifest go, at `step` of epoch 1."""
+    from utils.training.manifest import write_manifest
+
+    checkpoint = folder / f"epoch-1-step-{step}"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps(
+        {"global_step": step, "epoch": 0, "step_in_epoch": step, "steps_per_epoch": 100, "world_size": 1,
+         "scheduler": None, "saved_at": saved_at}))
+    write_manifest(str(checkpoint), [0], 1)
+
+
 def test_keep_checkpoints_keeps_the_newest_and_the_best(tmp_path):
     from utils.training.checkpoints import keep_checkpoints, list_checkpoints
 
     for step in (2, 4, 6, 8, 10):
-        (tmp_path / f"epoch-1-step-{step}").mkdir()
-        (tmp_path / f"epoch-1-step-{step}" / "trainer_state.json").write_text("{}")
+        fake_checkpoint(tmp_path, step)
     (tmp_path / ".tmp-epoch-1-step-12").mkdir()  # being written
-    (tmp_path / "epoch-1-step-12").mkdir()  # no trainer_state.json: incomplete
     deleted = keep_checkpoints(str(tmp_path), "epoch-1-step-10", "epoch-1-step-4", limit=2)
     assert deleted == ["epoch-1-step-2", "epoch-1-step-6"]
     assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["epoch-1-step-4", "epoch-1-step-8",
                                                                         "epoch-1-step-10"]
-    assert (tmp_path / ".tmp-epoch-1-step-12").is_dir() and (tmp_path / "epoch-1-step-12").is_dir()
+    assert (tmp_path / ".tmp-epoch-1-step-12").is_dir()
     assert os.readlink(tmp_path / "best") == "epoch-1-step-4" and (tmp_path / "best" / "trainer_state.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")) == [".tmp-epoch-1-step-12"]
     # limit 1 keeps the newest even when the best is another; no limit deletes nothing
@@ -646,8 +657,7 @@ def test_keep_checkpoints_keeps_the_one_just_saved_after_resuming_from_an_older_
     from utils.training.checkpoints import keep_checkpoints, list_checkpoints
 
     for step, saved_at in ((4, 100.0), (12, 300.0), (8, 400.0)):
-        (tmp_path / f"epoch-1-step-{step}").mkdir()
-        (tmp_path / f"epoch-1-step-{step}" / "trainer_state.json").write_text(json.dumps({"saved_at": saved_at}))
+        fake_checkpoint(tmp_path, step, saved_at)
     assert keep_checkpoints(str(tmp_path), "epoch-1-step-8", "epoch-1-step-4", limit=1) == ["epoch-1-step-12"]
     assert [Path(p).name for p in list_checkpoints(str(tmp_path))] == ["epoch-1-step-4", "epoch-1-step-8"]
     # an old checkpoint's damaged state must not stop the run that saves beside it

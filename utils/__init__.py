@@ -15,6 +15,7 @@
     utils.training   the training package: config (TrainConfig), distributed, deepspeed_config, sizes,
                      schedule, steps (a step, throughput, evaluation) and checkpoints
     utils.signals    clean stops of a training run on SIGINT/SIGTERM, and the stall points of its tests
+    utils.lock       a run's exclusive lock on its output (train.py, merge_params.py)
     utils.chat       the chat building blocks: model and sampling flags, checks, Sampling, the generation bound
     utils.assembly   any OpenAI message list (SillyTavern's included) as the model's prompt messages
     utils.engine     ChatEngine, beneath the page, the API and predict.py: model, roles, limits, checks, prompt

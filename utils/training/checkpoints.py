@@ -2,10 +2,14 @@
 
 A checkpoint `output_dir/epoch-E-step-S/` holds the adapter (safetensors), the tokenizer,
 `train_args.json`, the prompt record (`roleplay.json`, utils.prompts), each rank's optimizer
-partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`), and
-`trainer_state.json`, written last: a directory without it is incomplete and never resumed from.
+partition, RNG and (fp16) loss-scale state (`optimizer-rankR.safetensors` + `.json`),
+`trainer_state.json`, and `manifest.json`, written last, of every file and its size
+(utils.training.manifest): a directory without a manifest that holds is never trusted.
+It is written under a temporary name of this run's own and renamed into place when complete;
+a save that fails (a full disk) stops every rank in one line and leaves no temporary folder.
 The time it was saved at orders the checkpoints: "latest" is the one written last.
-`output_dir/best` links to the checkpoint with the lowest test loss.
+`output_dir/best` links to the checkpoint with the lowest test loss. With --save_on_each_node
+every node keeps a full copy on its own disk (utils.training.storage).
 """
 
 import contextlib
@@ -21,36 +25,17 @@ import torch.distributed as dist
 
 from utils import TMP_PREFIX, UserError, fix_permissions, read_json, write_json
 from utils.signals import NAMES, stall_point
+from utils.training.manifest import (TRAINER_STATE, checkpoint_name, partition_name, scan_checkpoints,
+                                     trainer_state_problem, write_manifest)
 from utils.training.distributed import is_main_process
+from utils.training.storage import Storage, agree
 
-CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
 BEST = "best"  # a symlink in output_dir to the checkpoint with the lowest eval loss
 
 
-def checkpoint_name(epoch: int, global_step: int) -> str:
-    return f"epoch-{epoch + 1}-step-{global_step}"
-
-
 def list_checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints in output_dir, in the order they were written (by step where that
-    was not recorded), so the last is the newest of the run that resumed last, even when an
-    abandoned run had gone further. Half-written ones (still under their temporary name, or
-    without trainer_state.json) are never listed."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_NAME.match(name)
-        state_path = os.path.join(output_dir, name, "trainer_state.json")
-        if match and os.path.isfile(state_path):
-            try:
-                state = read_json(state_path, "trainer state")
-            except UserError:  # ordered by step; resuming from it says what is wrong
-                state = None
-            saved_at = state.get("saved_at") if isinstance(state, dict) else None
-            saved_at = saved_at if isinstance(saved_at, (int, float)) else 0
-            found.append((saved_at, int(match[2]), int(match[1]), name))
-    return [os.path.join(output_dir, entry[-1]) for entry in sorted(found)]
+    """Complete checkpoints in output_dir, in the order they were written (utils.training.manifest)."""
+    return scan_checkpoints(output_dir)[0]
 
 
 def optimizer_state(engine) -> tuple[dict, dict]:
@@ -104,41 +89,104 @@ def load_optimizer_state(engine, tensors: dict, rest: dict) -> None:
             setattr(scaler, key, value)
 
 
-def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict) -> str:
-    """Write epoch-E-step-S under a temporary name, then rename it into place.
+def checkpoint_step(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
 
-    Each rank writes its optimizer partition; rank 0 writes the adapter, the tokenizer (unless None:
-    bench_gpu_qlora.py's random-weight model has none), the json `files` (name -> object: the
-    arguments, the prompt record), and trainer_state.json last, with the time it was saved at.
+
+def save_problem(path: str, error: Exception) -> str:
+    """One line for an OS error while saving into `path`: the file written and the reason
+    (safetensors wraps the OS's; a copy's error names its source first, its destination second)."""
+    reason = getattr(error, "strerror", None)
+    if not reason:
+        found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))
+        reason = found[1] if found else str(error).strip().splitlines()[0]
+    names = [str(name) for name in (getattr(error, "filename2", None), getattr(error, "filename", None)) if name]
+    return f"cannot save a checkpoint: {next((n for n in names if n.startswith(path)), path)}: {reason}"
+
+
+class SaveFailed(Exception):
+    """A save problem already put in words."""
+
+
+def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trainer_state: dict,
+                    storage: Storage | None = None) -> str:
+    """Write epoch-E-step-S under a temporary name, then rename it into place; in every copy of
+    `storage` (the default: one folder that every rank shares, written by rank 0).
+
+    Each rank writes its optimizer partition into its copy; the copy's writer writes the adapter,
+    the tokenizer (unless None: bench_gpu_qlora.py's random-weight model has none), the json
+    `files` (name -> object: the arguments, the prompt record), trainer_state.json with the time
+    it was saved at, and the manifest last. An OS error on any rank (a full disk) removes every
+    copy's temporary folder and stops every rank with one line naming the path.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    storage = storage or Storage.one_folder(output_dir)
     trainer_state = {**trainer_state, "saved_at": time.time()}
     name = checkpoint_name(trainer_state["epoch"], trainer_state["global_step"])
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, TMP_PREFIX + name)
-    if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    tensors, rest = optimizer_state(engine)
-    save_file(tensors, os.path.join(tmp, f"optimizer-rank{dist.get_rank()}.safetensors"))
-    write_json(os.path.join(tmp, f"optimizer-rank{dist.get_rank()}.json"), rest)
-    dist.barrier()
-    if is_main_process():
+    final, tmp = os.path.join(output_dir, name), storage.temporary(name)
+    rank = dist.get_rank()
+
+    def step(work):
+        """Run `work`, then agree with every rank on whether all went well; clean up if not."""
+        problem = None
+        try:
+            work()
+        except SaveFailed as error:
+            problem = str(error)
+        except (OSError, SafetensorError) as error:
+            problem = save_problem(tmp, error)
+        try:
+            agree(problem)
+        except UserError:
+            if storage.is_writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def make_folder():
+        if storage.is_writer:
+            os.makedirs(tmp)
+
+    def write_partition():
+        tensors, rest = optimizer_state(engine)
+        path = os.path.join(tmp, partition_name(rank))
+        try:
+            save_file(tensors, path)
+        except SafetensorError as error:  # it names a temporary file of its own
+            raise SaveFailed(save_problem(path, error)) from None
+        write_json(os.path.join(tmp, f"optimizer-rank{rank}.json"), rest)
+
+    def finish():
+        if not storage.is_writer:
+            return
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for file_name, obj in files.items():
             write_json(os.path.join(tmp, file_name), obj)
+        write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
         stall_point("save")
-        write_json(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        write_manifest(tmp, storage.ranks, dist.get_world_size())
         fix_permissions(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    dist.barrier()
+        replace_directory(tmp, final)
+
+    step(make_folder)
+    step(write_partition)
+    step(finish)
     return final
+
+
+def replace_directory(tmp: str, final: str) -> None:
+    """Rename `tmp` to `final`; an existing `final` (the same step, saved again after resuming from
+    an older checkpoint) is moved aside first and deleted after, never left half-deleted."""
+    old = None
+    if os.path.exists(final):
+        old = os.path.join(os.path.dirname(final), TMP_PREFIX + "deleting-" + os.path.basename(tmp))
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int | None) -> list[str]:
@@ -146,8 +194,8 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
     checkpoints written last plus that one and `saved`, the one just written (all of them without
     a limit); returns the names deleted.
 
-    Only complete checkpoints are candidates, so one being written (still under its temporary
-    name) is never touched. Those of an abandoned run that went further than the one resumed
+    Damaged checkpoints (utils.training.manifest) go first. One being written (still under its
+    temporary name) is never touched. Those of an abandoned run that went further than the one resumed
     from were written before `saved`, and go first. A checkpoint is renamed to a temporary name
     before it is deleted, so a crash halfway never leaves a partial directory that still looks
     complete.
@@ -158,14 +206,15 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
             os.remove(link)
         os.symlink(best, link)  # relative: the run directory can be moved
         os.replace(link, os.path.join(output_dir, BEST))
-    complete = list_checkpoints(output_dir)
     if limit is None:
         return []
+    complete, damaged = scan_checkpoints(output_dir)
     kept = {*complete[-limit:], os.path.join(output_dir, saved)}
     if best is not None:
         kept.add(os.path.join(output_dir, best))
     deleted = []
-    for path in complete:
+    # damaged ones are never kept, nor trusted; oldest first, by step
+    for path in [os.path.join(output_dir, name) for name in sorted(damaged, key=checkpoint_step)] + complete:
         if path not in kept:
             doomed = os.path.join(output_dir, TMP_PREFIX + "deleting-" + os.path.basename(path))
             shutil.rmtree(doomed, ignore_errors=True)
@@ -180,15 +229,19 @@ TRAINER_STATE_KEYS = ("global_step", "epoch", "step_in_epoch", "world_size", "sc
 
 def read_trainer_state(checkpoint: str, world_size: int, steps_per_epoch: int | None = None) -> dict:
     """The trainer state of a checkpoint to resume from, read once and checked: a JSON object with
-    TRAINER_STATE_KEYS, written by as many processes as now and, when given, with as many steps per epoch
-    (else the data order would differ). Each rank loads its own optimizer partition, hence the first."""
-    path = os.path.join(checkpoint, "trainer_state.json")
+    TRAINER_STATE_KEYS of the types train.py writes, the step of the folder's name (utils.training.manifest),
+    written by as many processes as now and, when given, with as many steps per epoch (else the data
+    order would differ). Each rank loads its own optimizer partition, hence the first."""
+    path = os.path.join(checkpoint, TRAINER_STATE)
     state = read_json(path, "trainer state")
     if not isinstance(state, dict):
         raise UserError(f"{path}: must hold a JSON object")
     missing = [key for key in TRAINER_STATE_KEYS if key not in state]
     if missing:
         raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
+    problem = trainer_state_problem(state, os.path.basename(os.path.realpath(checkpoint)))
+    if problem:
+        raise UserError(f"{path}: {problem}")
     written, now = [], []
     if state["world_size"] != world_size:
         written.append(f"{state['world_size']} processes")
@@ -204,7 +257,8 @@ def read_trainer_state(checkpoint: str, world_size: int, steps_per_epoch: int | 
 
 def resume_command(world_size: int) -> str:
     """The command that started this process, as a shell line, with --resume_from_checkpoint
-    latest; under a launcher, the launcher's command for this many processes on one machine."""
+    latest; under a launcher, the launcher's command for this many processes on one machine, or
+    under torchrun on several, its command with R for each node's --node_rank."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip or arg.startswith(("--local_rank=", "--resume_from_checkpoint=")):
@@ -214,7 +268,12 @@ def resume_command(world_size: int) -> str:
         if not skip:
             args.append(arg)
     args += ["--resume_from_checkpoint", "latest"]
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    if "TORCHELASTIC_RUN_ID" in os.environ and nodes != "1":  # each node runs it with its own --node_rank
+        launcher = ["torchrun", "--nnodes", nodes, "--node_rank", "R", "--nproc_per_node",
+                    os.environ.get("LOCAL_WORLD_SIZE", "1"), "--master_addr", os.environ.get("MASTER_ADDR", "?"),
+                    "--master_port", os.environ.get("MASTER_PORT", "?")]
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
         launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", str(world_size))]
     elif any(arg.startswith("--local_rank") for arg in sys.argv[1:]):
         launcher = ["deepspeed", "--num_gpus", str(world_size)]
@@ -256,6 +315,9 @@ def resume(engine, checkpoint: str, state: dict, accumulation: int) -> None:
         raise UserError(f"{tensors_path}: cannot load the optimizer state ({first_line(error)})") from None
     load_optimizer_state(engine, tensors, rest)
     if engine.lr_scheduler is not None:
+        if not isinstance(state["scheduler"], dict):
+            raise UserError(f"{os.path.join(checkpoint, TRAINER_STATE)}: no scheduler state, but the DeepSpeed "
+                            "config has a scheduler; resume with the config the checkpoint was written with")
         engine.lr_scheduler.load_state_dict(state["scheduler"])
     engine.global_steps = state["global_step"]
     engine.micro_steps = state["global_step"] * accumulation
@@ -267,11 +329,13 @@ class Checkpointer:
     (at start, the one resumed from), so that a stop right after it writes no other."""
 
     def __init__(self, output_dir: str, engine, model, tokenizer, files: dict, steps_per_epoch: int,
-                 limit: int | None, state: dict, resumed_from: str | None, log=print):
+                 limit: int | None, state: dict, resumed_from: str | None, log=print, storage: Storage | None = None):
         """`files`: the JSON files every checkpoint carries (name -> object); `state`: the trainer
         state started from, whose best checkpoint stays the best to beat; `log`: where rank 0 says
-        what was saved and deleted."""
-        self.output_dir, self.engine, self.model, self.tokenizer = output_dir, engine, model, tokenizer
+        what was saved and deleted; `storage`: where the copies go (utils.training.storage's check;
+        by default one folder that every rank shares)."""
+        self.output_dir, self.storage = output_dir, storage or Storage.one_folder(output_dir)
+        self.engine, self.model, self.tokenizer = engine, model, tokenizer
         self.files, self.steps_per_epoch, self.limit, self.log = files, steps_per_epoch, limit, log
         self.best = {key: state.get(key) for key in ("best_model_checkpoint", "best_metric")}
         self.last, self.last_step = resumed_from, state["global_step"] if resumed_from else None
@@ -289,9 +353,11 @@ class Checkpointer:
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
                          "eval_loss": eval_loss, "ppl": ppl, **self.best}
         started = time.perf_counter()
-        path = save_checkpoint(self.output_dir, self.engine, self.model, self.tokenizer, self.files, trainer_state)
-        if is_main_process():
+        path = save_checkpoint(self.output_dir, self.engine, self.model, self.tokenizer, self.files, trainer_state,
+                               self.storage)
+        if self.storage.is_writer:  # on each copy: every node sees the same steps and the same best
             deleted = keep_checkpoints(self.output_dir, name, self.best["best_model_checkpoint"], self.limit)
+        if is_main_process():
             self.log(f"saved {path} in {time.perf_counter() - started:.1f} s"
                      + (f"; deleted {', '.join(deleted)}" if deleted else ""))
         self.last, self.last_step = path, global_step

@@ -84,6 +84,7 @@ class OutputConfig:
     show_loss_step: int = 10
     save_model_step: int | None = None
     save_total_limit: int | None = None
+    save_on_each_node: bool = False
     resume_from_checkpoint: str | None = None
     dry_run: bool = False
 
@@ -170,7 +171,7 @@ class TrainConfig:
         if not self.output.output_dir:
             problems.append("--output_dir is required")
         else:
-            problems += _output_dir_problems(self.output.output_dir, self.output.resume_from_checkpoint)
+            problems += output_dir_problems(self.output.output_dir, self.output.resume_from_checkpoint)
         return problems
 
     def _value_problems(self) -> list[str]:
@@ -223,23 +224,41 @@ def _ds_file_problems(config: TrainConfig) -> list[str]:
     return []
 
 
-def _output_dir_problems(output_dir: str, resume: str | None) -> list[str]:
-    from utils.training.checkpoints import BEST, list_checkpoints
+def output_dir_problems(output_dir: str, resume: str | None, after_start: bool = False) -> list[str]:
+    """What this process sees of --output_dir (with --save_on_each_node, its own node's copy).
 
+    Across several machines each node may see another folder, and a node that stopped here alone
+    would leave the others waiting for it: there these checks wait until every process has started
+    (`after_start`, utils.training.storage), when the run holds the lock and the checkpoint to resume
+    from is agreed on every node."""
+    from utils.lock import LOCK_FILE, check_not_locked
+    from utils.training.checkpoints import BEST
+    from utils.training.manifest import checkpoint_problem, scan_checkpoints
+    from utils.training.storage import several_nodes
+
+    if several_nodes() and not after_start:
+        return []
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         return [f"--output_dir: {output_dir!r} is a file"]
     if not os.path.isdir(output_dir):
         return [f"--resume_from_checkpoint latest: {output_dir!r} does not exist"] if resume == "latest" else []
-    ours = [n for n in os.listdir(output_dir)
-            if n in ("tensorboard", BEST, REFERENCE_FILE) or n.startswith(("epoch-", TMP_PREFIX, "." + REFERENCE_FILE))]
-    foreign = sorted(set(os.listdir(output_dir)) - set(ours))
+    locked = None if after_start else check_not_locked(os.path.join(output_dir, LOCK_FILE), f"--output_dir {output_dir!r}")
+    if locked:  # before what the run holding it has written there
+        return [locked]
+    foreign = sorted(n for n in os.listdir(output_dir)
+                     if n not in ("tensorboard", BEST, LOCK_FILE, REFERENCE_FILE)
+                     and not n.startswith(("epoch-", TMP_PREFIX, "." + REFERENCE_FILE)))
     if foreign:
         return [f"--output_dir: {output_dir!r} holds files that are not this project's checkpoints ({foreign[0]})"]
-    checkpoints = list_checkpoints(output_dir)
-    if resume == "latest" and not checkpoints:
-        return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"]
-    if resume and resume != "latest" and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint"]
-    if checkpoints and not resume:
+    checkpoints, damaged = scan_checkpoints(output_dir)
+    if (checkpoints or damaged) and not resume:
         return [f"--output_dir: {output_dir!r} already holds checkpoints; pass --resume_from_checkpoint latest"]
+    if after_start:
+        return []
+    if resume == "latest" and not checkpoints:
+        return [f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir!r}"
+                + (" (" + "; ".join(f"{name}: {why}" for name, why in sorted(damaged.items())) + ")" if damaged else "")]
+    problem = checkpoint_problem(resume) if resume and resume != "latest" else None
+    if problem:
+        return [f"--resume_from_checkpoint: {resume!r} is not a complete checkpoint: {problem}"]
     return []
