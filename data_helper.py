@@ -66,7 +66,7 @@ import sys
 import unicodedata
 from collections import Counter
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.cards import USER_NAME
 from utils.files import MAX_LINE_BYTES
 from utils.assembly import DEFAULT_USER
@@ -312,7 +312,7 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
     a group scene. A bad row is a UserError naming file and line, or with `skip` handed to it."""
     if not paths:
         return []  # and no torch to import (utils.data) for nothing
-    from utils import read_jsonl
+    from utils.files import read_jsonl
     from utils.data import row_messages, system_of
 
     only = next(iter(roles)) if len(roles) == 1 else None
@@ -429,7 +429,7 @@ def main(argv=None):
     roles, selected, cards, problems = validate_args(args)
     exit_on_problems(problems)
 
-    from utils import jsonl_text, write_files
+    from utils.files import jsonl_text, write_files
     from utils.lorebook import Context
     from utils.rolebench import download
 

@@ -43,7 +43,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, read_jsonl
+from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.files import read_jsonl
 from utils import rolebench
 from utils.report import ResultStore, question_key, score_answer
 
@@ -509,7 +510,8 @@ def main(argv=None):
     specs, problems = validate_args(args)
     exit_on_problems(problems)
 
-    from utils import quiet_third_party, write_atomic
+    from utils.cli import quiet_third_party
+    from utils.files import write_atomic
 
     quiet_third_party()
     os.makedirs(args.out_dir, exist_ok=True)

@@ -29,7 +29,8 @@ Llama form and is refused.
 import argparse
 import os
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, read_json
+from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.files import read_json
 
 
 def parse_args(argv=None):
@@ -130,7 +131,8 @@ def main():
     args = parse_args()
     exit_on_problems(validate_args(args))
 
-    from utils import atomic_directory, quiet_third_party
+    from utils.cli import quiet_third_party
+    from utils.files import atomic_directory
 
     quiet_third_party()
     lock_destination(args.save_model_dir)  # held until the process exits

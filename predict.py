@@ -22,7 +22,7 @@ Errors (missing model, bad adapter, bad roles file, unknown role, bad setting) p
 import argparse
 import sys
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
+from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.chat import add_generation_args, add_model_args
 
 
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     exit_on_problems(validate_args(args))
 
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     from dataclasses import replace

@@ -55,7 +55,7 @@ import os
 import sys
 import time
 
-from utils import HelpFormatter, exit_on_problems, exit_on_user_error
+from utils.cli import HelpFormatter, exit_on_problems, exit_on_user_error
 from utils.training.config import (PREF_LOSSES, DataConfig, DistributedConfig, LoraConfig, ModelConfig, OptimConfig,
                                    OutputConfig, PreferenceConfig, TrainConfig, output_dir_problems)
 
@@ -239,7 +239,7 @@ def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> 
     """What the checkpoints record of the prompts: the roles trained on, with their exact system
     prompts (from the samples), and the template, prompt style and contexts of data_helper.py's
     prompts.json when there."""
-    from utils import read_json
+    from utils.files import read_json
     from utils.prompts import PROMPTS_FILE, SYSTEM_TEMPLATE, make_record
     from utils.training.distributed import print_rank_0
 
@@ -357,7 +357,7 @@ def main():
     config = TrainConfig.from_args(args)
     exit_on_problems(config.problems())
 
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     if config.output.dry_run:

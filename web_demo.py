@@ -41,7 +41,7 @@ import os
 import re
 import threading
 
-from utils import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
+from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
 from utils.engine import CLIENT_SYSTEM, MAX_MESSAGES
 from utils.guard import MAX_BODY_BYTES, READ_TIMEOUT_S
@@ -454,7 +454,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     exit_on_problems(validate_args(args))
 
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     from utils.chat import GenerationSlots

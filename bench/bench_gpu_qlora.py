@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     device, dtype, where = setup_device(args)

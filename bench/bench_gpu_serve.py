@@ -98,7 +98,7 @@ def measure(model_dir: str, bits: int, device_name: str, prompt_len: int, new_to
     """Load at `bits` and generate once; the figures of this process."""
     import torch
 
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     from utils.models import load_for_inference, pick_device_dtype

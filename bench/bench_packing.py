@@ -48,7 +48,7 @@ def main():
 
     from baichuan.generation_utils import chat_token_ids
     from transformers import GenerationConfig
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
     from utils.data import PackedDataset, RolePlayDataset, collate, length_grouped_batches, read_files
     from utils.models import load_for_training, load_tokenizer
     from utils.training.config import DataConfig, LoraConfig, ModelConfig

@@ -163,7 +163,7 @@ def fp16_resume(model_dir: str, out_dir: str, rank: int, world_size: int, device
 
 
 if __name__ == "__main__":
-    from utils import quiet_third_party
+    from utils.cli import quiet_third_party
 
     quiet_third_party()
     from utils.training.distributed import setup_distributed

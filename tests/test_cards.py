@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from conftest import REPO_ROOT, assert_normal_permissions
-from utils import UserError
+from utils.cli import UserError
 from utils.cards import MAX_TEXT_BYTES, card_dialogues, png_card_texts, read_card, read_cards
 from utils.prompts import build_system_prompt, roles_from_file
 

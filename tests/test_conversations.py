@@ -12,7 +12,7 @@ from baichuan import BaichuanForCausalLM, BaichuanTokenizer
 from baichuan.generation_utils import build_chat_input, chat_template, encode_conversation
 from conftest import REAL_TOKENIZER, requires_real_tokenizer
 from helpers import assert_packing_is_exact
-from utils import UserError
+from utils.cli import UserError
 from utils.data import (PackedDataset, RolePlayDataset, encode_sample, read_files, read_samples, roles_of,
                         row_messages)
 

@@ -22,7 +22,7 @@ BAD = Path(__file__).resolve().parent / "bad_inputs" / "data_helper"
 
 sys.path.insert(0, str(ROOT))
 import data_helper  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils.cli import UserError  # noqa: E402
 from utils.prompts import SYSTEM_TEMPLATE, build_system_prompt, roles_from_file  # noqa: E402
 from utils.rolebench import strip_addressee  # noqa: E402
 

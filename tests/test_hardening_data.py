@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO_ROOT, SAMPLE_DIR
 from helpers import assert_one_line_error
-from utils import UserError
+from utils.cli import UserError
 
 # what a name could do where it is printed: forge an `error:` line, move the cursor back over a
 # line, clear the screen, cut a C string, reverse the text after it, or open a bidi isolate

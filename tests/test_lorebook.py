@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 from baichuan import BaichuanTokenizer
 from baichuan.generation_utils import build_chat_input, encode_conversation, encode_text
 from conftest import REPO_ROOT
-from utils import UserError
+from utils.cli import UserError
 from utils.cards import read_card
 from utils.data import RolePlayDataset, pack_examples, row_messages
 from utils.lorebook import (AFTER, AN_TOP, AND_ALL, AND_ANY, AT_DEPTH, BEFORE, MAX_ENTRIES, NOT_ALL, NOT_ANY, OUTLET,

@@ -333,7 +333,7 @@ def test_a_partition_missing_on_resume_is_one_line_naming_the_rank_and_the_node(
 
     import torch.distributed as dist
 
-    from utils import UserError
+    from utils.cli import UserError
     from utils.training.storage import Storage
 
     out = tmp_path / "out"

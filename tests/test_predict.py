@@ -10,7 +10,7 @@ import pytest
 
 import predict
 from baichuan.generation_utils import build_chat_input
-from utils import UserError, exit_on_user_error
+from utils.cli import UserError, exit_on_user_error
 from utils.chat import Sampling, role_messages
 from utils.engine import ChatEngine
 from utils.models import load_for_inference

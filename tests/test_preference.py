@@ -168,7 +168,7 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("row,message", BAD_ROWS, ids=[m.split()[0] + str(i) for i, (_, m) in enumerate(BAD_ROWS)])
 def test_a_bad_pair_is_one_error_naming_file_and_line(tmp_path, row, message):
-    from utils import UserError
+    from utils.cli import UserError
     from utils.pairs import read_pairs
 
     path = tmp_path / "pairs.jsonl"

@@ -86,7 +86,7 @@ def test_predict_uses_the_recorded_prompt_to_the_token(pipeline, monkeypatch, ca
 
     capsys.readouterr()
     with pytest.raises(SystemExit):  # a role the model was not trained on is not offered
-        from utils import exit_on_user_error
+        from utils.cli import exit_on_user_error
 
         exit_on_user_error(predict.main, ["--model_path", str(pipeline["merged"]), "--role", "李白", "你好"])
     assert "unknown role '李白'; choose one of: 孙悟空, 张飞" in capsys.readouterr().err

@@ -168,7 +168,7 @@ def test_a_roles_file_at_serve_time_gets_the_recorded_prompt_style(tmp_path):
 
 
 def test_a_bad_recorded_context_is_one_error_naming_the_record(tmp_path):
-    from utils import UserError
+    from utils.cli import UserError
 
     bad = write_record_dir(tmp_path / "bad", contexts={"孙悟空": {"char_name": "孙悟空", "user_name": "你",
                                                                  "lorebooks": [{"entries": {"0": {"key": "/a+/"}}}]}})

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from conftest import REPO_ROOT, SAMPLE_DIR
-from utils import UserError
+from utils.cli import UserError
 from utils.data import read_samples
 from utils.scenes import group_note, seat, speaker_bleed
 from utils.st_chats import log_files, read_log

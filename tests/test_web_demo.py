@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import web_demo  # noqa: E402
 from baichuan.generation_utils import build_chat_input  # noqa: E402
 from helpers import CountingSlots, RecordingModel, assert_one_line_error, card_png, serve, wait_for  # noqa: E402
-from utils import UserError  # noqa: E402
+from utils.cli import UserError  # noqa: E402
 from utils.chat import Sampling, role_messages  # noqa: E402
 from utils.engine import ChatEngine  # noqa: E402
 from utils.prompts import Role, load_prompts  # noqa: E402

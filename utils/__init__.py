@@ -26,8 +26,3 @@
 Nothing here is imported by `import utils`: each module is imported by name, and none of them
 imports anything heavy at the top, so that `--help` stays instant.
 """
-
-# The old homes, until every import names utils.cli or utils.files (/work/notes/rewrite_imports.py).
-from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable, quiet_third_party  # noqa: F401
-from utils.files import (TMP_PREFIX, atomic_directory, fix_permissions, jsonl_text, read_json,  # noqa: F401
-                         read_jsonl, write_atomic, write_files, write_json)

@@ -74,7 +74,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from baichuan.generation_utils import token_bytes
-from utils import UserError
+from utils.cli import UserError
 from utils.chat import Busy, Cancelled, Sampling, content_text
 from utils.engine import ChatEngine, InputError, RequestPrompt, UnknownModel
 

@@ -11,7 +11,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from utils import UserError
+from utils.cli import UserError
 from utils.prompts import Role
 
 MAX_MESSAGE_CHARS = 2000

@@ -19,7 +19,8 @@ from array import array
 
 import torch
 
-from utils import UserError, read_jsonl
+from utils.cli import UserError
+from utils.files import read_jsonl
 from utils.cli import unsafe_character
 from utils.files import MAX_LINE_BYTES
 from utils.prompts import Role

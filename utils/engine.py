@@ -15,7 +15,7 @@ default sampling. Nothing heavy is imported at module level, so that the scripts
 import threading
 from dataclasses import dataclass, replace
 
-from utils import UserError
+from utils.cli import UserError
 from utils.assembly import JOIN, AssemblyError, assemble, names_of
 from utils.chat import (
     CHARS_PER_TOKEN_BOUND,

@@ -16,7 +16,7 @@ import os
 import socket
 import time
 
-from utils import UserError
+from utils.cli import UserError
 
 LOCK_FILE = ".lock"
 

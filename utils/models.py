@@ -13,7 +13,7 @@ import time
 import torch
 from safetensors import SafetensorError
 
-from utils import UserError
+from utils.cli import UserError
 
 # What loading a model, an adapter or a checkpoint's tensors raises on a missing, corrupt or
 # mismatched file: safetensors' SafetensorError derives from Exception alone, and a broken JSON

@@ -27,7 +27,8 @@ from array import array
 
 import torch
 
-from utils import UserError, read_jsonl
+from utils.cli import UserError
+from utils.files import read_jsonl
 from utils.data import collate, row_messages, roles_of, system_of
 
 REPLY_FIELDS = ("chosen", "rejected")

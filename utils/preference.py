@@ -218,7 +218,7 @@ def cached_reference(path: str, fingerprint: str, compute, write: bool = True) -
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from utils import write_atomic
+    from utils.files import write_atomic
 
     if os.path.isfile(path):
         try:

@@ -9,7 +9,8 @@ import math
 import os
 import sys
 
-from utils import UserError, write_files
+from utils.cli import UserError
+from utils.files import write_files
 
 SPLIT_LABELS = {"general": "CUS", "role_specific": "SPE", "unknown": "unknown"}
 METRICS = ("word_first", "word_best", "char_first", "char_best")

@@ -7,7 +7,7 @@ with the addressee and a full-width comma (`张飞，…`); only that prefix is 
 import os
 import shutil
 
-from utils import UserError
+from utils.cli import UserError
 from utils.files import MAX_LINE_BYTES, read_jsonl
 
 DEFAULT_ROLES = ["孙悟空", "张飞", "李白"]

@@ -86,7 +86,7 @@ def _message(value, where: str):
 def read_log(path: str, user_name: str, dropped: Counter, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
     """The conversation of one log (module docstring): user messages and named assistant messages;
     what was left out is counted in `dropped` by reason."""
-    from utils import read_jsonl
+    from utils.files import read_jsonl
 
     messages, persona, seen_user = [], set(), False
     lines = iter(read_jsonl(path, max_line_bytes))

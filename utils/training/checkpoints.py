@@ -23,7 +23,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from utils import TMP_PREFIX, UserError, fix_permissions, read_json, write_json
+from utils.cli import UserError
+from utils.files import TMP_PREFIX, fix_permissions, read_json, write_json
 from utils.signals import NAMES, stall_point
 from utils.training.manifest import (TRAINER_STATE, checkpoint_name, partition_name, scan_checkpoints,
                                      trainer_state_problem, write_manifest)

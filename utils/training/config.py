@@ -14,7 +14,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 
-from utils import TMP_PREFIX, UserError
+from utils.cli import UserError
+from utils.files import TMP_PREFIX
 
 
 def _fill(obj, name: str, value) -> None:

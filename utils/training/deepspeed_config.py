@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from utils import UserError, read_json
+from utils.cli import UserError
+from utils.files import read_json
 
 
 def read_ds_config(path: str) -> dict:

@@ -12,7 +12,8 @@ import json
 import os
 import re
 
-from utils import UserError, read_json, write_json
+from utils.cli import UserError
+from utils.files import read_json, write_json
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"

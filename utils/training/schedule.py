@@ -2,7 +2,7 @@
 each in the order an uninterrupted run takes them (so a resumed run takes the same ones), and
 whether a checkpoint already ends the run."""
 
-from utils import UserError
+from utils.cli import UserError
 from utils.data import length_grouped_batches
 
 

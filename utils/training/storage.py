@@ -26,7 +26,8 @@ import sys
 
 import torch.distributed as dist
 
-from utils import TMP_PREFIX, UserError
+from utils.cli import UserError
+from utils.files import TMP_PREFIX
 from utils.lock import LOCK_FILE, OutputLock
 from utils.training.manifest import checkpoint_problem, damaged_note, scan_checkpoints
 
