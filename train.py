@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_src_len", type=int, default=D.max_src_len,
                       help="most tokens of a question (each user turn); longer ones are cut "
                            "(default: a quarter of --max_len, 256 for its default)")
+    data.add_argument("--max_line_bytes", type=int, default=D.max_line_bytes,
+                      help="longest line of a data file, in bytes: a longer one is refused with its file and line "
+                           "before any model loads (it would be read, tokenised and trained on whole)")
     data.add_argument("--is_skip", action="store_true", help="drop samples that had to be cut instead of keeping them")
     data.add_argument(
         "--packing", action="store_true",
@@ -369,7 +372,8 @@ def main():
     # a bad line is reported now, not after the minutes of set-up below
     dpo = config.preference.stage == "dpo"
     read = read_pairs if dpo else read_files
-    rows = {"train": read(config.data.train_path), "test": read(config.data.test_path)}
+    rows = {split: read(paths, config.data.max_line_bytes)
+            for split, paths in (("train", config.data.train_path), ("test", config.data.test_path))}
 
     import torch.distributed as dist
     from tqdm import tqdm

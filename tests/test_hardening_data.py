@@ -215,6 +215,16 @@ def test_a_training_line_over_the_bound_is_one_error_before_any_model_loads(tmp_
     assert len(read_files([str(huge)], max_line_bytes=2_000_000)) == 2  # the bound is the reader's parameter
     with pytest.raises(UserError, match=r"train.jsonl:2: line longer than 100,000 bytes"):
         read_files(str(huge), max_line_bytes=100_000)
+    # train.py's --max_line_bytes sets it, for the samples and for --stage dpo's pairs alike
+    small = write_rows(tmp_path / "small.jsonl", SAMPLE)
+    proc = run("train.py", "--model_name_or_path", tmp_path / "model", "--train_path", small,
+               "--output_dir", tmp_path / "out", "--max_line_bytes", "20")
+    assert_one_line_error(proc, "small.jsonl:1: line longer than 20 bytes")
+    from utils.pairs import read_pairs
+
+    pair = {"messages": [{"role": "user", "content": "你好"}], "chosen": "俺老孙来也", "rejected": "我是AI助手"}
+    with pytest.raises(UserError, match=r"pairs.jsonl:1: line longer than 20 bytes"):
+        read_pairs(str(write_rows(tmp_path / "pairs.jsonl", pair)), max_line_bytes=20)
 
 
 def test_data_helper_max_line_bytes(tmp_path, capsys):

@@ -28,7 +28,7 @@ from array import array
 import torch
 
 from utils.cli import UserError
-from utils.files import read_jsonl
+from utils.files import MAX_LINE_BYTES, read_jsonl
 from utils.data import collate, row_messages, roles_of, system_of
 
 REPLY_FIELDS = ("chosen", "rejected")
@@ -77,12 +77,13 @@ def pair_of(row) -> tuple[list[dict], str, str]:
     return messages, chosen, rejected
 
 
-def read_pairs(paths) -> list[dict]:
-    """The rows of one or more pairs files, checked; a bad row is a UserError naming file and line."""
+def read_pairs(paths, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+    """The rows of one or more pairs files, checked; a bad row, or a line longer than
+    `max_line_bytes`, is a UserError naming file and line."""
     rows = []
     for path in [paths] if isinstance(paths, str) else paths:
         count = 0
-        for line_no, row in read_jsonl(path):
+        for line_no, row in read_jsonl(path, max_line_bytes):
             try:
                 pair_of(row)
             except ValueError as error:

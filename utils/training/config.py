@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 
 from utils.cli import UserError
-from utils.files import TMP_PREFIX
+from utils.files import MAX_LINE_BYTES, TMP_PREFIX
 
 
 def _fill(obj, name: str, value) -> None:
@@ -33,6 +33,7 @@ class DataConfig:
     max_src_len: int | None = None
     is_skip: bool = False
     packing: bool = False
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def __post_init__(self):
         _fill(self, "train_path", tuple(self.train_path or ()))
@@ -184,6 +185,8 @@ class TrainConfig:
         eval_batch = optim.per_device_eval_batch_size
         if eval_batch < 1 and eval_batch != optim.per_device_train_batch_size:
             problems.append(f"--per_device_eval_batch_size must be at least 1, got {eval_batch}")
+        if data.max_line_bytes < 1:
+            problems.append(f"--max_line_bytes must be at least 1, got {data.max_line_bytes}")
         if data.max_len < 2:  # a question token and a reply token
             problems.append(f"--max_len must be at least 2, got {data.max_len}")
         elif data.max_src_len >= data.max_len:
