@@ -373,6 +373,6 @@ def test_training_on_instruction_rows_cards_and_sharegpt(card_files, tmp_path, t
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     (last,) = [p for p in out.iterdir() if p.name.endswith("-step-8")]
     record = json.loads((last / "roleplay.json").read_text(encoding="utf-8"))
-    assert record["roles"]["阿绣"] == {"system": SYSTEM, "greeting": GREETING}
+    assert record["roles"]["阿绣"] == {"system": SYSTEM, "greeting": GREETING, "alternate_greetings": ["哟，又来啦？"]}
     assert record["roles"]["嫦娥"] == {"system": "你是嫦娥，住在月宫。", "greeting": "广寒宫里好冷清。"}
     assert record["roles"]["张飞"]["system"].startswith("你现在要扮演张飞")
