@@ -352,6 +352,27 @@ def fit_steps(config: TrainConfig, engine, train_set, test_batches, schedule, st
     return stopped_by
 
 
+def read_rows(data: DataConfig, dpo: bool) -> dict[str, list[dict]]:
+    """The train and test rows (samples, or with --stage dpo pairs), each file checked line by line."""
+    from utils.data import read_files
+    from utils.pairs import read_pairs
+
+    read = read_pairs if dpo else read_files
+    return {split: read(paths, data.max_line_bytes) for split, paths in (("train", data.train_path),
+                                                                          ("test", data.test_path))}
+
+
+def preference_model(config: TrainConfig, pairs, test_pairs, pad_id: int, device, dtype, rank: int, world_size: int):
+    """--stage dpo's model and its step functions; the reference log-probabilities are those of the
+    starting point, so they are computed before a checkpoint's weights are loaded."""
+    from utils.training.preference_steps import PreferenceStage, reference_tables, start_model
+
+    model = start_model(config, device, dtype)
+    reference = reference_tables(config, model, pairs, test_pairs, pad_id, device, rank, world_size)
+    return model, PreferenceStage(config.preference, reference, test_pairs, pad_id,
+                                  config.optim.per_device_eval_batch_size, device, rank, world_size)
+
+
 def main():
     from utils.signals import STOP
 
@@ -366,14 +387,8 @@ def main():
     if config.output.dry_run:
         dry_run(config)
         return
-    from utils.data import read_files
-    from utils.pairs import read_pairs
-
-    # a bad line is reported now, not after the minutes of set-up below
     dpo = config.preference.stage == "dpo"
-    read = read_pairs if dpo else read_files
-    rows = {split: read(paths, config.data.max_line_bytes)
-            for split, paths in (("train", config.data.train_path), ("test", config.data.test_path))}
+    rows = read_rows(config.data, dpo)  # a bad line is reported now, not after the minutes of set-up below
 
     import torch.distributed as dist
     from tqdm import tqdm
@@ -384,7 +399,7 @@ def main():
     from utils.training.checkpoints import Checkpointer, load_adapter_weights, read_trainer_state, resume, stop_message
     from utils.training.deepspeed_config import fill_ds_config, read_ds_config, start_engine
     from utils.training.distributed import print_rank_0, setup_distributed
-    from utils.training.preference_steps import PreferenceStage, load_pairs, reference_tables, start_model
+    from utils.training.preference_steps import load_pairs
     from utils.training.schedule import Schedule
     from utils.training.sizes import print_trainable_parameters
     from utils.training.steps import SftStage
@@ -414,15 +429,13 @@ def main():
                          f"{schedule.total_steps} (epoch {state['epoch'] + 1} of {config.optim.num_train_epochs}); "
                          "nothing to train")
             return
-    model = start_model(config, device, dtype) if dpo else \
-        load_for_training(config.model, config.lora, device, dtype, log=print_rank_0)
-    stage = SftStage(tokenizer.pad_token_id)
-    if dpo:  # the reference is the starting point: before the weights of a checkpoint are loaded
-        reference = reference_tables(config, model, pairs, test_pairs, tokenizer.pad_token_id, device, rank,
-                                     world_size)
-        stage = PreferenceStage(config.preference, reference, test_pairs, tokenizer.pad_token_id,
-                                config.optim.per_device_eval_batch_size, device, rank, world_size)
+    if dpo:
+        model, stage = preference_model(config, pairs, test_pairs, tokenizer.pad_token_id, device, dtype, rank,
+                                        world_size)
         test_batches = stage.test_batches
+    else:
+        model = load_for_training(config.model, config.lora, device, dtype, log=print_rank_0)
+        stage = SftStage(tokenizer.pad_token_id)
     if resume_from:
         load_adapter_weights(model, resume_from)
     print_trainable_parameters(model)

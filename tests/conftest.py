@@ -5,6 +5,7 @@
     loaded                (model, tokenizer) of it on the CPU, for the chat front ends (module-scoped)
     roles                 the roles of data/roles.json with their system prompts
     real_tokenizer_path   ../shared/baichuan2/tokenizer.model, or the test is skipped
+    browser               the Debian Chromium under Playwright, headless and off the network (module-scoped)
 
 Everything else is session-scoped and built in well under a second; treat the outputs as read-only
 (copy `tiny_model_dir` before changing files in it).
@@ -25,6 +26,10 @@ HAVE_REAL_TOKENIZER = REAL_TOKENIZER.is_file()
 requires_real_tokenizer = pytest.mark.skipif(not HAVE_REAL_TOKENIZER, reason=f"{REAL_TOKENIZER} is missing")
 
 TINY_VOCAB_SIZE = 1200
+CHROMIUM = "/usr/bin/chromium"
+# headless, and nothing fetched behind the test's back: a test that counts requests sees only its own
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
 def normal_file_mode() -> int:
@@ -91,3 +96,13 @@ def real_tokenizer_path() -> Path:
     if not HAVE_REAL_TOKENIZER:
         pytest.skip(f"{REAL_TOKENIZER} is missing")
     return REAL_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -41,9 +41,6 @@ KEY = "hardening-key-0123456789"
 READ_TIMEOUT = 1.0  # the test servers' --read_timeout
 MAX_BODY = 64 * 1024  # the test servers' --max_body_bytes
 FAILURES = 5  # the test servers' failed keys or logins per IP and minute
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
 @contextlib.contextmanager
@@ -290,16 +287,6 @@ def recorder(page=""):
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def test_a_page_of_another_local_port_cannot_read_the_server(keyless, browser):

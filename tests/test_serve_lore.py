@@ -15,7 +15,6 @@ import web_demo
 from baichuan.generation_utils import build_chat_input, encode_conversation
 from helpers import RecordingModel, serve
 from test_prompt_contract import run
-from test_web_demo import browser  # noqa: F401 (the fixture)
 from utils.api import api_app
 from utils.cards import read_card
 from utils.engine import ChatEngine
@@ -210,7 +209,7 @@ def write_world(tmp_path):
     return str(path)
 
 
-def test_the_page_offers_another_greeting(loaded, browser):  # noqa: F811 (the fixture imported above)
+def test_the_page_offers_another_greeting(loaded, browser):
     """A card's alternate_greetings: the page's "another greeting" button swaps the opening greeting
     in turn, the chosen one goes into the prompt, and once the user has spoken the chat stays."""
     from test_web_demo import bot_texts, open_page, send, wait_for_reply
