@@ -28,7 +28,11 @@ Scores per question and model: one answer (greedy unless --do_sample), ROUGE-L F
 the rouge-score package) on jieba words and on characters (whitespace dropped), against the first
 reference and the best of all; and the perplexity of the reference replies (each + eos after the
 chat prompt, token-weighted). RAW (the paper's role-free answers) cannot be measured: RoleBench-zh
-ships none. The RoleGPT answers (default: ../shared/rolebench/rolebench-zh/*/rolegpt_baseline.jsonl
+ships none. Character consistency, offline, of every answer (utils/consistency.py): the share that
+self-discloses as an AI (a maintained phrase list, extended by --disclosure_phrase), the share with
+speaker bleed (a line starting with another test role's or the user's name and a colon),
+distinct-1/2 and the repeated 4-gram rate over characters, and the length ratio to the first
+reference. The RoleGPT answers (default: ../shared/rolebench/rolebench-zh/*/rolegpt_baseline.jsonl
 when present, or --baseline_file) are scored as one more row, without perplexity.
 
 Output in --out_dir: samples.jsonl (one line per model and question, appended as it goes: the same
@@ -55,6 +59,8 @@ BASELINE_NAME = "RoleGPT"
 SPEC_SEPARATOR = "::"
 SPLITS = ("general", "role_specific")  # the two RoleBench-zh test files, in report order
 SAMPLES_FILE = "samples.jsonl"
+# how a reply may label the user's lines when it speaks for them, beside utils.cards.USER_NAME
+USER_LABELS = ("用户", "User")
 
 
 # ---------------------------------------------------------------- arguments
@@ -100,6 +106,10 @@ def parse_args(argv=None):
                                                                 "../shared/rolebench's, when present)")
     group.add_argument("--no_baseline", action="store_true", help="do not score the RoleGPT answers")
     group.add_argument("--baseline_only", action="store_true", help="score only the RoleGPT answers (no model)")
+    group = parser.add_argument_group("character consistency")
+    group.add_argument("--disclosure_phrase", action="append", default=[], metavar="TEXT",
+                       help="a phrase that counts as the answer disclosing itself as an AI, repeatable, added to "
+                            "utils/consistency.py's list (作为一个人工智能, As an AI, ...)")
     group = parser.add_argument_group("output")
     group.add_argument("--out_dir", default="runs/eval", help=f"folder for {SAMPLES_FILE} and the report files")
     group.add_argument("--plot_run", action="append", default=[], metavar="DIR",
@@ -213,6 +223,8 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
         problems.append("--baseline_only scores no model: leave out --model")
     if args.baseline_only and args.no_baseline:
         problems.append("--baseline_only and --no_baseline contradict each other")
+    if any(not phrase.strip() for phrase in args.disclosure_phrase):
+        problems.append("--disclosure_phrase: must not be empty")
     if not evaluating and not args.plot_run:
         problems.append("nothing to do: give --model (one or more), --baseline_only or --plot_run")
     if evaluating:
@@ -455,6 +467,22 @@ def evaluate_model(spec, questions, store, args):
 # ---------------------------------------------------------------- the baseline and the report
 
 
+def with_consistency(record, question, role_order, phrases):
+    """The record with its character-consistency scores. They are computed here, not saved in samples.jsonl,
+    so that a resumed run or a changed --disclosure_phrase list always scores with the current list."""
+    from utils.cards import USER_NAME
+    from utils.consistency import consistency_scores
+
+    others = [r for r in role_order if r != question["role"]] + [USER_NAME, *USER_LABELS]
+    return {**record, "consistency": consistency_scores(record["answer"], question["references"][0], others, phrases)}
+
+
+def disclosure_phrases(args):
+    from utils.consistency import DISCLOSURE_PHRASES
+
+    return (*DISCLOSURE_PHRASES, *args.disclosure_phrase)
+
+
 def baseline_result(args, questions, role_order):
     """(aggregated RoleGPT result, note), or (None, None) when there are no baseline answers to score.
     Answers are matched by role and question (without the leading "<role>，")."""
@@ -462,8 +490,10 @@ def baseline_result(args, questions, role_order):
 
     paths = [] if args.no_baseline else args.baseline_file or [p for p in DEFAULT_BASELINE_FILES if os.path.isfile(p)]
     answers = {(row["role"], row["question"]): row["replies"][0] for path in paths for row in rolebench.read_rows(path)}
-    records = [{"model": BASELINE_NAME, "split": q["split"], "role": q["role"], "question": q["question"],
-                "scores": score_answer(answers[(q["role"], q["question"])], q)}
+    phrases = disclosure_phrases(args)
+    records = [with_consistency({"model": BASELINE_NAME, "split": q["split"], "role": q["role"],
+                                 "question": q["question"], "answer": answers[(q["role"], q["question"])],
+                                 "scores": score_answer(answers[(q["role"], q["question"])], q)}, q, role_order, phrases)
                for q in questions if (q["role"], q["question"]) in answers]
     if not records:
         if paths:
@@ -485,8 +515,9 @@ def evaluate(args, specs):
     try:
         for spec in specs:
             evaluate_model(spec, questions, store, args)
-            records = [r for q in questions for r in [store.records.get((spec.name, question_key(
-                q["split"], q["role"], q["question"])))] if r is not None]
+            records = [with_consistency(r, q, role_order, disclosure_phrases(args)) for q in questions
+                       for r in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
+                       if r is not None]
             results[spec.name] = {"kind": "model", "path": spec.path, "adapter": spec.adapter,
                                   **aggregate(records, role_order)}
     finally:

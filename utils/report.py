@@ -21,6 +21,13 @@ PAPER_TABLE4 = {
     "ChatGLM2": {"CUS": 0.3938, "RAW": 0.5060, "SPE": 0.3099},
     "RoleGPT": {"CUS": 0.5368, "RAW": 0.5748, "SPE": 0.2478},
 }
+CONSISTENCY_COLUMNS = {"disclosure": "self-disclosure", "speaker_bleed": "speaker bleed", "distinct_1": "distinct-1",
+                       "distinct_2": "distinct-2", "repeat_4gram": "repeated 4-gram", "length_ratio": "length ratio"}
+CONSISTENCY_TEXT = ("means over answers: self-disclosure = share containing a listed phrase; speaker bleed = share "
+                    "with a line starting with another character's or the user's name and a colon; distinct-1/2 = "
+                    "distinct / all character uni- or bigrams of an answer; repeated 4-gram = share of an "
+                    "answer's character 4-grams repeating an earlier one (1 - distinct-4); length ratio = answer "
+                    "characters / first reference characters")
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei",
              "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 # scalars that train.py logs, and the panel each goes in (eval_loss shares the loss panel)
@@ -142,7 +149,15 @@ def summarize(records):
     tokens = sum(r.get("ref_tokens", 0) for r in records)
     summary["ppl"] = math.exp(sum(r["ref_nll"] for r in records) / tokens) if tokens else None
     summary["ref_tokens"] = tokens
+    scored = [r["consistency"] for r in records if "consistency" in r]
+    if scored:  # utils/consistency.py's per-answer scores; a None (no n-gram, empty reference) is left out
+        summary["consistency"] = {key: mean_known([c[key] for c in scored]) for key in scored[0]}
     return summary
+
+
+def mean_known(values):
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def aggregate(records, role_order):
@@ -168,6 +183,7 @@ def report_meta(source, limit, questions, role_order, generation, notes):
             "split_labels": {s: SPLIT_LABELS[s] for s in splits}, "notes": notes, "generation": generation,
             "rouge_l": "F1 with beta=1 (2PR/(P+R)) on jieba words and on characters; mean over questions",
             "ppl": "exp(token-weighted mean NLL of the reference replies + eos given the chat prompt)",
+            "consistency": CONSISTENCY_TEXT,
             "paper_table4_rouge_l": PAPER_TABLE4}
 
 
@@ -254,7 +270,24 @@ def markdown_report(results, meta):
     lines += ["", "## Per role", "", "| model / role | " + " | ".join(c[2] for c in columns) + " |", rule]
     for name, result in results.items():
         lines += [table_row(f"{name} / {role}", role_result, columns) for role, role_result in result["roles"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + consistency_section(results, splits)) + "\n"
+
+
+def consistency_section(results, splits):
+    """The character-consistency table: one row per model and split, then all."""
+    if not any((result.get("overall") or {}).get("consistency") for result in results.values()):
+        return []
+    lines = ["", "## Character consistency", "", CONSISTENCY_TEXT[0].upper() + CONSISTENCY_TEXT[1:] + ".", "",
+             "| model / split | answers | " + " | ".join(CONSISTENCY_COLUMNS.values()) + " |",
+             "|---|---:|" + "---:|" * len(CONSISTENCY_COLUMNS)]
+    for name, result in results.items():
+        for split in [*splits, "overall"]:
+            summary = result.get(split)
+            if summary and summary.get("consistency"):
+                label = "all" if split == "overall" else SPLIT_LABELS.get(split, split)
+                cells = [fmt(summary["consistency"].get(key)) for key in CONSISTENCY_COLUMNS]
+                lines.append(f"| {name} / {label} | {summary['questions']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------- plots
