@@ -265,6 +265,11 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert list(rows) == ["base", "finetuned"]
     assert all(len(cells) == 13 for cells in rows.values())
     assert float(rows["base"][-1]) == pytest.approx(base["overall"]["ppl"], abs=0.01)
+    # a model's answers get the consistency scores too (each metric is pinned in test_consistency.py)
+    assert set(base["overall"]["consistency"]) == {"disclosure", "speaker_bleed", "distinct_1", "distinct_2",
+                                                   "repeat_4gram", "length_ratio"}
+    assert 0 <= base["overall"]["consistency"]["disclosure"] <= 1
+    assert "| base / all | 4 |" in markdown and "| finetuned / all | 4 |" in markdown
     assert_png(out / "results.png")
 
     samples = out / "samples.jsonl"
