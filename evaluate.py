@@ -510,12 +510,12 @@ def evaluate(args, specs):
     from utils.report import aggregate, report_meta, write_report
 
     questions, role_order = load_questions(args)
-    results = {}
+    results, phrases = {}, disclosure_phrases(args)
     store = ResultStore(os.path.join(args.out_dir, SAMPLES_FILE)) if specs else None
     try:
         for spec in specs:
             evaluate_model(spec, questions, store, args)
-            records = [with_consistency(r, q, role_order, disclosure_phrases(args)) for q in questions
+            records = [with_consistency(r, q, role_order, phrases) for q in questions
                        for r in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
                        if r is not None]
             results[spec.name] = {"kind": "model", "path": spec.path, "adapter": spec.adapter,

@@ -38,9 +38,9 @@ def test_distinct_counts_characters():
 
 def test_repeated_4gram_rate():
     # 春眠不觉春眠不觉: 4-grams 春眠不觉, 眠不觉春, 不觉春眠, 觉春眠不, 春眠不觉 -> the last repeats the first: 1 of 5
-    assert repeated_ngram_rate("春眠不觉春眠不觉") == pytest.approx(1 / 5)
-    assert repeated_ngram_rate("春眠不觉晓") == 0.0
-    assert repeated_ngram_rate("春眠不") is None  # shorter than one 4-gram
+    assert repeated_ngram_rate("春眠不觉春眠不觉", 4) == pytest.approx(1 / 5)
+    assert repeated_ngram_rate("春眠不觉晓", 4) == 0.0
+    assert repeated_ngram_rate("春眠不", 4) is None  # shorter than one 4-gram
 
 
 def test_length_ratio_in_characters():

@@ -14,7 +14,6 @@ DISCLOSURE_PHRASES = (
     "我是语言模型", "我只是一个程序", "我没有个人情感", "As an AI", "I am an AI", "I'm an AI",
     "as a language model", "I am a language model",
 )  # not the bare "语言模型" or "人工智能": answers about those topics would count
-REPEAT_N = 4  # the n of the repeated n-gram rate: 4 characters, about two Chinese words
 
 
 def discloses(answer: str, phrases) -> bool:
@@ -34,7 +33,7 @@ def distinct(text: str, n: int) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def repeated_ngram_rate(text: str, n: int = REPEAT_N) -> float | None:
+def repeated_ngram_rate(text: str, n: int) -> float | None:
     """Share of the answer's character n-grams that repeat one seen earlier in it (= 1 - distinct-n);
     None when it has none."""
     grams = char_ngrams(text, n)
@@ -48,13 +47,10 @@ def length_ratio(answer: str, reference: str) -> float | None:
 
 
 def consistency_scores(answer: str, reference: str, other_names, phrases) -> dict:
-    """The per-answer scores that evaluate.py averages; a flag is 1.0 or 0.0 so its mean is a rate."""
+    """The per-answer scores that evaluate.py averages; a flag is 1.0 or 0.0 so its mean is a rate. The repeated
+    n-gram rate uses 4 characters, about two Chinese words: shorter n-grams repeat in any fluent text."""
     return {"disclosure": float(discloses(answer, phrases)),
             "speaker_bleed": float(speaker_bleed(answer, other_names)),
             "distinct_1": distinct(answer, 1), "distinct_2": distinct(answer, 2),
-            f"repeat_{REPEAT_N}gram": repeated_ngram_rate(answer),
+            "repeat_4gram": repeated_ngram_rate(answer, 4),
             "length_ratio": length_ratio(answer, reference)}
-
-
-CONSISTENCY_METRICS = ("disclosure", "speaker_bleed", "distinct_1", "distinct_2", f"repeat_{REPEAT_N}gram",
-                       "length_ratio")
