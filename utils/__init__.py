@@ -22,6 +22,7 @@
     utils.api        the OpenAI-compatible API beside the page, on a ChatEngine
     utils.guard      the serving boundary: Host check, CORS, the key on the headers, body and time limits
     utils.report     evaluate.py's report: tables, JSON and the written files
+    utils.consistency  evaluate.py's character-consistency metrics: self-disclosure, speaker bleed, repetition
 
 Nothing here is imported by `import utils`: each module is imported by name, and none of them
 imports anything heavy at the top, so that `--help` stays instant.
