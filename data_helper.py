@@ -74,18 +74,8 @@ from utils.prompts import DEFAULT_ROLES_FILE, PROMPT_STYLES, PROMPTS_FILE, SYSTE
 from utils.rolebench import DEFAULT_ROLES, HUB_REPO_ID, INPUT_FILES, KINDS, SPLITS
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="Exit status: 0 ok, 1 bad data or download failure, 2 bad arguments.")
-    group = parser.add_argument_group("input")
-    group.add_argument("--data_dir", default="data/sample",
-                       help="folder with the four RoleBench-zh jsonl files under their RoleBench names")
-    group.add_argument("--roles_file", default=os.path.relpath(DEFAULT_ROLES_FILE),
-                       help="JSON object role name -> description, for the system prompts of --roles; RoleBench's "
-                            "profiles-zh_desc.json also works, and so does a character card or a folder of cards")
-    group.add_argument("--download", action="store_true",
-                       help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
-                            f"{HUB_REPO_ID}; existing files are never overwritten")
+def add_own_character_args(parser) -> None:
+    """--card, --dialogues, --lorebook, --st_chats and what shapes their samples."""
     group = parser.add_argument_group("your own characters")
     group.add_argument("--card", action="append", metavar="FILE",
                        help="a character card (.json V1/V2/V3, or .png) or a folder of them, repeatable: each "
@@ -106,6 +96,21 @@ def parse_args(argv=None):
                             f"sillytavern {DEFAULT_USER}, SillyTavern's default persona name: set it to yours)")
     group.add_argument("--test_ratio", type=float, default=0.1,
                        help="share of each character's card and dialogue samples that go to --test_out")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog="Exit status: 0 ok, 1 bad data or download failure, 2 bad arguments.")
+    group = parser.add_argument_group("input")
+    group.add_argument("--data_dir", default="data/sample",
+                       help="folder with the four RoleBench-zh jsonl files under their RoleBench names")
+    group.add_argument("--roles_file", default=os.path.relpath(DEFAULT_ROLES_FILE),
+                       help="JSON object role name -> description, for the system prompts of --roles; RoleBench's "
+                            "profiles-zh_desc.json also works, and so does a character card or a folder of cards")
+    group.add_argument("--download", action="store_true",
+                       help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
+                            f"{HUB_REPO_ID}; existing files are never overwritten")
+    add_own_character_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--train_out", default="data/train.jsonl", help="train samples, jsonl")
     group.add_argument("--test_out", default="data/test.jsonl", help="test samples, jsonl")
