@@ -74,18 +74,8 @@ from utils.prompts import DEFAULT_ROLES_FILE, PROMPT_STYLES, PROMPTS_FILE, SYSTE
 from utils.rolebench import DEFAULT_ROLES, HUB_REPO_ID, INPUT_FILES, KINDS, SPLITS
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                     epilog="Exit status: 0 ok, 1 bad data or download failure, 2 bad arguments.")
-    group = parser.add_argument_group("input")
-    group.add_argument("--data_dir", default="data/sample",
-                       help="folder with the four RoleBench-zh jsonl files under their RoleBench names")
-    group.add_argument("--roles_file", default=os.path.relpath(DEFAULT_ROLES_FILE),
-                       help="JSON object role name -> description, for the system prompts of --roles; RoleBench's "
-                            "profiles-zh_desc.json also works, and so does a character card or a folder of cards")
-    group.add_argument("--download", action="store_true",
-                       help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
-                            f"{HUB_REPO_ID}; existing files are never overwritten")
+def add_own_character_args(parser) -> None:
+    """--card, --dialogues, --lorebook, --st_chats and what shapes their samples."""
     group = parser.add_argument_group("your own characters")
     group.add_argument("--card", action="append", metavar="FILE",
                        help="a character card (.json V1/V2/V3, or .png) or a folder of them, repeatable: each "
@@ -106,6 +96,21 @@ def parse_args(argv=None):
                             f"sillytavern {DEFAULT_USER}, SillyTavern's default persona name: set it to yours)")
     group.add_argument("--test_ratio", type=float, default=0.1,
                        help="share of each character's card and dialogue samples that go to --test_out")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                     epilog="Exit status: 0 ok, 1 bad data or download failure, 2 bad arguments.")
+    group = parser.add_argument_group("input")
+    group.add_argument("--data_dir", default="data/sample",
+                       help="folder with the four RoleBench-zh jsonl files under their RoleBench names")
+    group.add_argument("--roles_file", default=os.path.relpath(DEFAULT_ROLES_FILE),
+                       help="JSON object role name -> description, for the system prompts of --roles; RoleBench's "
+                            "profiles-zh_desc.json also works, and so does a character card or a folder of cards")
+    group.add_argument("--download", action="store_true",
+                       help=f"first fetch the files missing from --data_dir from the Hugging Face hub dataset "
+                            f"{HUB_REPO_ID}; existing files are never overwritten")
+    add_own_character_args(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--train_out", default="data/train.jsonl", help="train samples, jsonl")
     group.add_argument("--test_out", default="data/test.jsonl", help="test samples, jsonl")
@@ -155,43 +160,67 @@ def check_output_path(path, input_paths):
 def validate_args(args):
     """Check every argument; return (roles: name -> Role of the selected RoleBench roles and of the
     cards, the selected RoleBench roles, the cards, problems)."""
-    from utils.cards import read_cards
-    from utils.lorebook import read_lorebook
-    from utils.prompts import card_role, check_template, roles_from_file
+    from utils.prompts import check_template
     from utils.rolebench import split_roles
 
-    problems, roles, cards = [], {}, []
+    problems = []
     own = bool(args.card or args.dialogues or args.st_chats)
     selected = split_roles(args.roles) if args.roles is not None else ([] if own else list(DEFAULT_ROLES))
     if args.roles is not None and not selected:
         problems.append("--roles: no role given")
     template_problem = check_template(args.system_template)
     template = SYSTEM_TEMPLATE if template_problem else args.system_template
-    if selected:
-        try:
-            known = roles_from_file(args.roles_file, template, args.card_system_prompt, args.user_name,
-                                    args.prompt_style)
-        except UserError as error:
-            problems.append(str(error))
-        else:
-            unknown = [name for name in selected if name not in known]
-            if unknown:
-                problems.append(f"--roles: {', '.join(unknown)} not in {args.roles_file} (known: {', '.join(known)})")
-            roles = {name: known[name] for name in selected if name in known}
+    roles = rolebench_roles(args, selected, template, problems) if selected else {}
     if args.max_replies < 1:
         problems.append(f"--max_replies: must be at least 1, got {args.max_replies}")
     if args.max_line_bytes < 1:
         problems.append(f"--max_line_bytes: must be at least 1, got {args.max_line_bytes}")
     if template_problem:
         problems.append(f"--system_template: {template_problem}")
-    if args.card:
-        cards = read_cards(args.card, problems.append)
-        for card in cards:  # a card of a RoleBench role's name gives that role its prompt
-            try:
-                roles[card.name] = card_role(card, template, args.card_system_prompt, args.user_name,
-                                             args.prompt_style)
-            except UserError as error:
-                problems.append(str(error))
+    cards = card_roles(args, template, roles, problems) if args.card else []
+    check_sources(args, selected, problems)
+    if not 0 <= args.test_ratio < 1:
+        problems.append(f"--test_ratio: must be in [0, 1), got {args.test_ratio}")
+    if not args.user_name.strip():
+        problems.append("--user_name: empty")
+    problems += path_problems(args, selected)
+    return roles, selected, cards, problems
+
+
+def rolebench_roles(args, selected, template, problems) -> dict:
+    """The selected RoleBench roles of --roles_file (name -> Role); problems go to `problems`."""
+    from utils.prompts import roles_from_file
+
+    try:
+        known = roles_from_file(args.roles_file, template, args.card_system_prompt, args.user_name, args.prompt_style)
+    except UserError as error:
+        problems.append(str(error))
+        return {}
+    unknown = [name for name in selected if name not in known]
+    if unknown:
+        problems.append(f"--roles: {', '.join(unknown)} not in {args.roles_file} (known: {', '.join(known)})")
+    return {name: known[name] for name in selected if name in known}
+
+
+def card_roles(args, template, roles, problems) -> list:
+    """The cards of --card, each put into `roles` under its name (a card of a RoleBench role's name
+    gives that role its prompt); problems go to `problems`."""
+    from utils.cards import read_cards
+    from utils.prompts import card_role
+
+    cards = read_cards(args.card, problems.append)
+    for card in cards:
+        try:
+            roles[card.name] = card_role(card, template, args.card_system_prompt, args.user_name, args.prompt_style)
+        except UserError as error:
+            problems.append(str(error))
+    return cards
+
+
+def check_sources(args, selected, problems) -> None:
+    """The dialogue, chat log and lorebook inputs; the lorebooks read go to args.books."""
+    from utils.lorebook import read_lorebook
+
     problems += [f"{path}: dialogues file not found" for path in args.dialogues if not os.path.isfile(path)]
     problems += [f"{path}: chat log not found" for path in args.st_chats if not os.path.exists(path)]
     if (args.dialogues or args.st_chats) and not selected and not args.card:
@@ -203,10 +232,11 @@ def validate_args(args):
             args.books.append(read_lorebook(path))
         except UserError as error:
             problems.append(str(error))
-    if not 0 <= args.test_ratio < 1:
-        problems.append(f"--test_ratio: must be in [0, 1), got {args.test_ratio}")
-    if not args.user_name.strip():
-        problems.append("--user_name: empty")
+
+
+def path_problems(args, selected) -> list[str]:
+    """The problems with RoleBench's input files and with the three outputs."""
+    problems = []
     input_paths = [os.path.join(args.data_dir, name) for name in INPUT_FILES.values()] if selected else []
     if selected and not args.download:
         if not os.path.isdir(args.data_dir):
@@ -228,7 +258,7 @@ def validate_args(args):
     if len(set(outputs)) < len(outputs):
         problems.append(f"--train_out, --test_out and the {PROMPTS_FILE} written beside --train_out must be three "
                         f"different files: {args.train_out}, {args.test_out}")
-    return roles, selected, cards, problems
+    return problems
 
 
 def prompts_path(args) -> str:
@@ -429,61 +459,31 @@ def main(argv=None):
     roles, selected, cards, problems = validate_args(args)
     exit_on_problems(problems)
 
-    from utils.files import jsonl_text, write_files
     from utils.lorebook import Context
     from utils.rolebench import download
 
     if args.download and selected:
         download(args.data_dir)
-    bad_lines, rows_by_split, samples_by_split = [], {}, {}
+    bad_lines = []
 
     def skip(message):
         print(f"warning: skipped {message}", file=sys.stderr)
         bad_lines.append(message)
 
-    for split in SPLITS:
-        rows = read_split(args.data_dir, split, selected, skip if args.skip_bad else None,
-                          args.max_line_bytes) if selected else []
-        if selected and not rows:
-            raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
-        rows_by_split[split] = rows
-        samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
+    skip_bad = skip if args.skip_bad else None
+    rows_by_split, samples_by_split = rolebench_samples(args, selected, roles, skip_bad)
     books = tuple(args.books)
     contexts = {name: Context(name, args.user_name, books) for name in roles}
     contexts.update({card.name: card.context(args.user_name, books) for card in cards})
     own = [s for card in cards for s in card_samples(card, roles[card.name], contexts[card.name], args.user_name) if s]
-    own += dialogue_samples(args.dialogues, roles, contexts, args.user_name, skip if args.skip_bad else None,
-                            args.max_line_bytes)
+    own += dialogue_samples(args.dialogues, roles, contexts, args.user_name, skip_bad, args.max_line_bytes)
     own += st_chat_samples(args.st_chats, roles, contexts, args.user_name, args.max_line_bytes)
     for split, part in zip(SPLITS, split_own(own, args.test_ratio, args.seed)):
         rows_by_split[split] += part  # a dialogue counts as one question and one sample
         samples_by_split[split] += part
     names = selected + [name for name in roles if name not in selected]
-    if not samples_by_split["train"]:
-        raise UserError(f"no training sample for {', '.join(names)}: no dialogues (a card's mes_example, or "
-                        f"--dialogues rows with replies) and no RoleBench questions left for training")
-    trained = {s["role"] for s in samples_by_split["train"]}
-    for name in names:
-        if name not in trained:
-            print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
-                  f"--dialogues): it is not trained", file=sys.stderr)
-    side_file = {"system_template": args.system_template, "prompt_style": args.prompt_style}  # train.py takes the roles' prompts from the samples
-    # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
-    # record that serving will read: the same lorebooks and notes, fired on the live chat
-    extras = {name: context.to_json() for name, context in contexts.items()
-              if context.books or context.depth_note or context.post_history}
-    if extras:
-        side_file["contexts"] = extras
-    # not trained on, but recorded, so that the page offers them with the trained model
-    alternates = {name: list(role.alternates) for name, role in roles.items() if role.alternates}
-    if alternates:
-        side_file["alternate_greetings"] = alternates
-    try:
-        write_files({args.train_out: jsonl_text(samples_by_split["train"]),
-                     args.test_out: jsonl_text(samples_by_split["test"]),
-                     prompts_path(args): json.dumps(side_file, ensure_ascii=False, indent=2) + "\n"})
-    except OSError as error:
-        raise UserError(f"{error.filename or args.train_out}: cannot write ({error.strerror})") from None
+    check_trained(names, samples_by_split["train"])
+    write_outputs(args, samples_by_split, side_file(args, roles, contexts))
     for line in count_table(names, rows_by_split, samples_by_split):
         print(line)
     if args.skip_bad:
@@ -492,6 +492,58 @@ def main(argv=None):
     print(f"wrote {len(samples_by_split['test'])} samples to {args.test_out}")
     if not samples_by_split["test"]:
         print("note: no test samples (see --test_ratio): train without --test_path", file=sys.stderr)
+
+
+def rolebench_samples(args, selected, roles, skip) -> tuple[dict, dict]:
+    """The RoleBench questions of the selected roles, and their samples, by split."""
+    rows_by_split, samples_by_split = {}, {}
+    for split in SPLITS:
+        rows = read_split(args.data_dir, split, selected, skip, args.max_line_bytes) if selected else []
+        if selected and not rows:
+            raise UserError(f"{args.data_dir}: no {split} questions for roles {', '.join(selected)}")
+        rows_by_split[split] = rows
+        samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
+    return rows_by_split, samples_by_split
+
+
+def check_trained(names, train_samples) -> None:
+    """No training sample at all is an error; a character without one is a note."""
+    if not train_samples:
+        raise UserError(f"no training sample for {', '.join(names)}: no dialogues (a card's mes_example, or "
+                        f"--dialogues rows with replies) and no RoleBench questions left for training")
+    trained = {s["role"] for s in train_samples}
+    for name in names:
+        if name not in trained:
+            print(f"note: no training sample for {name} (a card without mes_example dialogues, and none of "
+                  f"--dialogues): it is not trained", file=sys.stderr)
+
+
+def side_file(args, roles, contexts) -> dict:
+    """The record written beside --train_out for serving."""
+    side = {"system_template": args.system_template, "prompt_style": args.prompt_style}  # train.py takes the roles' prompts from the samples
+    # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
+    # record that serving will read: the same lorebooks and notes, fired on the live chat
+    extras = {name: context.to_json() for name, context in contexts.items()
+              if context.books or context.depth_note or context.post_history}
+    if extras:
+        side["contexts"] = extras
+    # not trained on, but recorded, so that the page offers them with the trained model
+    alternates = {name: list(role.alternates) for name, role in roles.items() if role.alternates}
+    if alternates:
+        side["alternate_greetings"] = alternates
+    return side
+
+
+def write_outputs(args, samples_by_split, side) -> None:
+    """The train and test samples and the side file, all written or none."""
+    from utils.files import jsonl_text, write_files
+
+    try:
+        write_files({args.train_out: jsonl_text(samples_by_split["train"]),
+                     args.test_out: jsonl_text(samples_by_split["test"]),
+                     prompts_path(args): json.dumps(side, ensure_ascii=False, indent=2) + "\n"})
+    except OSError as error:
+        raise UserError(f"{error.filename or args.train_out}: cannot write ({error.strerror})") from None
 
 
 if __name__ == "__main__":

@@ -163,6 +163,28 @@ def test_mixed_files_and_what_is_dropped_is_counted(tmp_path, tiny_model_dir, ch
     assert roles_of(read_samples(str(second)))["嫦娥"].greeting == "广寒宫好冷清。"
 
 
+def test_each_row_is_parsed_once_and_the_rows_stay_as_read(tmp_path, tiny_model_dir, chat_ids, monkeypatch):
+    import utils.data
+
+    _, user_id, assistant_id = chat_ids
+    tokenizer = BaichuanTokenizer.from_pretrained(tiny_model_dir)
+    written = [{"messages": DIALOGUE, "role": "张飞"}, {"instruction": SYSTEM, "input": "你好", "output": "来也！"}]
+    path = write_jsonl(tmp_path / "a.jsonl", written)
+    parsed = []
+    monkeypatch.setattr(utils.data, "row_messages", lambda row: parsed.append(row) or row_messages(row))
+    rows = read_files([str(path), str(path)])
+    assert rows == written * 2 and len(parsed) == 4  # the rows as on disk, parsed once each while read
+    dataset = RolePlayDataset(rows, tokenizer, user_id, assistant_id, 512, 64)
+    assert len(parsed) == 4
+    # a plain list (or a row put in since) is parsed again, and gives the same examples
+    again = RolePlayDataset(list(rows), tokenizer, user_id, assistant_id, 512, 64)
+    # 4 rows, and roles_of's look at 张飞's first row for its prompt
+    assert len(parsed) == 9 and again.examples == dataset.examples and again.roles == dataset.roles
+    rows[0] = {"messages": [*DIALOGUE[:3], DIALOGUE[2]]}
+    with pytest.raises(ValueError, match="a second assistant message in a row"):
+        RolePlayDataset(rows, tokenizer, user_id, assistant_id, 512, 64)
+
+
 @pytest.mark.parametrize(("row", "message"), [
     ({"messages": []}, "field 'messages' must be a non-empty list"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role must be one of system, user, assistant, got 'tool' (tool calls"),

@@ -110,20 +110,47 @@ def system_of(messages: list[dict]) -> str:
     return messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
 
 
-def read_samples(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+class Samples(list):
+    """Rows as read_samples returns them, a plain list to every reader, that also keeps the
+    messages each row was checked into, so that the dataset and roles_of do not parse a row again
+    (row_messages ran three times a row). The rows themselves are left as read: they are what
+    other code and the files on disk know."""
+
+    def __init__(self, checked=()):
+        checked = list(checked)
+        super().__init__(row for row, _ in checked)
+        # keyed by id and holding the row itself, so a key cannot be reused by another object
+        self._checked = {id(row): (row, messages) for row, messages in checked}
+
+    def messages_of(self, row) -> list[dict]:
+        """The row's messages as checked when read; a row not read here (or a list edited since) is
+        parsed again."""
+        kept = self._checked.get(id(row))
+        return kept[1] if kept is not None and kept[0] is row else row_messages(row)
+
+    def extend_checked(self, other: "Samples") -> None:
+        self.extend(other)
+        self._checked.update(other._checked)
+
+
+def messages_of(rows, row) -> list[dict]:
+    """The messages of a row of `rows`: those kept by read_samples, or parsed now."""
+    return rows.messages_of(row) if isinstance(rows, Samples) else row_messages(row)
+
+
+def read_samples(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Samples:
     """Rows of a jsonl file of samples and conversations; a bad row, or a line longer than
     `max_line_bytes`, is a UserError naming file and line (an unbounded line was read, tokenised
     and trained whole: 100 MB took 10.8 GB)."""
-    rows = []
+    checked = []
     for line_no, row in read_jsonl(path, max_line_bytes):
         try:
-            row_messages(row)
+            checked.append((row, row_messages(row)))
         except ValueError as error:
             raise UserError(f"{path}:{line_no}: {error}") from None
-        rows.append(row)
-    if not rows:
+    if not checked:
         raise UserError(f"{path}: no sample in the file")
-    return rows
+    return Samples(checked)
 
 
 def roles_of(rows: list[dict]) -> dict[str, Role]:
@@ -134,7 +161,7 @@ def roles_of(rows: list[dict]) -> dict[str, Role]:
     for row in rows:
         name = row.get("role")
         if isinstance(name, str) and name and name not in roles:
-            system = row.get("base_system") or system_of(row_messages(row))
+            system = row.get("base_system") or system_of(messages_of(rows, row))
             roles[name] = Role(name, system, row.get("greeting"))
     return roles
 
@@ -148,9 +175,12 @@ def encode_sample(tokenizer, row: dict, user_id: int, assistant_id: int, max_len
     return encode_conversation(tokenizer, row_messages(row), user_id, assistant_id, max_len, max_src_len)
 
 
-def read_files(paths, max_line_bytes: int = MAX_LINE_BYTES) -> list[dict]:
+def read_files(paths, max_line_bytes: int = MAX_LINE_BYTES) -> Samples:
     """The rows of one or more sample files, in order, each file checked as read_samples does."""
-    return [row for path in ([paths] if isinstance(paths, str) else paths) for row in read_samples(path, max_line_bytes)]
+    rows = Samples()
+    for path in [paths] if isinstance(paths, str) else paths:
+        rows.extend_checked(read_samples(path, max_line_bytes))
+    return rows
 
 
 class RolePlayDataset(torch.utils.data.Dataset):
@@ -167,7 +197,7 @@ class RolePlayDataset(torch.utils.data.Dataset):
         system_len = {}  # system prompt -> its token count; a role's samples share one prompt
         self.roles = roles_of(rows)
         for row in rows:
-            messages = row_messages(row)
+            messages = messages_of(rows, row)
             input_ids, labels, truncated = encode_conversation(tokenizer, messages, user_id, assistant_id, max_len,
                                                                max_src_len)
             if input_ids is None and not truncated:

@@ -120,62 +120,76 @@ def save_checkpoint(output_dir: str, engine, model, tokenizer, files: dict, trai
     it was saved at, and the manifest last. An OS error on any rank (a full disk) removes every
     copy's temporary folder and stops every rank with one line naming the path.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     storage = storage or Storage.one_folder(output_dir)
     trainer_state = {**trainer_state, "saved_at": time.time()}
     name = checkpoint_name(trainer_state["epoch"], trainer_state["global_step"])
     final, tmp = os.path.join(output_dir, name), storage.temporary(name)
-    rank = dist.get_rank()
-
-    def step(work):
-        """Run `work`, then agree with every rank on whether all went well; clean up if not."""
-        problem = None
-        try:
-            work()
-        except SaveFailed as error:
-            problem = str(error)
-        except (OSError, SafetensorError) as error:
-            problem = save_problem(tmp, error)
-        try:
-            agree(problem)
-        except UserError:
-            if storage.is_writer:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def make_folder():
         if storage.is_writer:
             os.makedirs(tmp)
 
-    def write_partition():
-        tensors, rest = optimizer_state(engine)
-        path = os.path.join(tmp, partition_name(rank))
-        try:
-            save_file(tensors, path)
-        except SafetensorError as error:  # it names a temporary file of its own
-            raise SaveFailed(save_problem(path, error)) from None
-        write_json(os.path.join(tmp, f"optimizer-rank{rank}.json"), rest)
-
     def finish():
-        if not storage.is_writer:
-            return
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for file_name, obj in files.items():
-            write_json(os.path.join(tmp, file_name), obj)
-        write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
-        stall_point("save")
-        write_manifest(tmp, storage.ranks, dist.get_world_size())
-        fix_permissions(tmp)
-        replace_directory(tmp, final)
+        if storage.is_writer:
+            write_copy(tmp, model, tokenizer, files, trainer_state)
+            publish(tmp, final, storage)
 
-    step(make_folder)
-    step(write_partition)
-    step(finish)
+    for work in (make_folder, lambda: write_partition(engine, tmp), finish):
+        agreed_step(work, tmp, storage)
     return final
+
+
+def agreed_step(work, tmp: str, storage: Storage) -> None:
+    """Run `work`, then agree with every rank on whether all went well; on a problem anywhere, the
+    writer removes `tmp` and every rank stops with the one line."""
+    from safetensors import SafetensorError
+
+    problem = None
+    try:
+        work()
+    except SaveFailed as error:
+        problem = str(error)
+    except (OSError, SafetensorError) as error:
+        problem = save_problem(tmp, error)
+    try:
+        agree(problem)
+    except UserError:
+        if storage.is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_partition(engine, tmp: str) -> None:
+    """This rank's optimizer partition and the rest of its state, into `tmp`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    tensors, rest = optimizer_state(engine)
+    path = os.path.join(tmp, partition_name(rank))
+    try:
+        save_file(tensors, path)
+    except SafetensorError as error:  # it names a temporary file of its own
+        raise SaveFailed(save_problem(path, error)) from None
+    write_json(os.path.join(tmp, f"optimizer-rank{rank}.json"), rest)
+
+
+def write_copy(tmp: str, model, tokenizer, files: dict, trainer_state: dict) -> None:
+    """The writer's files of a copy: the adapter, the tokenizer, the json `files` and trainer_state.json."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for file_name, obj in files.items():
+        write_json(os.path.join(tmp, file_name), obj)
+    write_json(os.path.join(tmp, TRAINER_STATE), trainer_state)
+
+
+def publish(tmp: str, final: str, storage: Storage) -> None:
+    """Seal a written copy: the manifest last of its files, the permissions, then the rename into place."""
+    stall_point("save")
+    write_manifest(tmp, storage.ranks, dist.get_world_size())
+    fix_permissions(tmp)
+    replace_directory(tmp, final)
 
 
 def replace_directory(tmp: str, final: str) -> None:
