@@ -84,7 +84,7 @@ class RolePlayChat:
         from utils.engine import TURN_FIELDS, InputError
 
         try:
-            self.engine.turn(message, history, role, Sampling(max_new_tokens, top_p, temperature))
+            self.engine.check_turn(message, history, role, Sampling(max_new_tokens, top_p, temperature))
         except InputError as error:
             return [gr.validate(field not in error.problems, error.problems.get(field, "")) for field in TURN_FIELDS]
         return [gr.validate(True, "") for _ in TURN_FIELDS]
@@ -102,17 +102,21 @@ class RolePlayChat:
         """One turn: show the message, then stream the reply into the chat. Yields (text box, chat)."""
         import gradio as gr
 
-        from utils.chat import Busy, Cancelled, Sampling
+        from utils.chat import Busy, Cancelled, Sampling, newest_history
 
         sampling = Sampling(max_new_tokens, top_p, temperature)
         try:  # the validator's checks again: a direct caller of this handler gets them too
-            messages = self.engine.turn(message, history, role, sampling)
+            played, conversation = self.engine.check_turn(message, history, role, sampling)
+            messages = self.engine.prompt(played, conversation)
         except UserError as error:
             raise gr.Error(str(error), print_exception=False) from None
         session, turn = getattr(request, "session_hash", None), _Turn()
         with self._stops_lock:
             self._stops.setdefault(session, set()).add(turn)
-        history = messages[1:]  # what the prompt holds: the chat shown is the one the model sees
+        # the chat shown holds the turns the prompt holds, as typed: the role's lorebook entries and
+        # notes folded into them are the prompt's alone (shown, they would come back as history and
+        # be applied again on every turn)
+        history = newest_history(conversation, self.engine.model_max_length)
         reply = ""
         try:
             with self.engine.slots.place() as slot:

@@ -94,13 +94,23 @@ def test_the_record_carries_contexts_and_prompt_style_through_checkpoint_and_mer
     assert served == load_prompts(str(pipeline["merged"])).roles["孙悟空"]
 
 
+def text_of(message) -> str:
+    """A chat message's text as Gradio hands it back: a string, or a list of text blocks."""
+    content = message["content"] if isinstance(message, dict) else message.content
+    return content if isinstance(content, str) else "".join(b["text"] for b in content if b.get("type") == "text")
+
+
 def test_the_page_serves_the_training_prompt(pipeline):
     row = pipeline["rows"]["化斋去了。"]
     world, card = str(pipeline["world"]), str(pipeline["card"])
     assert sorted(row["lore"]) == sorted([f"{world}#0", f"{world}#1", f"{card}#1"])  # every kind of place fires
     engine, recording, tokenizer = recording_engine(pipeline["merged"], load_prompts(str(pipeline["merged"])).roles)
-    list(web_demo.RolePlayChat(engine).chat(LONG[-1]["content"], LONG[:-1], "孙悟空", 3, 0.8, 0))
+    updates = list(web_demo.RolePlayChat(engine).chat(LONG[-1]["content"], LONG[:-1], "孙悟空", 3, 0.8, 0))
     assert recording.calls[-1]["inputs"][0].tolist() == training_prompt(tokenizer, row)
+    # the chat shown is the conversation as typed: the notes and entries folded into the prompt's
+    # turns stay out of it, so that sent back as the next turn's history they are not applied twice
+    shown = updates[-1][1]
+    assert [text_of(m) for m in shown[:len(LONG)]] == [m["content"] for m in LONG]
 
 
 @pytest.mark.parametrize("source", ["record", "card"])

@@ -184,16 +184,20 @@ class ChatEngine:
 
     # ------------------------------------------------------------ one turn
 
-    def turn(self, message, history, role, sampling: Sampling) -> list[dict]:
-        """The prompt's messages for a new user `message` after `history`, to `role` (a name), once
-        every input is checked; else an InputError holding every problem (fields: TURN_FIELDS)."""
+    def check_turn(self, message, history, role, sampling: Sampling) -> tuple[Role, list[dict]]:
+        """The role (`role` is its name) and the conversation of a new user `message` after `history`,
+        once every input is checked; else an InputError holding every problem (fields: TURN_FIELDS)."""
         checks = {"message": (self.check_message, message), "history": (self.clean_history, history),
                   "role": (self.role, role)}
         results: dict = {}
         problems = {**problems_of(checks, results), **self.check_sampling(sampling)}
         if problems:
             raise InputError(problems)
-        return self.prompt(results["role"], [*results["history"], {"role": "user", "content": message}])
+        return results["role"], [*results["history"], {"role": "user", "content": message}]
+
+    def turn(self, message, history, role, sampling: Sampling) -> list[dict]:
+        """The prompt's messages for a new user `message` after `history` (check_turn, then prompt)."""
+        return self.prompt(*self.check_turn(message, history, role, sampling))
 
     def prompt(self, role: Role, conversation: list[dict]) -> list[dict]:
         """The role's system prompt, then the newest messages of `conversation` that could fit in the
