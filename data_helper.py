@@ -384,8 +384,6 @@ def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
     group log each character given from its own seat. What was left out is counted and printed: a
     log without any character given is left out (SillyTavern's chats folder holds every character's
     logs), not refused."""
-    from collections import Counter
-
     from utils.scenes import speakers
     from utils.st_chats import log_files, read_log
 

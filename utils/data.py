@@ -20,10 +20,8 @@ from array import array
 import torch
 
 from utils.cli import UserError
-from utils.files import read_jsonl
-from utils.cli import unsafe_character
-from utils.files import MAX_LINE_BYTES
-from utils.prompts import Role
+from utils.files import MAX_LINE_BYTES, read_jsonl
+from utils.prompts import Role, name_problem
 
 # ShareGPT's "from" values, and the OpenAI roles they stand for
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -54,7 +52,7 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict, scen
                 if not isinstance(item[key], kind):
                     raise ValueError(f"{where}.{key} must be {what}")
                 message[key] = item[key]
-        if message.get("name") is not None and (not message["name"].strip() or unsafe_character(message["name"])):
+        if message.get("name") is not None and name_problem(message["name"]):
             raise ValueError(f"{where}.name {message['name']!r} is empty or contains a control or bidi character")
         messages.append(message)
     if not scene and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1:
