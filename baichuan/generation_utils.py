@@ -87,8 +87,13 @@ def newest_whole_rounds(sizes: Sequence[int], budget: int) -> int:
     """How many of the newest rounds to keep (`sizes` oldest first, in any unit): as many whole
     ones as fit in `budget` together, and always the newest, which the caller cuts if it alone is
     over. Linear in the number of rounds."""
+    return _keep_newest(reversed(sizes), budget)
+
+
+def _keep_newest(sizes_newest_first, budget: int) -> int:
+    # reads sizes only until the first round that does not fit: build_chat_input tokenises lazily
     used, kept = 0, 0
-    for size in reversed(sizes):
+    for size in sizes_newest_first:
         if kept and used + size > budget:
             break
         used, kept = used + size, kept + 1
@@ -98,10 +103,14 @@ def newest_whole_rounds(sizes: Sequence[int], budget: int) -> int:
 def _encode_rounds(tokenizer, messages: list[dict], user_id: int, assistant_id: int):
     """Ids of the system text, and per round [speaker token id, text ids] per message."""
     system, rounds = split_rounds(messages)
-    speaker = {"user": user_id, "assistant": assistant_id}
-    encoded = [[[speaker[m["role"]], encode_text(tokenizer, m["content"])] for m in round_messages]
-               for round_messages in rounds]
+    encoded = [_encode_round(tokenizer, round_messages, user_id, assistant_id) for round_messages in rounds]
     return encode_text(tokenizer, system) if system else [], encoded
+
+
+def _encode_round(tokenizer, round_messages: list[dict], user_id: int, assistant_id: int):
+    """[speaker token id, text ids] per message of one round."""
+    speaker = {"user": user_id, "assistant": assistant_id}
+    return [[speaker[m["role"]], encode_text(tokenizer, m["content"])] for m in round_messages]
 
 
 def _size(round_ids) -> int:
@@ -122,7 +131,8 @@ def build_chat_input(
     its oldest tokens are cut so that the question's end and the assistant token remain.
     """
     user_id, assistant_id = chat_token_ids(generation_config)
-    system_ids, rounds = _encode_rounds(tokenizer, messages, user_id, assistant_id)
+    system, rounds = split_rounds(messages)
+    system_ids = encode_text(tokenizer, system) if system else []
     budget = model_max_length - max_new_tokens - len(system_ids)
     if budget <= 1:
         raise ValueError(
@@ -132,8 +142,17 @@ def build_chat_input(
     # The assistant token that opens the reply counts against the budget too, or the oldest
     # kept round would lose its first tokens to the final cut.
     closing = [assistant_id] if not messages or messages[-1]["role"] != "assistant" else []
-    kept = newest_whole_rounds([_size(r) for r in rounds], budget - len(closing))
-    history = [i for r in rounds[len(rounds) - kept:] for speaker, ids in r for i in (speaker, *ids)] + closing
+    # rounds are tokenised newest first, and only until one does not fit: a long chat's older
+    # rounds cost nothing (the page and the API send the whole history every turn)
+    encoded = []
+
+    def sizes():
+        for round_messages in reversed(rounds):
+            encoded.append(_encode_round(tokenizer, round_messages, user_id, assistant_id))
+            yield _size(encoded[-1])
+
+    kept = _keep_newest(sizes(), budget - len(closing))
+    history = [i for r in reversed(encoded[:kept]) for speaker, ids in r for i in (speaker, *ids)] + closing
     return system_ids + history[-budget:]
 
 
