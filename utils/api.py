@@ -263,12 +263,18 @@ def renamed(message: str, name: str, param: str) -> str:
     return param + message[len(name):] if message.startswith(name) else f"{param}: {message}"
 
 
+def length_field(body: SamplingRequest) -> str:
+    """The field that sets the reply's length: max_completion_tokens, OpenAI's newer name, when a chat
+    request sets it, else max_tokens."""
+    chat = isinstance(body, ChatRequest)
+    return "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+
+
 def sampling_of(engine: ChatEngine, body: SamplingRequest) -> tuple[Sampling, bool]:
     """The request's settings, the server's where it has none, checked by the engine; and whether
     max_tokens may be clamped to fit beside the prompt (when the client set none, or the server's
     --clamp_max_tokens says so)."""
-    chat = isinstance(body, ChatRequest)
-    length = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+    chat, length = isinstance(body, ChatRequest), length_field(body)
     max_tokens = getattr(body, length)
     defaults = engine.defaults
     if max_tokens is None:
@@ -606,7 +612,7 @@ def prepare(engine: ChatEngine, body: SamplingRequest, state=None) -> list[Choic
     else:
         prompt = prompt_text(body)
     (sampling, clamp), stops, count = sampling_of(engine, body), stop_strings(body), choices_of(body)
-    length = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+    length = length_field(body)
     start = engine.start_reply if chat else engine.start_completion
     choices = []
     for index in range(count):
