@@ -171,7 +171,7 @@ def write_partition(engine, tmp: str) -> None:
         save_file(tensors, path)
     except SafetensorError as error:  # it names a temporary file of its own
         raise SaveFailed(save_problem(path, error)) from None
-    write_json(os.path.join(tmp, f"optimizer-rank{rank}.json"), rest)
+    write_json(os.path.join(tmp, partition_name(rank, ".json")), rest)
 
 
 def write_copy(tmp: str, model, tokenizer, files: dict, trainer_state: dict) -> None:
@@ -322,8 +322,8 @@ def resume(engine, checkpoint: str, state: dict, accumulation: int) -> None:
     from utils.models import LOAD_ERRORS, first_line
 
     rank = dist.get_rank()
-    rest = read_json(os.path.join(checkpoint, f"optimizer-rank{rank}.json"), "optimizer state")
-    tensors_path = os.path.join(checkpoint, f"optimizer-rank{rank}.safetensors")
+    rest = read_json(os.path.join(checkpoint, partition_name(rank, ".json")), "optimizer state")
+    tensors_path = os.path.join(checkpoint, partition_name(rank))
     try:
         tensors = load_file(tensors_path)
     except LOAD_ERRORS as error:

@@ -20,8 +20,9 @@ TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)-step-(\d+)$")
 
 
-def partition_name(rank: int) -> str:
-    return f"optimizer-rank{rank}.safetensors"
+def partition_name(rank: int, suffix: str = ".safetensors") -> str:
+    """A rank's optimizer partition (its tensors; with suffix ".json", the rest of its state)."""
+    return f"optimizer-rank{rank}{suffix}"
 
 
 def checkpoint_name(epoch: int, global_step: int) -> str:
