@@ -36,6 +36,7 @@ from utils.chat import (
     newest_history,
     role_messages,
 )
+from utils.cards import USER_NAME
 from utils.prompts import Role, check_role
 
 # A conversation longer than this is refused before any of it is read: each message costs work
@@ -95,6 +96,7 @@ class ChatEngine:
     where a front end asks for any length (the API), as many as fit beside the prompt: more is
     refused, or with `clamp_max_tokens` cut to what is left.
     `defaults` is the sampling a request that sets none gets (None: Sampling's own).
+    `user_name` names the user's lines in a group scene, as the training rows named them.
     A client's message list (`request_prompt`) is played with the policy `client_system` (one of
     CLIENT_SYSTEM) when it names a role; `client_model`, a name that is no role, means "the
     client's own system prompt" (the API lists it beside the roles; None: not listed).
@@ -111,7 +113,7 @@ class ChatEngine:
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
                  defaults: Sampling | None = None, max_message_chars: int = MAX_MESSAGE_CHARS,
                  max_messages: int = MAX_MESSAGES, client_system: str = "role", client_model: str | None = None,
-                 clamp_max_tokens: bool = False):
+                 clamp_max_tokens: bool = False, user_name: str = USER_NAME):
         if client_system not in CLIENT_SYSTEM:
             raise ValueError(f"client_system must be one of {', '.join(CLIENT_SYSTEM)}, got {client_system!r}")
         if client_model in roles:
@@ -119,6 +121,7 @@ class ChatEngine:
         self.client_system, self.client_model = client_system, client_model
         self.model, self.tokenizer, self.roles = model, tokenizer, roles
         self.clamp_max_tokens = clamp_max_tokens
+        self.user_name = user_name  # who the user is in a group scene's lines ("Name: text")
         self.slots = slots or GenerationSlots(1, 0)  # predict.py: one reply at a time, nobody waiting
         self.defaults = defaults or Sampling()
         self.max_message_chars, self.max_messages = max_message_chars, max_messages
@@ -213,6 +216,17 @@ class ChatEngine:
         prefill = messages[-1:] if messages[-1]["role"] == "assistant" else []
         applied, _ = role.context.apply(messages[: len(messages) - len(prefill)])
         return [*applied, *prefill]
+
+    def scene_prompt(self, name, scene: list[dict]) -> list[dict]:
+        """The prompt of character `name`'s next reply in a group `scene` (user and assistant messages,
+        each assistant one with the "name" of its speaker): its seat (utils.scenes.seat), with its system
+        prompt, its context and the group note, as data_helper.py trains a scene."""
+        from utils.lorebook import Context
+        from utils.scenes import group_note, seat
+
+        role = self.role(name)
+        context = replace(role.context or Context(role.name, self.user_name), extra_system=group_note(role.name))
+        return self.prompt(replace(role, context=context), seat(scene, role.name, self.user_name))
 
     def request_prompt(self, model: str, messages: list[dict]) -> RequestPrompt:
         """The prompt for a client's `messages` (dicts with role, content as text, optionally name)
