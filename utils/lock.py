@@ -21,6 +21,11 @@ from utils.cli import UserError
 LOCK_FILE = ".lock"
 
 
+def in_use(what: str, path: str) -> str:
+    """The problem of an output whose lock at `path` another run holds."""
+    return f"{what} is in use by another run ({holder(path)}); wait for it to end, or choose another folder"
+
+
 def holder(path: str) -> str:
     """Who holds the lock at `path`, as its holder wrote it ("pid 123 on host, since ...")."""
     try:
@@ -48,8 +53,7 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise UserError(f"{self.what} is in use by another run ({holder(self.path)}); wait for it to end, "
-                                "or choose another folder") from None
+                raise UserError(in_use(self.what, self.path)) from None
             except OSError as error:
                 os.close(fd)
                 raise UserError(f"{self.path}: cannot lock ({error.strerror})") from None
@@ -88,7 +92,7 @@ def check_not_locked(path: str, what: str) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return f"{what} is in use by another run ({holder(path)}); wait for it to end, or choose another folder"
+        return in_use(what, path)
     except OSError:
         return None  # a file system without locks: the real lock says so
     finally:

@@ -249,10 +249,10 @@ def _found(key: str, text: str, folded: str, entry: Entry) -> bool:
     return False
 
 
-def _fires(entry: Entry, text: str) -> bool:
+def _fires(entry: Entry, text: str, folded: str) -> bool:
+    """Whether `entry` fires on the scanned `text` (`folded`: its lower case, made once per scan)."""
     if entry.constant:
         return True
-    folded = text.lower()
     if not any(_found(k, text, folded, entry) for k in entry.keys):
         return False
     if not entry.secondary:
@@ -273,14 +273,15 @@ def fire(books, messages: list[dict], user_name: str, char_name: str,
          budget: int = DEFAULT_BUDGET) -> list[tuple[Lorebook, Entry]]:
     """The entries `messages` fire, within the budget, in insertion order (lowest order first)."""
     budgets = [b.budget for b in books if b.budget] + [budget]
-    texts = {}  # scan depth -> text
+    texts = {}  # scan depth -> (text, its lower case)
     fired = []
     for b, book in enumerate(books):
         for e, entry in enumerate(book.entries):
             depth = entry.scan_depth if entry.scan_depth is not None else book.scan_depth
             if depth not in texts:
-                texts[depth] = scan_text(messages, depth, user_name, char_name)
-            if _fires(entry, texts[depth]):
+                text = scan_text(messages, depth, user_name, char_name)
+                texts[depth] = text, text.lower()
+            if _fires(entry, *texts[depth]):
                 fired.append((-entry.order, b, e, book, entry))
     taken, used = [], 0
     for *_, book, entry in sorted(fired, key=lambda f: f[:3]):
