@@ -239,21 +239,13 @@ def keep_checkpoints(output_dir: str, saved: str, best: str | None, limit: int |
     return deleted
 
 
-TRAINER_STATE_KEYS = ("global_step", "epoch", "step_in_epoch", "world_size", "scheduler", "steps_per_epoch")
-
-
 def read_trainer_state(checkpoint: str, world_size: int, steps_per_epoch: int | None = None) -> dict:
     """The trainer state of a checkpoint to resume from, read once and checked: a JSON object with
-    TRAINER_STATE_KEYS of the types train.py writes, the step of the folder's name (utils.training.manifest),
+    the keys and types train.py writes (utils.training.manifest.trainer_state_problem), the step of the folder's name (utils.training.manifest),
     written by as many processes as now and, when given, with as many steps per epoch (else the data
     order would differ). Each rank loads its own optimizer partition, hence the first."""
     path = os.path.join(checkpoint, TRAINER_STATE)
     state = read_json(path, "trainer state")
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: must hold a JSON object")
-    missing = [key for key in TRAINER_STATE_KEYS if key not in state]
-    if missing:
-        raise UserError(f"{path}: no {', '.join(missing)}; not a checkpoint written by train.py")
     problem = trainer_state_problem(state, os.path.basename(os.path.realpath(checkpoint)))
     if problem:
         raise UserError(f"{path}: {problem}")
