@@ -38,7 +38,7 @@ import zlib
 from dataclasses import dataclass
 
 from utils.cli import UserError, unsafe_character
-from utils.lorebook import DEFAULT_DEPTH, MAX_SCAN_DEPTH, Context, DepthNote, Lorebook, parse_book
+from utils.lorebook import DEFAULT_DEPTH, MAX_SCAN_DEPTH, Context, DepthNote, Lorebook, parse_book, whole_number
 
 MAX_CARD_BYTES = 20 * 2**20  # checked before a file is read
 MAX_TEXT_BYTES = 8 * 2**20  # a compressed text chunk may inflate to this much
@@ -249,9 +249,10 @@ def _depth_note(fields: dict, path: str, prefix: str) -> DepthNote | None:
     where = f"field {prefix}extensions.depth_prompt"
     if not isinstance(note, dict) or not isinstance(note.get("prompt", ""), str):
         raise UserError(f"{path}: {where} must be an object with a string 'prompt'")
-    depth = note.get("depth", DEFAULT_DEPTH)
-    if isinstance(depth, bool) or not isinstance(depth, int) or not 0 <= depth <= MAX_SCAN_DEPTH:
-        raise UserError(f"{path}: {where}.depth must be a whole number from 0 to {MAX_SCAN_DEPTH}, got {depth!r}")
+    try:
+        depth = whole_number(note.get("depth"), f"{where}.depth", 0, MAX_SCAN_DEPTH, DEFAULT_DEPTH)
+    except ValueError as error:
+        raise UserError(f"{path}: {error}") from None
     return DepthNote(note.get("prompt", ""), depth) if note.get("prompt", "").strip() else None
 
 

@@ -103,7 +103,9 @@ class DepthNote:
 # ---------------------------------------------------------------- reading
 
 
-def _int(value, where: str, low: int, high: int, default: int) -> int:
+def whole_number(value, where: str, low: int, high: int, default: int) -> int:
+    """`value` checked to be a whole number from `low` to `high` (None: `default`); else a ValueError
+    naming `where`."""
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -169,12 +171,12 @@ def _entry(raw, card_shape: bool, where: str) -> Entry | None:
             raise ValueError(f"{where}: {name} must be true or false, got {value!r}")
     entry = Entry(
         uid=str(raw.get("uid", raw.get("id", where))), keys=keys, content=content.strip(), secondary=secondary,
-        logic=_int(ext.get("selectiveLogic"), f"{where}.selectiveLogic", 0, 3, AND_ANY),
-        constant=_flag(raw, "constant", where), order=_int(order, f"{where}.order", -(10**6), 10**6, 100),
-        position=_int(position, f"{where}.position", 0, 7, BEFORE),
-        depth=_int(ext.get("depth"), f"{where}.depth", 0, MAX_SCAN_DEPTH, DEFAULT_DEPTH),
+        logic=whole_number(ext.get("selectiveLogic"), f"{where}.selectiveLogic", 0, 3, AND_ANY),
+        constant=_flag(raw, "constant", where), order=whole_number(order, f"{where}.order", -(10**6), 10**6, 100),
+        position=whole_number(position, f"{where}.position", 0, 7, BEFORE),
+        depth=whole_number(ext.get("depth"), f"{where}.depth", 0, MAX_SCAN_DEPTH, DEFAULT_DEPTH),
         case_sensitive=bool(case), whole_words=bool(whole),
-        scan_depth=_int(scan, f"{where}.scan_depth", 0, MAX_SCAN_DEPTH, 0) if scan is not None else None,
+        scan_depth=whole_number(scan, f"{where}.scan_depth", 0, MAX_SCAN_DEPTH, 0) if scan is not None else None,
     )
     if not _flag(raw, "selective", where, True):  # ST checks secondary keys only for selective entries
         entry = replace(entry, secondary=())
@@ -208,8 +210,8 @@ def parse_book(value, path: str, where: str = "") -> Lorebook:
                                 f"refused")
             entries.append(entry)
     try:
-        scan = _int(value.get("scan_depth"), f"{where}scan_depth", 0, MAX_SCAN_DEPTH, DEFAULT_SCAN_DEPTH)
-        budget = _int(value.get("token_budget"), f"{where}token_budget", 1, 10**7, 0) or None
+        scan = whole_number(value.get("scan_depth"), f"{where}scan_depth", 0, MAX_SCAN_DEPTH, DEFAULT_SCAN_DEPTH)
+        budget = whole_number(value.get("token_budget"), f"{where}token_budget", 1, 10**7, 0) or None
     except ValueError as error:
         raise UserError(f"{path}: {error}") from None
     return Lorebook(path, tuple(entries), scan, budget)
