@@ -179,6 +179,8 @@ def bad_cards(tmp_path) -> dict:
         "wrong-type": (write_json(tmp_path / "type.json", {**V1, "description": ["列表"]}),
                        "field description must be a string"),
         "not-a-card": (write_json(tmp_path / "roles.json", {"阿绣": "绣娘"}), "not a character card"),
+        "bad-depth": (write_json(tmp_path / "depth.json", {**V2, "data": {**V2["data"], "extensions": {
+            "depth_prompt": {"prompt": "爱吃桃", "depth": "深"}}}}), "depth_prompt.depth must be a whole number"),
         "huge-integer": (write_bytes(tmp_path / "int.json", b'{"name": "x", "n": ' + b"1" * 5000 + b"}"),
                          "not valid JSON (Exceeds the limit"),
     }, good_png
