@@ -108,9 +108,9 @@ def _normal_host(name: str) -> str:
         return name.rstrip(".")
 
 
-def host_allowed(value: str | None, hosts) -> bool:
-    """Whether a Host header (name or address, with or without a port) names this server."""
-    allowed = {_normal_host(host) for host in hosts}
+def host_allowed(value: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a Host header (name or address, with or without a port) names this server, whose
+    names are `allowed` (normalised by _normal_host; a wildcard among them takes any)."""
     if allowed & {"*", "0.0.0.0", "::"}:
         return True
     match = _HOST.fullmatch(value or "")
@@ -130,7 +130,8 @@ class HostCheck:
     preflight when no origin is allowed (no CORS header is sent then). Every answer carries PAGE_CSP."""
 
     def __init__(self, app, hosts, cors: bool):
-        self.app, self.hosts, self.cors = app, list(hosts), cors
+        self.app, self.cors = app, cors
+        self.hosts = frozenset(_normal_host(host) for host in hosts)  # once, not per request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
