@@ -16,6 +16,9 @@ Mixed with RoleBench roles (name them: with --card or --dialogues, none are take
     python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
 The prompts as SillyTavern sends them (to serve with web_demo.py --client_system client):
     python data_helper.py --card cards/阿绣.png --prompt_style sillytavern --user_name 老王
+Preference pairs (train.py --stage dpo) from SillyTavern swipes, and from a model's replies out of character:
+    python data_helper.py --roles 孙悟空,张飞,李白 --st_chats data/sample/st_chats --pairs_out data/pairs.jsonl \
+        --rejected_from baichuan-inc/Baichuan2-7B-Chat --max_pairs 200
 
 Input: --data_dir holds the four RoleBench-zh files under their RoleBench names
 (rolebench-zh_{general,role_specific}_{train,test}.jsonl). For each split the general file and
@@ -53,6 +56,14 @@ dialogues, and beside --train_out a prompts.json with the template, which train.
 checkpoints with each role's system prompt and greeting from the samples. All outputs are written at once, after all
 input was read and checked.
 
+Preference pairs (--pairs_out, utils/pair_sources.py): rows of utils/pairs.py, each sample's shape
+up to a reply plus "chosen" and "rejected". A SillyTavern reply with other swipes gives one pair per
+other swipe, on the prompt its sample trains it with. With --rejected_from, each sample (at most
+--max_pairs of a split, drawn with --seed) gives a pair of its reply against what that model says to
+its history without the system prompt, as a generic assistant (greedy unless --temperature is set);
+a generated reply that is empty or the sample's own is left out and counted. A sample's pairs go
+with it: the train samples' to --pairs_out, the test samples' to --pairs_test_out.
+
 Errors: bad arguments print one "error: ..." line each (all of them) and exit 2; bad data prints
 one line "error: path:line: what is wrong" and exits 1. With --skip_bad, bad lines are skipped
 and counted instead.
@@ -66,6 +77,7 @@ import sys
 import unicodedata
 from collections import Counter
 
+from utils.chat import add_generation_args, check_settings
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.cards import USER_NAME
 from utils.files import MAX_LINE_BYTES
@@ -96,6 +108,30 @@ def add_own_character_args(parser) -> None:
                             f"sillytavern {DEFAULT_USER}, SillyTavern's default persona name: set it to yours)")
     group.add_argument("--test_ratio", type=float, default=0.1,
                        help="share of each character's card and dialogue samples that go to --test_out")
+
+
+def add_pair_args(parser) -> None:
+    """--pairs_out and the model that writes rejected replies (module docstring)."""
+    group = parser.add_argument_group("preference pairs (train.py --stage dpo)")
+    group.add_argument("--pairs_out", metavar="FILE",
+                       help="write the train samples' preference pairs here, jsonl: every other swipe of a "
+                            "SillyTavern reply against the kept one, and with --rejected_from a model's reply "
+                            "out of character against the sample's")
+    group.add_argument("--pairs_test_out", metavar="FILE",
+                       help="the test samples' pairs (default: --pairs_out with _test before its extension)")
+    group.add_argument("--rejected_from", metavar="MODEL",
+                       help="a model directory (merged, or the base with --adapter) whose replies to each "
+                            "sample's history without the system prompt are the rejected ones")
+    group.add_argument("--adapter", help="a LoRA adapter directory to put on --rejected_from")
+    group.add_argument("--max_pairs", type=int, metavar="N",
+                       help="give --rejected_from at most N samples of each split, drawn with --seed "
+                            "(default: every sample)")
+    group.add_argument("--device", default="auto", help="--rejected_from's device: auto, cpu, cuda or cuda:N")
+    group.add_argument("--quantization_bit", type=int, choices=(4, 8),
+                       help="load --rejected_from in 4 or 8 bits (bitsandbytes), as predict.py does")
+    group = add_generation_args(parser, "sampling of --rejected_from")
+    group.description = "greedy unless --temperature is set above 0; seeded with --seed"
+    parser.set_defaults(temperature=0.0)  # greedy: the model's likeliest reply, the same on every run
 
 
 def parse_args(argv=None):
@@ -130,7 +166,10 @@ def parse_args(argv=None):
                             f"skipped (default: {','.join(DEFAULT_ROLES)}, or none with --card or --dialogues)")
     group.add_argument("--max_replies", type=int, default=2,
                        help="keep at most this many replies per question, one sample each")
-    group.add_argument("--seed", type=int, default=1234, help="seed for choosing which replies to keep")
+    group.add_argument("--seed", type=int, default=1234,
+                       help="seed for choosing which replies to keep, the test samples, --max_pairs's samples "
+                            "and --rejected_from's sampling")
+    add_pair_args(parser)
     group = parser.add_argument_group("robustness")
     group.add_argument("--skip_bad", action="store_true",
                        help="skip bad lines (with a warning each) and report how many, instead of stopping "
@@ -142,6 +181,9 @@ def parse_args(argv=None):
     args.card, args.dialogues = args.card or [], args.dialogues or []
     args.user_name = default_user_name(args.prompt_style) if args.user_name is None else args.user_name
     args.lorebook, args.st_chats = args.lorebook or [], args.st_chats or []
+    if args.pairs_out and not args.pairs_test_out:
+        stem, extension = os.path.splitext(args.pairs_out)
+        args.pairs_test_out = f"{stem}_test{extension or '.jsonl'}"
     return args
 
 
@@ -183,8 +225,25 @@ def validate_args(args):
         problems.append(f"--test_ratio: must be in [0, 1), got {args.test_ratio}")
     if not args.user_name.strip():
         problems.append("--user_name: empty")
-    problems += path_problems(args, selected)
+    problems += path_problems(args, selected) + pair_problems(args)
     return roles, selected, cards, problems
+
+
+def pair_problems(args) -> list[str]:
+    """The problems with the pair flags (their output paths are path_problems')."""
+    problems = []
+    needs = {"--pairs_out": ("pairs_test_out", "rejected_from"), "--rejected_from": ("adapter", "max_pairs")}
+    for needed, flags in needs.items():
+        if not getattr(args, needed[2:]):
+            problems += [f"--{flag}: needs {needed}" for flag in flags if getattr(args, flag) is not None]
+    if args.max_pairs is not None and args.max_pairs < 1:
+        problems.append(f"--max_pairs: must be at least 1, got {args.max_pairs}")
+    if args.rejected_from:
+        try:
+            check_settings(args.max_new_tokens, args.top_p, args.temperature)
+        except UserError as error:
+            problems.append(str(error))
+    return problems
 
 
 def rolebench_roles(args, selected, template, problems) -> dict:
@@ -250,7 +309,8 @@ def path_problems(args, selected) -> list[str]:
     outputs = [args.train_out, args.test_out]
     if os.path.isdir(os.path.dirname(prompts_path(args))):  # else --train_out's problem says it
         outputs.append(prompts_path(args))
-    for path in outputs:
+    pair_outputs = [args.pairs_out, args.pairs_test_out] if args.pairs_out else []
+    for path in outputs + pair_outputs:
         problem = check_output_path(path, input_paths)
         if problem:
             problems.append(problem)
@@ -258,6 +318,10 @@ def path_problems(args, selected) -> list[str]:
     if len(set(outputs)) < len(outputs):
         problems.append(f"--train_out, --test_out and the {PROMPTS_FILE} written beside --train_out must be three "
                         f"different files: {args.train_out}, {args.test_out}")
+    pair_outputs = [os.path.abspath(p) for p in pair_outputs]
+    if len(set(pair_outputs)) < len(pair_outputs) or set(pair_outputs) & set(outputs):
+        problems.append(f"--pairs_out and --pairs_test_out must be two files of their own: {args.pairs_out}, "
+                        f"{args.pairs_test_out}")
     return problems
 
 
@@ -481,7 +545,8 @@ def main(argv=None):
         samples_by_split[split] += part
     names = selected + [name for name in roles if name not in selected]
     check_trained(names, samples_by_split["train"])
-    write_outputs(args, samples_by_split, side_file(args, roles, contexts))
+    pairs_by_split = make_pairs(args, samples_by_split) if args.pairs_out else {}
+    write_outputs(args, samples_by_split, side_file(args, roles, contexts), pairs_by_split)
     for line in count_table(names, rows_by_split, samples_by_split):
         print(line)
     if args.skip_bad:
@@ -490,6 +555,50 @@ def main(argv=None):
     print(f"wrote {len(samples_by_split['test'])} samples to {args.test_out}")
     if not samples_by_split["test"]:
         print("note: no test samples (see --test_ratio): train without --test_path", file=sys.stderr)
+    for split, path in zip(SPLITS, (args.pairs_out, args.pairs_test_out)):
+        if split in pairs_by_split:
+            print(f"wrote {len(pairs_by_split[split])} pairs to {path}")
+    if pairs_by_split and not pairs_by_split["test"]:
+        print(f"note: no test pairs (see --test_ratio): train --stage dpo without --test_path {args.pairs_test_out}",
+              file=sys.stderr)
+
+
+def make_pairs(args, samples_by_split) -> dict:
+    """The preference pairs of each split's samples (module docstring), their counts printed."""
+    from utils.pair_sources import generated_pairs, swipe_pairs
+
+    pairs = {split: [p for s in samples for p in swipe_pairs(s)] for split, samples in samples_by_split.items()}
+    lines = [f"pairs from SillyTavern swipes: {len(pairs['train'])} train, {len(pairs['test'])} test"]
+    if args.rejected_from:
+        reply_of, skipped = out_of_character(args), Counter()
+        rng = random.Random(args.seed)
+        for split, samples in samples_by_split.items():
+            if args.max_pairs is not None and len(samples) > args.max_pairs:
+                samples = [samples[i] for i in sorted(rng.sample(range(len(samples)), args.max_pairs))]
+            made = generated_pairs(samples, reply_of, skipped)
+            lines.append(f"pairs from {args.rejected_from}'s replies out of character: {len(made)} {split} of "
+                         f"{len(samples)} samples")
+            pairs[split] += made
+        left_out = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
+        lines.append(f"generated replies left out: {left_out}")
+    print("\n".join(lines))
+    return pairs
+
+
+def out_of_character(args):
+    """The --rejected_from model's replies without a character (utils.pair_sources.OutOfCharacter)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from utils.engine import ChatEngine
+    from utils.pair_sources import OutOfCharacter
+
+    engine = ChatEngine.load(SimpleNamespace(**vars(args), model_path=args.rejected_from, trust_remote_code=False), {})
+    sampling = replace(engine.defaults, seed=args.seed)
+    problems = engine.check_sampling(sampling)
+    if problems:
+        raise UserError(f"--{next(iter(problems))}: {next(iter(problems.values()))}")
+    return OutOfCharacter(engine, sampling)
 
 
 def rolebench_samples(args, selected, roles, skip) -> tuple[dict, dict]:
@@ -532,14 +641,16 @@ def side_file(args, roles, contexts) -> dict:
     return side
 
 
-def write_outputs(args, samples_by_split, side) -> None:
-    """The train and test samples and the side file, all written or none."""
+def write_outputs(args, samples_by_split, side, pairs_by_split) -> None:
+    """The train and test samples, the side file and the pairs, all written or none."""
     from utils.files import jsonl_text, write_files
 
+    pairs = {args.pairs_out: jsonl_text(pairs_by_split["train"]),
+             args.pairs_test_out: jsonl_text(pairs_by_split["test"])} if pairs_by_split else {}
     try:
         write_files({args.train_out: jsonl_text(samples_by_split["train"]),
                      args.test_out: jsonl_text(samples_by_split["test"]),
-                     prompts_path(args): json.dumps(side, ensure_ascii=False, indent=2) + "\n"})
+                     prompts_path(args): json.dumps(side, ensure_ascii=False, indent=2) + "\n", **pairs})
     except OSError as error:
         raise UserError(f"{error.filename or args.train_out}: cannot write ({error.strerror})") from None
 
