@@ -2,7 +2,9 @@
 sample logs read with their swipes, persona and greeting; a scene seen from each seat; speaker
 bleed; bad logs and scenes as one error line with nothing written; and data_helper.py -> train.py
 (plain and --packing) on a card with a lorebook, greeting and post-history instructions, a World
-Info file, a one-on-one and a group log and the sample scenes."""
+Info file, a one-on-one and a group log and the sample scenes; and train = serve for them, to the
+token: the ids train.py's data step (plain and packed) puts before each reply are the ids the chat
+engine serves for that conversation up to the reply, one-on-one and from a speaker's seat."""
 
 import json
 import os
@@ -199,3 +201,135 @@ def test_a_seat_serves_the_prompt_it_trained_on(built, tiny_model_dir):
     ids, _, _ = encode_conversation(tokenizer, row_messages(row), config.user_token_id, config.assistant_token_id,
                                     4096, 4096)
     assert ids[: len(prompt)] == prompt and tokenizer.decode(ids[len(prompt):-1]) == scene[turn]["content"]
+
+
+# ---------------------------------------------------------------- train = serve, to the token, plain and --packing
+
+
+@pytest.fixture(scope="module")
+def card_lorebook_notes(built):
+    return built[1]
+
+
+@pytest.fixture(scope="module")
+def roles_only(tmp_path_factory):
+    """data_helper.py on the sample logs and scenes for the three RoleBench roles, no lorebook or
+    notes: a row's earlier replies then see nothing that only its last reply's prompt holds."""
+    import data_helper
+
+    out = tmp_path_factory.mktemp("roles_only")
+    data_helper.main(["--roles", "孙悟空,张飞,李白", "--st_chats", str(LOGS), "--dialogues", str(SCENES),
+                      "--test_ratio", "0", "--train_out", str(out / "train.jsonl"), "--test_out", str(out / "test.jsonl")])
+    return out
+
+
+def conversations(user_name="你"):
+    """The sample conversations: the SillyTavern logs (two one-on-one, one group) and the scenes."""
+    logs = [read_log(path, user_name, Counter()) for path in log_files(str(LOGS))]
+    return logs + [json.loads(line)["messages"] for line in SCENES.read_text(encoding="utf-8").splitlines()]
+
+
+def served_replies(engine, last_only):
+    """(prompt ids, reply ids) of each character's trained replies (with `last_only`, its last in
+    each conversation), the prompt as serving builds it for the conversation up to the reply:
+    the page's turn one-on-one, ChatEngine.scene_prompt for the speaker in a group; then laid out
+    by the ChatStream that would generate the reply."""
+    from baichuan.generation_utils import encode_text
+    from utils.chat import Sampling
+    from utils.scenes import speakers
+
+    served = Counter()
+    for scene in conversations(engine.user_name):
+        group = len(speakers(scene)) > 1
+        for t, message in enumerate(scene):
+            if message["role"] != "assistant" or not message.get("train", True):
+                continue
+            name = message["name"]
+            if last_only and any(m["role"] == "assistant" and m["name"] == name for m in scene[t + 1:]):
+                continue
+            sampling = Sampling(max_new_tokens=16)
+            if group:
+                messages = engine.scene_prompt(name, scene[:t])
+            else:
+                messages = engine.turn(scene[t - 1]["content"], scene[: t - 1], name, sampling)
+            ids = engine.start_reply(messages, sampling).ids
+            served[(tuple(ids), tuple(encode_text(engine.tokenizer, message["content"])))] += 1
+    return served
+
+
+def trained_replies(samples, ends):
+    """(prompt ids, reply ids) of each labelled reply of (input_ids, labels) samples: the ids
+    before a run of labels, and the run up to the turn's end (a user token, or eos)."""
+    found = Counter()
+    for ids, labels in samples:
+        for start in range(1, len(labels)):
+            if labels[start] != -100 and labels[start - 1] == -100:
+                end = start
+                while ids[end] not in ends:
+                    end += 1
+                found[(ids[:start], ids[start:end])] += 1
+    return found
+
+
+def packed_samples(rows, pad_id):
+    """Each sample of packed rows as train.py's batch gives it to the model: the shared prompt,
+    then the sample's own segment (collate's attention mask numbers it), at positions that go on
+    from the prompt, as the sample's own would."""
+    from utils.data import collate
+
+    samples = []
+    for row in rows:
+        batch = collate([row], pad_id)
+        ids, labels, mask, positions = (batch[k][0] for k in ("input_ids", "labels", "attention_mask", "position_ids"))
+        for segment in range(1, int(mask.max()) + 1):
+            seen = (mask == -1) | (mask == segment)
+            assert positions[seen].tolist() == list(range(int(seen.sum())))
+            samples.append((tuple(ids[seen].tolist()), tuple(labels[seen].tolist())))
+    return samples
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["plain", "packing"])
+@pytest.mark.parametrize("inputs", ["card_lorebook_notes", "roles_only"])
+def test_each_reply_trains_on_the_prompt_the_engine_serves(request, inputs, packing, loaded, tiny_model_dir, tmp_path):
+    """The rows of the sample one-on-one and group logs and the scenes, turned into ids by train.py's
+    own data step (plain, or --packing and the batch the model sees), hold each reply after the
+    very ids that serving builds for that conversation up to the reply: ChatEngine.prompt one-on-one,
+    ChatEngine.scene_prompt from the speaker's seat in a group, the roles from the record train.py
+    writes. With a card's lorebook and notes and a World Info file, a row trains all its replies
+    on the prompt of its last one (data_helper.conversation_sample), so there each character's last
+    reply is checked; without them, every reply."""
+    import train
+    from utils.engine import ChatEngine
+    from utils.prompts import load_prompts, write_record
+    from utils.training.config import TrainConfig
+
+    out = request.getfixturevalue(inputs)
+    paths = [str(p) for p in (out / "train.jsonl", out / "test.jsonl") if p.stat().st_size]
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--train_path", *paths, "--output_dir", str(tmp_path / "run")]
+    config = TrainConfig.from_args(train.build_parser().parse_args(flags))
+    tokenizer, user_id, assistant_id = train.chat_tokenizer(config.model)
+    rows = train.read_rows(config.data, dpo=False)
+    dataset, roles, _ = train.load_data(config, rows, tokenizer, user_id, assistant_id, rank=0, world_size=1)
+    assert dataset.dropped == dataset.truncated == 0 and len(dataset) == len(rows["train"])
+    samples = [(tuple(e["input_ids"]), tuple(e["labels"])) for e in dataset.examples]
+    if packing:
+        packing_config = TrainConfig.from_args(train.build_parser().parse_args([*flags, "--packing"]))
+        packed, _, _ = train.load_data(packing_config, rows, tokenizer, user_id, assistant_id, rank=0, world_size=1)
+        assert len(packed) < len(samples)  # several samples do share a row
+        # a packed sample is the unpacked one, id for id and label for label
+        assert Counter(packed_samples(packed.rows, tokenizer.pad_token_id)) == Counter(samples)
+    write_record(str(tmp_path), train.prompt_record(config.data, roles, tokenizer, user_id, assistant_id))
+    model, serving_tokenizer = loaded
+    engine = ChatEngine(model, serving_tokenizer, load_prompts(str(tmp_path)).roles)
+
+    last_only = inputs == "card_lorebook_notes"
+    served = served_replies(engine, last_only)
+    # 6 one-on-one replies, 6 in the group log, 14 in the scenes; 14 of the 26 are a character's last
+    assert sum(served.values()) == (14 if last_only else 26)
+    ends = {user_id, tokenizer.eos_token_id}
+    missing = served - trained_replies(samples, ends)
+    assert not missing, [(tokenizer.decode(p[-60:]), tokenizer.decode(r)) for p, r in missing]
+    if not last_only:  # and the conversation rows train nothing else
+        conversation_samples = [s for row, s in zip(rows["train"], dataset.examples) if "messages" in row]
+        assert trained_replies([(tuple(s["input_ids"]), tuple(s["labels"])) for s in conversation_samples],
+                               ends) == served
