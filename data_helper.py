@@ -39,8 +39,9 @@ mes_example one multi-turn sample. --dialogues takes jsonl files of your own con
 OpenAI {"messages": [...]} or ShareGPT {"conversations": [...], "system": ...} rows; a row names its
 character with "role" (or belongs to the only character given), and its system prompt becomes that
 character's, so that each role is trained on one prompt. Card and dialogue samples are split into
-train and test per character with random.Random(seed), --test_ratio of them for test. A dialogue
-counts as one question and one sample in the table.
+train and test per character with random.Random(seed), --test_ratio of them for test, a conversation's
+samples together. A conversation counts as one question in the table; it is one sample, or with a
+lorebook or notes one sample per reply (each reply's prompt is then its own).
 
 Lorebooks, greetings, notes, logs and scenes: a card's character_book and --lorebook files fire on
 each conversation as SillyTavern fires them (utils/lorebook.py), its post_history_instructions and
@@ -356,17 +357,29 @@ def make_samples(rows, roles, max_replies, seed):
     return samples
 
 
-def conversation_sample(role, turns, context):
-    """A multi-turn sample of `role`: the messages its prompt context (utils.lorebook) gives for its
-    last trained reply, then that reply; None without one. The whole row trains on one prompt, the
-    one served for that last reply: the entries the conversation before it fires, and the notes
-    after the history folded into the last user turn (earlier replies see them too)."""
+def conversation_samples(role, turns, context) -> list[dict]:
+    """The samples of a multi-turn conversation of `role`, each the messages its prompt context
+    (utils.lorebook) gives for a trained reply, then that reply; none without one.
+
+    Where the context places nothing by the conversation (no lorebook, depth note or post-history
+    instructions), every reply is served after the same system prompt, so one row trains them all.
+    Where it does, the prompt differs from reply to reply (the entries that the conversation so far
+    fires, the notes folded into the newest user turn), so each trained reply gets a row of its own,
+    holding what is served at that point, the replies before it as context ("train": false)."""
     replies = [i for i, m in enumerate(turns) if m["role"] == "assistant" and m.get("train", True)]
+    plain = [{k: v for k, v in m.items() if k != "name"} for m in turns]
     if not replies:
-        return None
-    plain = [{k: v for k, v in m.items() if k != "name"} for m in turns[: replies[-1] + 1]]
-    messages, lore = context.apply([{"role": "system", "content": role.system}, *plain[:-1]])
-    row = {"messages": [*messages, plain[-1]], "role": role.name}
+        return []
+    if not (context.books or context.depth_note or context.post_history):
+        return [reply_sample(role, plain[: replies[-1]], plain[replies[-1]], context)]
+    return [reply_sample(role, [{**m, "train": False} if m["role"] == "assistant" else m for m in plain[:last]],
+                         plain[last], context) for last in replies]
+
+
+def reply_sample(role, before, reply, context) -> dict:
+    """The row of `reply` after the messages `before`, with the role's system prompt and context."""
+    messages, lore = context.apply([{"role": "system", "content": role.system}, *before])
+    row = {"messages": [*messages, reply], "role": role.name}
     if role.greeting:
         row["greeting"] = role.greeting
     if messages[0]["content"] != role.system:
@@ -382,12 +395,14 @@ def card_samples(card, role, context, user_name):
     from utils.cards import card_dialogues
 
     opening = [{**m, "train": False} for m in role.opening()]
-    return [conversation_sample(role, (opening if turns[0]["role"] == "user" else []) + turns, context)
-            for turns in card_dialogues(card, user_name)]
+    conversations = [conversation_samples(role, (opening if turns[0]["role"] == "user" else []) + turns, context)
+                     for turns in card_dialogues(card, user_name)]
+    return [samples for samples in conversations if samples]
 
 
 def scene_samples(scene, roles, contexts, user_name):
-    """A group scene's samples: one for each character given, from its own seat (utils.scenes)."""
+    """A group scene's samples: those of each character given, from its own seat (utils.scenes), a
+    list for each character."""
     from dataclasses import replace
 
     from utils.scenes import group_note, seat, speakers
@@ -396,12 +411,13 @@ def scene_samples(scene, roles, contexts, user_name):
     if not names:
         raise ValueError(f"none of the scene's characters ({', '.join(speakers(scene))}) is among the characters "
                          f"given ({', '.join(roles)})")
-    return [conversation_sample(roles[name], seat(scene, name, user_name),
-                                replace(contexts[name], extra_system=group_note(name))) for name in names]
+    seats = [conversation_samples(roles[name], seat(scene, name, user_name),
+                                  replace(contexts[name], extra_system=group_note(name))) for name in names]
+    return [samples for samples in seats if samples]
 
 
 def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
-    """The user's own conversations as samples: each row of its "role" (or of the only character
+    """The user's own conversations as samples, a list for each: each row of its "role" (or of the only character
     given), with that character's system prompt; a row whose assistant turns have several names is
     a group scene. A bad row is a UserError naming file and line, or with `skip` handed to it."""
     if not paths:
@@ -418,7 +434,7 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
                 system = system_of(messages)
                 turns = messages[1:] if system else messages
                 if len({m.get("name") for m in turns if m["role"] == "assistant"}) > 1:
-                    samples += [s for s in scene_samples(turns, roles, contexts, user_name) if s]
+                    samples += scene_samples(turns, roles, contexts, user_name)
                     continue
                 name = row.get("role") or only
                 if name not in roles:
@@ -430,11 +446,9 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
                 skip(f"{path}:{line_no}: {error}")
                 continue
             replaced += bool(system) and system != roles[name].system
-            sample = conversation_sample(roles[name], turns, contexts[name])
-            if sample is None:
-                no_reply += 1
-                continue
-            samples.append(sample)
+            rows = conversation_samples(roles[name], turns, contexts[name])
+            no_reply += not rows
+            samples += [rows] if rows else []
     if replaced:
         print(f"note: {replaced} dialogues had a system prompt of their own: each now has its character's, "
               f"the one prompt per role that the model records", file=sys.stderr)
@@ -444,7 +458,7 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
 
 
 def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
-    """SillyTavern chat logs as samples (utils.st_chats): a one-on-one log trains its character, a
+    """SillyTavern chat logs as samples, a list for each conversation (utils.st_chats): a one-on-one log trains its character, a
     group log each character given from its own seat. What was left out is counted and printed: a
     log without any character given is left out (SillyTavern's chats folder holds every character's
     logs), not refused."""
@@ -461,31 +475,31 @@ def st_chat_samples(paths, roles, contexts, user_name, max_line_bytes):
             continue
         if len(names) > 1:
             kinds["group"] += 1
-            samples += [s for s in scene_samples(scene, roles, contexts, user_name) if s]
+            samples += scene_samples(scene, roles, contexts, user_name)
             continue
         kinds["one-on-one"] += 1
-        sample = conversation_sample(roles[names[0]], scene, contexts[names[0]])
-        if sample is None:
+        rows = conversation_samples(roles[names[0]], scene, contexts[names[0]])
+        if not rows:
             dropped["logs without a reply after the greeting"] += 1
-        else:
-            samples.append(sample)
+        samples += [rows] if rows else []
     if paths:
         left_out = ", ".join(f"{n} {reason}" for reason, n in sorted(dropped.items())) or "nothing"
         print(f"SillyTavern chats: {kinds['one-on-one']} one-on-one and {kinds['group']} group logs, "
-              f"{len(samples)} samples; left out: {left_out}")
+              f"{sum(map(len, samples))} samples; left out: {left_out}")
         if others:
             print(f"note: SillyTavern logs of {', '.join(sorted(others))} left out: not among the characters given "
                   f"({', '.join(roles)})", file=sys.stderr)
     return samples
 
 
-def split_own(samples, test_ratio, seed):
-    """(train, test) of the card and dialogue samples: per character, round(n x test_ratio) of them
-    drawn for test with random.Random(seed); each part keeps the samples' order."""
+def split_own(conversations, test_ratio, seed):
+    """(train, test) of the card and dialogue samples, a list for each conversation of a character:
+    per character, round(n x test_ratio) of its conversations drawn for test with random.Random(seed),
+    so that no reply is tested on a conversation that trained; each part keeps their order."""
     rng = random.Random(seed)
     by_role, train, test = {}, [], []
-    for sample in samples:
-        by_role.setdefault(sample["role"], []).append(sample)
+    for conversation in conversations:
+        by_role.setdefault(conversation[0]["role"], []).append(conversation)
     for items in by_role.values():
         picked = set(rng.sample(range(len(items)), round(len(items) * test_ratio)))
         train += [s for i, s in enumerate(items) if i not in picked]
@@ -537,12 +551,13 @@ def main(argv=None):
     books = tuple(args.books)
     contexts = {name: Context(name, args.user_name, books) for name in roles}
     contexts.update({card.name: card.context(args.user_name, books) for card in cards})
-    own = [s for card in cards for s in card_samples(card, roles[card.name], contexts[card.name], args.user_name) if s]
+    # the samples of each conversation of a character, kept together: in one split, counted as one question
+    own = [s for card in cards for s in card_samples(card, roles[card.name], contexts[card.name], args.user_name)]
     own += dialogue_samples(args.dialogues, roles, contexts, args.user_name, skip_bad, args.max_line_bytes)
     own += st_chat_samples(args.st_chats, roles, contexts, args.user_name, args.max_line_bytes)
     for split, part in zip(SPLITS, split_own(own, args.test_ratio, args.seed)):
-        rows_by_split[split] += part  # a dialogue counts as one question and one sample
-        samples_by_split[split] += part
+        rows_by_split[split] += [conversation[0] for conversation in part]
+        samples_by_split[split] += [sample for conversation in part for sample in conversation]
     names = selected + [name for name in roles if name not in selected]
     check_trained(names, samples_by_split["train"])
     pairs_by_split = make_pairs(args, samples_by_split) if args.pairs_out else {}

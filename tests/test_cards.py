@@ -301,15 +301,19 @@ def test_data_helper_builds_from_cards_dialogues_and_rolebench(card_files, tmp_p
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()[1:4]}
     # 张飞: 30 + 7 RoleBench questions (37 + 10 samples) and 5 dialogues, 1 of them (round(5 x 0.25)) for test;
     # 阿绣: 2 card dialogues + 10 own, 3 for test
-    assert table == {"张飞": ["34", "41", "9", "11"], "阿绣": ["9", "9", "3", "3"], "total": ["43", "50", "12", "14"]}
+    # 阿绣's card has a lorebook: each reply of its conversations is a sample of its own (19 in all), and a
+    # conversation's samples stay in one split
+    assert table == {"张飞": ["34", "41", "9", "11"], "阿绣": ["9", "13", "3", "6"], "total": ["43", "54", "12", "17"]}
     train = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     test = [json.loads(line) for line in (out / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     xiu = [s for s in train + test if s["role"] == "阿绣"]
-    assert len(xiu) == 12 and all(s["messages"][0] == {"role": "system", "content": SYSTEM} for s in xiu)
+    assert len(xiu) == 19 and all(s["messages"][0] == {"role": "system", "content": SYSTEM} for s in xiu)
     assert all(s["greeting"] == GREETING for s in xiu)
     # a dialogue that starts with the user opens with the greeting, as context only
     greeting = {"role": "assistant", "content": GREETING, "train": False}
     expected = [[greeting, *d] if d[0]["role"] == "user" else d for d in DIALOGUES]
+    # its last reply's sample: the replies before it are context there (each has a sample of its own)
+    expected = [[{**m, "train": False} if m["role"] == "assistant" else m for m in d[:-1]] + d[-1:] for d in expected]
     assert all(dialogue in [s["messages"][1:] for s in xiu] for dialogue in expected)
     zhang = [s for s in train + test if s["role"] == "张飞" and "messages" in s]
     assert len(zhang) == 5 and zhang[0]["messages"][0]["content"].startswith("你现在要扮演张飞")
@@ -370,7 +374,8 @@ def test_training_on_instruction_rows_cards_and_sharegpt(card_files, tmp_path, t
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "train: 45 samples (8 of several turns; 0 cut to fit, 0 dropped" in output
+    # 阿绣's lorebook gives each reply of a dialogue a row of its own
+    assert "train: 47 samples (9 of several turns; 0 cut to fit, 0 dropped" in output
     losses = [float(x) for x in re.findall(r"^step=\d+ loss=([0-9.]+)", output, re.M)]
     assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     (last,) = [p for p in out.iterdir() if p.name.endswith("-step-8")]

@@ -205,7 +205,11 @@ def test_train_ids_equal_serve_ids_after_context_apply(tiny, tmp_path):
     subprocess.run([sys.executable, "data_helper.py", "--card", card_path, "--lorebook", wi, "--test_ratio", "0",
                     "--train_out", str(tmp_path / "t.jsonl"), "--test_out", str(tmp_path / "e.jsonl")],
                    cwd=REPO_ROOT, check=True, capture_output=True, timeout=120)
-    (row,) = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text(encoding="utf-8").splitlines()]
+    # a row per reply: the notes and entries served before each differ
+    first, row = sorted(rows, key=lambda r: len(r["messages"]))
+    assert first["lore"] == [f"{wi}#0"] and first["messages"][-1]["content"] == "一万三千五百斤！"
+    assert row["messages"][-3] == {"role": "assistant", "content": "一万三千五百斤！", "train": False}
     assert row["lore"] == [f"{wi}#0", f"{card_path}#1"]
     assert row["messages"][0]["content"].startswith("金箍棒是定海神针。\n") and row["messages"][0]["content"].endswith(
         "\n唐僧是孙悟空的师父。")

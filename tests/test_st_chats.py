@@ -134,7 +134,8 @@ def built(tmp_path_factory):
 
 def test_data_helper_writes_what_trains(built):
     stdout, out = built
-    assert "SillyTavern chats: 2 one-on-one and 1 group logs, 5 samples; left out: 1 comment, 1 hidden or system, " \
+    # a row per reply: with a lorebook (every character here has world_info.json) each reply's prompt is its own
+    assert "SillyTavern chats: 2 one-on-one and 1 group logs, 12 samples; left out: 1 comment, 1 hidden or system, " \
            "1 narrator" in stdout
     rows = [json.loads(line) for name in ("train.jsonl", "test.jsonl")
             for line in (out / name).read_text(encoding="utf-8").splitlines()]
@@ -143,13 +144,18 @@ def test_data_helper_writes_what_trains(built):
     assert len(card_rows) == 2  # the two card dialogues, each opened by the card's greeting as context
     assert all(r["messages"][1]["train"] is False for r in card_rows)
     # the one-on-one log opens with the greeting it was shown, as context; the card's notes follow its history
-    (log,) = [r for r in own if r["role"] == "孙悟空" and r["messages"][1]["content"].startswith("嘿，你！")]
+    assert all([m.get("train", True) for m in r["messages"] if m["role"] == "assistant"][-1:] == [True]
+               and sum(m.get("train", True) for m in r["messages"] if m["role"] == "assistant") == 1 for r in own)
+    logs = [r for r in own if r["role"] == "孙悟空" and r["messages"][1]["content"].startswith("嘿，你！")]
+    assert len(logs) == 3  # its three replies, each after the notes as served at that point
+    log = max(logs, key=lambda r: len(r["messages"]))
+    assert all(r["messages"][-2]["content"].endswith("\n\n回答别超过两句。") for r in logs)
     assert log["messages"][1]["train"] is False and log["messages"][-2]["content"].endswith("\n\n回答别超过两句。")
     master = next(r for r in card_rows if r["messages"][-1]["content"] == "在前面化斋呢。")
     assert master["messages"][0]["content"].endswith("\n孙悟空的师父是唐僧。") and master["lore"][0].endswith("#1")
     assert master["messages"][-2]["content"] == "师父在哪？\n\n回答别超过两句。"
     seats = [r for r in own if r["messages"][0]["content"].endswith(".]")]
-    assert Counter(r["role"] for r in seats) == {"孙悟空": 4, "张飞": 4, "李白": 4}  # 3 scenes + the group log
+    assert Counter(r["role"] for r in seats) == {"孙悟空": 7, "张飞": 6, "李白": 7}  # each reply of 3 scenes + the group log
     assert all(r["messages"][0]["content"].endswith(f"[Write the next reply only as {r['role']}.]") for r in seats)
     assert all(r["base_system"] + "\n" in r["messages"][0]["content"] for r in seats)
     assert not any(speaker_bleed(m["content"], ["孙悟空", "张飞", "李白", "你"]) for r in seats
@@ -229,9 +235,8 @@ def conversations(user_name="你"):
     return logs + [json.loads(line)["messages"] for line in SCENES.read_text(encoding="utf-8").splitlines()]
 
 
-def served_replies(engine, last_only):
-    """(prompt ids, reply ids) of each character's trained replies (with `last_only`, its last in
-    each conversation), the prompt as serving builds it for the conversation up to the reply:
+def served_replies(engine):
+    """(prompt ids, reply ids) of each character's trained replies, the prompt as serving builds it for the conversation up to the reply:
     the page's turn one-on-one, ChatEngine.scene_prompt for the speaker in a group; then laid out
     by the ChatStream that would generate the reply."""
     from baichuan.generation_utils import encode_text
@@ -245,8 +250,6 @@ def served_replies(engine, last_only):
             if message["role"] != "assistant" or not message.get("train", True):
                 continue
             name = message["name"]
-            if last_only and any(m["role"] == "assistant" and m["name"] == name for m in scene[t + 1:]):
-                continue
             sampling = Sampling(max_new_tokens=16)
             if group:
                 messages = engine.scene_prompt(name, scene[:t])
@@ -295,9 +298,8 @@ def test_each_reply_trains_on_the_prompt_the_engine_serves(request, inputs, pack
     own data step (plain, or --packing and the batch the model sees), hold each reply after the
     very ids that serving builds for that conversation up to the reply: ChatEngine.prompt one-on-one,
     ChatEngine.scene_prompt from the speaker's seat in a group, the roles from the record train.py
-    writes. With a card's lorebook and notes and a World Info file, a row trains all its replies
-    on the prompt of its last one (data_helper.conversation_sample), so there each character's last
-    reply is checked; without them, every reply."""
+    writes: every reply, the card's lorebook and notes and a World Info file included (there each
+    reply has a row of its own, data_helper.conversation_samples)."""
     import train
     from utils.engine import ChatEngine
     from utils.prompts import load_prompts, write_record
@@ -322,14 +324,12 @@ def test_each_reply_trains_on_the_prompt_the_engine_serves(request, inputs, pack
     model, serving_tokenizer = loaded
     engine = ChatEngine(model, serving_tokenizer, load_prompts(str(tmp_path)).roles)
 
-    last_only = inputs == "card_lorebook_notes"
-    served = served_replies(engine, last_only)
-    # 6 one-on-one replies, 6 in the group log, 14 in the scenes; 14 of the 26 are a character's last
-    assert sum(served.values()) == (14 if last_only else 26)
+    served = served_replies(engine)
+    assert sum(served.values()) == 26  # 6 one-on-one replies, 6 in the group log, 14 in the scenes
     ends = {user_id, tokenizer.eos_token_id}
     missing = served - trained_replies(samples, ends)
     assert not missing, [(tokenizer.decode(p[-60:]), tokenizer.decode(r)) for p, r in missing]
-    if not last_only:  # and the conversation rows train nothing else
+    if inputs == "roles_only":  # and the conversation rows train nothing else (the card's dialogues are more)
         conversation_samples = [s for row, s in zip(rows["train"], dataset.examples) if "messages" in row]
         assert trained_replies([(tuple(s["input_ids"]), tuple(s["labels"])) for s in conversation_samples],
                                ends) == served
