@@ -353,6 +353,23 @@ def test_a_group_request_under_client_stays_the_clients_and_a_member_that_is_no_
                                                                    "role 孙悟空")
 
 
+def test_a_clients_copy_of_a_roles_own_note_is_placed_once_and_a_members_own_last_message_goes_on(card_prompts,
+                                                                                                   loaded):
+    """One-on-one with 张飞's card: SillyTavern's copy of its post-history instructions is taken out, the role's
+    context places them. In a group, a member whose own message is last gets a new line of it, as the seat
+    joins its messages in a row."""
+    engine = ChatEngine(loaded[0], loaded[1], card_prompts.roles, user_name="User")
+    group = body("none-group-zhangfei")["messages"]
+    note = group[-1]["content"]
+    assert note == "\n回话时只说张飞自己的话，保持他的粗豪口气。"
+    prompt = engine.request_prompt("张飞", [user("你好"), {"role": "system", "content": note}])
+    assert prompt.messages == engine.prompt(card_prompts.roles["张飞"], [user("你好")]) and prompt.source == "role 张飞"
+    assert prompt.messages[-1]["content"].count(note.strip()) == 1
+    again = engine.request_prompt("孙悟空", [*group[:-2], {"role": "system", "content": group_note("孙悟空")}])
+    assert again.prefill and again.source == "role 孙悟空 (group seat)"
+    assert again.messages[-1] == {"role": "assistant", "content": group[-3]["content"].removeprefix("孙悟空: ") + "\n"}
+
+
 def test_the_record_keeps_the_user_name(tmp_path, roles):
     """data_helper.py's --user_name travels through the record to the engine; an older record without it gets
     its prompt style's default."""
