@@ -642,7 +642,7 @@ def check_trained(names, train_samples) -> None:
 
 def side_file(args, roles, contexts) -> dict:
     """The record written beside --train_out for serving."""
-    side = {"system_template": args.system_template, "prompt_style": args.prompt_style}  # train.py takes the roles' prompts from the samples
+    side = {"system_template": args.system_template, "prompt_style": args.prompt_style, "user_name": args.user_name}  # train.py takes the roles' prompts from the samples
     # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
     # record that serving will read: the same lorebooks and notes, fired on the live chat
     extras = {name: context.to_json() for name, context in contexts.items()

@@ -113,10 +113,10 @@ def main(argv=None) -> None:
     quiet_third_party()
     from dataclasses import replace
 
-    from utils.engine import ChatEngine, read_roles
+    from utils.engine import ChatEngine, read_prompts
 
-    roles, role = read_roles(args, args.role)
-    engine = ChatEngine.load(args, roles)
+    prompts, role = read_prompts(args, args.role)
+    engine = ChatEngine.load(args, prompts.roles, user_name=prompts.user_name)
     sampling = replace(engine.defaults, temperature=0) if args.greedy else engine.defaults
     if args.question is not None:
         messages = engine.prompt(role, [*role.opening(), {"role": "user", "content": args.question}])

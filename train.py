@@ -240,8 +240,8 @@ def load_data(config: TrainConfig, rows: dict, tokenizer, user_id: int, assistan
 
 def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> dict:
     """What the checkpoints record of the prompts: the roles trained on, with their exact system
-    prompts (from the samples), and the template, prompt style and contexts of data_helper.py's
-    prompts.json when there."""
+    prompts (from the samples), and the template, prompt style, contexts and user name of
+    data_helper.py's prompts.json when there."""
     from utils.files import read_json
     from utils.prompts import PROMPTS_FILE, SYSTEM_TEMPLATE, make_record
     from utils.training.distributed import print_rank_0
@@ -255,7 +255,7 @@ def prompt_record(data: DataConfig, roles, tokenizer, user_id, assistant_id) -> 
     # and the cards' alternate greetings, for the page to offer
     return make_record(roles, side_file.get("system_template", SYSTEM_TEMPLATE), user_id, assistant_id,
                        tokenizer.chat_template, side_file.get("prompt_style", "project"), side_file.get("contexts"),
-                       side_file.get("alternate_greetings"))
+                       side_file.get("alternate_greetings"), side_file.get("user_name"))
 
 
 def log_window(window, global_step: int, lr: float, progress, writer, metrics: dict) -> None:

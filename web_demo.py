@@ -462,15 +462,16 @@ def main(argv=None) -> None:
 
     quiet_third_party()
     from utils.chat import GenerationSlots
-    from utils.engine import ChatEngine, read_roles
+    from utils.engine import ChatEngine, read_prompts
     from utils.guard import Limits
 
-    roles, default_role = read_roles(args, args.default_role)
+    prompts, default_role = read_prompts(args, args.default_role)
+    roles = prompts.roles
     with listen(args.host, args.port) as sock:  # before the slow model load: a taken port is told at once
         engine = ChatEngine.load(args, roles, slots=GenerationSlots(args.concurrency, args.max_queue),
                                  max_message_chars=args.max_message_chars, max_messages=args.max_messages,
                                  client_system=args.client_system, client_model=client_model(args, roles),
-                                 clamp_max_tokens=args.clamp_max_tokens)
+                                 clamp_max_tokens=args.clamp_max_tokens, user_name=prompts.user_name)
         if args.log_requests:
             log_requests()
         demo = None if args.api_only else build_demo(RolePlayChat(engine), default_role.name)

@@ -8,6 +8,7 @@ The model is the tiny random one: what reached `model.generate` is checked (Reco
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from utils.assembly import AssemblyError, Names, assemble, leading, names_of
 from utils.cards import sillytavern_examples
 from utils.chat import GenerationSlots, Sampling
 from utils.engine import ChatEngine, InputError
-from utils.prompts import sillytavern_messages
+from utils.prompts import Role, load_prompts, make_record, read_record, sillytavern_messages, write_record
+from utils.scenes import group_note
 
 pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
 
@@ -50,6 +52,10 @@ SEMISTRICT = [name for name in ALL if name.startswith("semistrict-")]
 ONE_ON_ONE = [name for name in ALL if "-group-" not in name]
 AS_TRAINED = [name for name in ONE_ON_ONE if name.startswith("semistrict-")
               or all(m["role"] != "system" for m in after_leading(body(name)["messages"]))]
+# the group chat's requests, one per member (each sent with model 孙悟空), and whose turn each is
+GROUP = [name for name in ALL if "-group-" in name]
+MEMBER = {"sunwukong": "孙悟空", "zhangfei": "张飞", "libai": "李白"}
+USER_LINE = "三位英雄，今晚咱们喝什么酒？"  # what was typed in the group chat
 
 
 def user(text):
@@ -141,18 +147,74 @@ def test_what_cannot_be_a_prompt_names_the_message(messages, param, words):
 # ---------------------------------------------------------------- trained as served
 
 
+def reply_of(name: str) -> str:
+    return f"（{name}的回话）"
+
+
+def scene_row(name: str) -> dict:
+    """A --dialogues scene row of the group chat that body `name` asks the next reply of: the greetings (not
+    trained on), the user's line, the members' replies before, then that member's reply, each message with its
+    speaker's name, read from the body as SillyTavern sent it ("Name: text", one or several a message)."""
+    after = [m for m in after_leading(body(name)["messages"]) if m["role"] != "system"]
+    typed = next(i for i, m in enumerate(after) if m["role"] == "user")
+    assert after[typed]["content"].startswith(USER_LINE)
+
+    def said(messages, **extra):
+        text = "\n\n".join(m["content"] for m in messages if m["role"] == "assistant")
+        parts = [part.split(": ", 1) for part in re.split(r"\n\n(?=(?:孙悟空|张飞|李白): )", text) if part]
+        return [{"role": "assistant", "name": speaker, "content": words, **extra} for speaker, words in parts]
+
+    active = MEMBER[name.rsplit("-", 1)[1]]
+    return {"messages": [*said(after[:typed], train=False), user(USER_LINE), *said(after[typed + 1:]),
+                         {"role": "assistant", "name": active, "content": reply_of(name)}]}
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """data_helper.py --prompt_style sillytavern on the cards SillyTavern chatted with: each character's
-    trained system prompt."""
+def helper(tmp_path_factory):
+    """data_helper.py --prompt_style sillytavern on the cards SillyTavern chatted with, and the group chat of
+    each recorded group request as a --dialogues scene: its rows (train and test) and its prompts.json."""
     out = tmp_path_factory.mktemp("sillytavern")
+    (out / "scenes.jsonl").write_text("".join(json.dumps(scene_row(name), ensure_ascii=False) + "\n"
+                                              for name in GROUP), encoding="utf-8")
     result = subprocess.run([sys.executable, "data_helper.py", "--card", str(CARDS), "--prompt_style", "sillytavern",
+                             "--dialogues", str(out / "scenes.jsonl"),
                              "--train_out", str(out / "train.jsonl"), "--test_out", str(out / "test.jsonl")],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert json.loads((out / "prompts.json").read_text(encoding="utf-8"))["prompt_style"] == "sillytavern"
-    return {row["role"]: row["messages"][0]["content"] for row in rows}
+    rows = [json.loads(line) for part in ("train", "test")
+            for line in (out / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
+    return rows, json.loads((out / "prompts.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def trained(helper):
+    """Each character's trained system prompt (one-on-one, not a scene's seat)."""
+    rows, side = helper
+    assert side["prompt_style"] == "sillytavern" and side["user_name"] == "User"
+    return {row["role"]: row["messages"][0]["content"] for row in rows
+            if not row["messages"][0]["content"].endswith(group_note(row["role"]))}
+
+
+@pytest.fixture(scope="module")
+def card_prompts(helper, trained, tmp_path_factory):
+    """The roles that a model trained on those rows serves with --roles_file of the cards: the record that
+    train.py writes from prompts.json (its user name included), read back by load_prompts."""
+    side = helper[1]
+    model_dir = tmp_path_factory.mktemp("record")
+    roles = {name: Role(name, system) for name, system in trained.items()}
+    write_record(str(model_dir), make_record(roles, side["system_template"], 195, 196, "", side["prompt_style"],
+                                             side.get("contexts"), user_name=side["user_name"]))
+    return load_prompts(str(model_dir), roles_file=str(CARDS))
+
+
+@pytest.fixture(scope="module")
+def group_server(loaded, card_prompts):
+    """The API (--client_system role) with the cards' roles, as a SillyTavern user would serve the model."""
+    model = RecordingModel(loaded[0])
+    engine = ChatEngine(model, loaded[1], card_prompts.roles, GenerationSlots(1, 4),
+                        defaults=Sampling(MAX_TOKENS, 0.8, 0), user_name=card_prompts.user_name)
+    with serve(api_app(engine)) as url:
+        yield url, model, engine
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +315,70 @@ def test_each_policy_sends_what_it_says(roles, loaded):
         assert (without.system, without.source) == (trained, "role 孙悟空")
     assert systems == {"role": (trained, "role 孙悟空"), "client": (client_system, "client"),
                        "append": (trained + "\n\n" + client_system, "role 孙悟空 + client")}
+
+
+@pytest.mark.parametrize("name", GROUP)
+def test_a_group_request_is_served_from_the_members_trained_seat(name, group_server, helper):
+    """Each member's request of SillyTavern's group chat, sent as recorded (model 孙悟空): the model gets the ids
+    that data_helper.py trains that member's reply of the same scene on, to the token: its seat, with the group
+    note for the nudge, and 张飞's post-history instructions placed once, by its own context."""
+    url, model, engine = group_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    request = body(name)
+    assert request["model"] == "孙悟空"
+    answer = client.chat.completions.create(model="孙悟空", messages=request["messages"], max_tokens=MAX_TOKENS)
+    row = next(row for row in helper[0] if row["messages"][-1]["content"] == reply_of(name))
+    active = MEMBER[name.rsplit("-", 1)[1]]
+    assert row["role"] == active and row["messages"][0]["content"].endswith(group_note(active))
+    expected = training_prompt_ids(engine.tokenizer, engine.model.generation_config, row["messages"][0]["content"],
+                                   row["messages"][1:-1])
+    assert served_ids(model) == expected and answer.usage.prompt_tokens == len(expected)
+    assert engine.request_prompt("孙悟空", request["messages"]).source == f"role {active} (group seat)"
+
+
+def test_a_group_request_under_client_stays_the_clients_and_a_member_that_is_no_role_falls_back(card_prompts,
+                                                                                                 loaded):
+    messages = body("none-group-zhangfei")["messages"]
+    assembly = assemble(messages, names_of(messages))
+    roles = card_prompts.roles
+    prompt = ChatEngine(loaded[0], loaded[1], roles, client_system="client").request_prompt("孙悟空", messages)
+    assert (prompt.system, prompt.messages[1:], prompt.source) == (assembly.system, assembly.conversation, "client")
+    appended = ChatEngine(loaded[0], loaded[1], roles, client_system="append", user_name="User")
+    prompt = appended.request_prompt("孙悟空", messages)
+    assert prompt.source == "role 张飞 + client (group seat)"
+    assert prompt.system == roles["张飞"].system + "\n\n" + assembly.system + "\n" + group_note("张飞")
+    without = {name: role for name, role in roles.items() if name != "张飞"}  # 张飞 is no role of this server
+    prompt = ChatEngine(loaded[0], loaded[1], without).request_prompt("孙悟空", messages)
+    assert (prompt.system, prompt.messages[1:], prompt.source) == (roles["孙悟空"].system, assembly.conversation,
+                                                                   "role 孙悟空")
+
+
+def test_a_clients_copy_of_a_roles_own_note_is_placed_once_and_a_members_own_last_message_goes_on(card_prompts,
+                                                                                                   loaded):
+    """One-on-one with 张飞's card: SillyTavern's copy of its post-history instructions is taken out, the role's
+    context places them. In a group, a member whose own message is last gets a new line of it, as the seat
+    joins its messages in a row."""
+    engine = ChatEngine(loaded[0], loaded[1], card_prompts.roles, user_name="User")
+    group = body("none-group-zhangfei")["messages"]
+    note = group[-1]["content"]
+    assert note == "\n回话时只说张飞自己的话，保持他的粗豪口气。"
+    prompt = engine.request_prompt("张飞", [user("你好"), {"role": "system", "content": note}])
+    assert prompt.messages == engine.prompt(card_prompts.roles["张飞"], [user("你好")]) and prompt.source == "role 张飞"
+    assert prompt.messages[-1]["content"].count(note.strip()) == 1
+    again = engine.request_prompt("孙悟空", [*group[:-2], {"role": "system", "content": group_note("孙悟空")}])
+    assert again.prefill and again.source == "role 孙悟空 (group seat)"
+    assert again.messages[-1] == {"role": "assistant", "content": group[-3]["content"].removeprefix("孙悟空: ") + "\n"}
+
+
+def test_the_record_keeps_the_user_name(tmp_path, roles):
+    """data_helper.py's --user_name travels through the record to the engine; an older record without it gets
+    its prompt style's default."""
+    record = make_record(roles, "{role}{description}", 195, 196, "", "sillytavern", user_name="老王")
+    write_record(str(tmp_path), record)
+    assert read_record(str(tmp_path))["user_name"] == "老王" and load_prompts(str(tmp_path)).user_name == "老王"
+    for style, default in (("sillytavern", "User"), ("project", "你")):
+        write_record(str(tmp_path), {k: v for k, v in {**record, "prompt_style": style}.items() if k != "user_name"})
+        assert load_prompts(str(tmp_path)).user_name == default
 
 
 def test_a_name_that_is_no_role_plays_the_clients_prompt_or_is_a_404(client, server, roles):

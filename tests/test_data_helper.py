@@ -93,7 +93,8 @@ def test_sample_counts_and_fields(out):
     assert sorted(os.listdir(out)) == ["prompts.json", "test.jsonl", "train.jsonl"]
     side = json.loads((out / "prompts.json").read_text(encoding="utf-8"))
     assert side["system_template"] == SYSTEM_TEMPLATE
-    assert side == {"system_template": SYSTEM_TEMPLATE, "prompt_style": "project"}  # the prompts are in the samples
+    assert side == {"system_template": SYSTEM_TEMPLATE, "prompt_style": "project",  # the prompts are in the samples
+                    "user_name": "你"}
     assert_normal_permissions(out)
 
 

@@ -22,6 +22,13 @@ Names: SillyTavern does not send its user's and character's names with a request
 default Main Prompt says them ("Write X's next reply in a fictional chat between X and Y.");
 `names_of` reads them from there, else the caller's (the role's name, DEFAULT_USER).
 
+Group chats: SillyTavern prompts each member of a group with its own card, and marks the request
+(`group_of`): "[Start a new group chat. Group members: A, B]" before the chat, and its nudge
+"[Write the next reply only as B.]" after it, both its defaults. Every member's message arrives as
+an assistant one, "A: text". `scene_of` turns such an assembled conversation back into a scene
+(utils/scenes.py), so that the engine can serve the member from its own trained seat, and
+`without_notes` takes out the notes the server places itself (the nudge, a card's own notes).
+
 The steps are small functions over plain message dicts, so that more can join them (lorebook
 entries, post-history notes, group scenes) without another copy of the layout.
 """
@@ -29,12 +36,17 @@ entries, post-history notes, group scenes) without another copy of the layout.
 import re
 from dataclasses import dataclass, field
 
+from utils.scenes import GROUP_NUDGE
+
 SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
 JOIN = "\n\n"  # SillyTavern's join of squashed messages
 DEFAULT_USER = "User"  # SillyTavern's default persona name
 EXAMPLE_NAMES = ("example_user", "example_assistant")
 # SillyTavern 1.19.0's default Main Prompt, once its macros are filled in
 _MAIN_PROMPT = re.compile(r"Write (?P<char>.+?)'s next reply in a fictional chat between .+? and (?P<user>.+?)\.")
+# and its group chat marker and nudge (with "Semi-strict" the nudge is folded into the last user turn)
+_GROUP_MEMBERS = re.compile(r"\[Start a new group chat\. Group members: (?P<members>[^\]\n]*)\]")
+_NUDGE = re.compile(re.escape(GROUP_NUDGE).replace(re.escape("{char}"), r"(?P<char>[^\]\n]+?)"))
 
 
 class AssemblyError(ValueError):
@@ -131,3 +143,83 @@ def assemble(messages: list[dict], names: Names) -> Assembly:
                             f"nothing to continue (leave it out to get a new reply, or give it the text the reply "
                             f"should start with)", f"messages[{last}].content")
     return Assembly(parts, conversation, origin)
+
+
+# ---------------------------------------------------------------- group chats
+
+
+@dataclass(frozen=True)
+class Group:
+    """A group chat request: the member whose reply it asks for ("" when it does not say), and the
+    members its marker lists (empty without the marker)."""
+
+    active: str
+    members: tuple[str, ...] = ()
+
+
+def group_of(messages: list[dict]) -> Group | None:
+    """The group chat that `messages` are a request of (the marker in the leading system messages,
+    or a nudge after them), None for a one-on-one chat. Its active member is the last nudge's, else
+    the Main Prompt's."""
+    head = leading(messages)
+    marked = [found for m in head for found in _GROUP_MEMBERS.finditer(m["content"])]
+    nudges = [found["char"] for m in messages[len(head):] if m["role"] != "assistant"
+              for found in _NUDGE.finditer(m["content"])]
+    if not marked and not nudges:
+        return None
+    members = tuple(name.strip() for name in marked[-1]["members"].split(",") if name.strip()) if marked else ()
+    return Group(nudges[-1] if nudges else names_of(messages).char, members)
+
+
+def _drop_run(paragraphs: list[str], note: list[str]) -> list[str]:
+    """`paragraphs` less every run of them that is `note`'s paragraphs (blanks around each ignored)."""
+    size, wanted, kept, index = len(note), [p.strip() for p in note], [], 0
+    while index < len(paragraphs):
+        if [p.strip() for p in paragraphs[index:index + size]] == wanted:
+            index += size
+        else:
+            kept.append(paragraphs[index])
+            index += 1
+    return kept
+
+
+def without_notes(conversation: list[dict], notes: list[str], drop_empty: bool) -> list[dict]:
+    """`conversation` less the notes in its user turns (a later system message, folded in as one or
+    more JOIN-separated paragraphs) that the server places itself. A user turn left empty is left
+    out with `drop_empty` (a group's nudge, which the seat's group note stands for), else kept as it
+    was (one-on-one: taking it out would make the assistant turn before it a prefill)."""
+    out = []
+    for turn in conversation:
+        if turn["role"] != "user":
+            out.append(turn)
+            continue
+        paragraphs = turn["content"].split(JOIN)
+        for note in notes:
+            paragraphs = _drop_run(paragraphs, note.split(JOIN))
+        if paragraphs:
+            out.append({**turn, "content": JOIN.join(paragraphs)})
+        elif not drop_empty:
+            out.append(turn)
+    return out
+
+
+def scene_of(conversation: list[dict], members, user: str | None) -> list[dict] | None:
+    """The scene (utils/scenes.py) of a group chat's assembled conversation: each paragraph of an
+    assistant turn that starts "Member: " is that member's message (the paragraphs after it, up to
+    the next such one, are its own), each user turn a user message, named `user` unless None.
+    None when an assistant turn does not start with a member's name: who spoke is not known."""
+    names = sorted(members, key=len, reverse=True)  # "张飞飞: " is not 张飞's
+    scene = []
+    for turn in conversation:
+        if turn["role"] == "user":
+            scene.append({"role": "user", "content": turn["content"], **({"name": user} if user else {})})
+            continue
+        for index, paragraph in enumerate(turn["content"].split(JOIN)):
+            speaker = next((name for name in names if paragraph.startswith(f"{name}: ")), None)
+            if speaker:
+                scene.append({"role": "assistant", "name": speaker, "content": paragraph[len(speaker) + 2:]})
+            elif index:
+                scene[-1]["content"] += JOIN + paragraph
+            else:
+                return None
+    return scene

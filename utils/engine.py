@@ -1,8 +1,8 @@
 """The chat engine: the one object beneath every front end. web_demo.py's page, its OpenAI-compatible
 API (utils/api.py) and predict.py each build one and only format what it gives:
 
-    roles, role = read_roles(args, args.role)          # before the slow model load: bad names fail fast
-    engine = ChatEngine.load(args, roles)              # the model flags of utils.chat.add_model_args
+    prompts, role = read_prompts(args, args.role)      # before the slow model load: bad names fail fast
+    engine = ChatEngine.load(args, prompts.roles, user_name=prompts.user_name)   # utils.chat.add_model_args
     messages = engine.turn(message, history, role.name, sampling)   # every input check, then the prompt
     for reply in engine.start_reply(messages, sampling, stop): ...   # the reply so far, as it grows
     prompt = engine.request_prompt(model, client_messages)          # an API client's list (utils/assembly.py)
@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass, replace
 
 from utils.cli import UserError
-from utils.assembly import JOIN, AssemblyError, assemble, names_of
+from utils.assembly import JOIN, AssemblyError, assemble, group_of, names_of, scene_of, without_notes
 from utils.chat import (
     CHARS_PER_TOKEN_BOUND,
     MAX_MESSAGE_CHARS,
@@ -37,7 +37,7 @@ from utils.chat import (
     role_messages,
 )
 from utils.cards import USER_NAME
-from utils.prompts import Role, check_role
+from utils.prompts import Prompts, Role, check_role
 
 # A conversation longer than this is refused before any of it is read: each message costs work
 # (and the page's history travels both ways on every turn), while a context of a few thousand
@@ -78,14 +78,14 @@ class RequestPrompt:
         return self.messages[0]["content"]
 
 
-def read_roles(args, name: str | None = None) -> tuple[dict[str, Role], Role]:
-    """The roles that the model flags give (the model's prompt record, or --roles_file) and the one
-    called `name` (None: the first). Read before the model loads, so that a bad roles file or role
-    name is told at once."""
+def read_prompts(args, name: str | None = None) -> tuple[Prompts, Role]:
+    """The roles (and user name) that the model flags give (the model's prompt record, or
+    --roles_file) and the role called `name` (None: the first). Read before the model loads, so
+    that a bad roles file or role name is told at once."""
     from utils.prompts import load_prompts
 
-    roles = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt, args.lorebook).roles
-    return roles, check_role(roles, name or next(iter(roles)))
+    prompts = load_prompts(args.model_path, args.adapter, args.roles_file, args.card_system_prompt, args.lorebook)
+    return prompts, check_role(prompts.roles, name or next(iter(prompts.roles)))
 
 
 class ChatEngine:
@@ -107,7 +107,12 @@ class ChatEngine:
     in the lorebook scan, and the role's notes come after them, as the training rows put them last.
     Under "client" (and for a model that is no role) the client's prompt is the client's own: a
     client such as SillyTavern sends its lorebook and notes itself, and applying ours too would
-    place them twice.
+    place them twice. Under "role" and "append", a client's copy of a note the role's context
+    places itself (its depth note, its post-history instructions) is taken out of the conversation
+    (utils.assembly.without_notes), so that it is placed once, where the role trained with it.
+    A SillyTavern group chat request (utils.assembly.group_of) under "role" or "append" is served
+    from the seat of the member whose turn it is (`group_prompt`), whatever its `model` says
+    (SillyTavern sends the selected model for every member).
     """
 
     def __init__(self, model, tokenizer, roles: dict[str, Role], slots: GenerationSlots | None = None,
@@ -221,12 +226,42 @@ class ChatEngine:
         """The prompt of character `name`'s next reply in a group `scene` (user and assistant messages,
         each assistant one with the "name" of its speaker): its seat (utils.scenes.seat), with its system
         prompt, its context and the group note, as data_helper.py trains a scene."""
+        return self._seated(self.role(name), scene)
+
+    def _seated(self, role: Role, scene: list[dict]) -> list[dict]:
         from utils.lorebook import Context
         from utils.scenes import group_note, seat
 
-        role = self.role(name)
         context = replace(role.context or Context(role.name, self.user_name), extra_system=group_note(role.name))
         return self.prompt(replace(role, context=context), seat(scene, role.name, self.user_name))
+
+    def group_prompt(self, messages: list[dict], assembly) -> RequestPrompt | None:
+        """The prompt of a group chat request (utils.assembly.group_of) under "role" or "append": the
+        active member's seat of the scene, as data_helper.py trains it. The nudge is taken out (the
+        seat's group note stands for it), and so are the member's own notes (its context places them);
+        the user's messages are named as the client names the user, unnamed when that is the name the
+        model trained with. None, and the request is served as any other, for a one-on-one chat, an
+        active member that is no role, or an assistant turn that does not say which member spoke."""
+        from utils.scenes import group_note
+
+        group = group_of(messages)
+        role = self.roles.get(group.active) if group else None
+        if role is None:
+            return None
+        notes = [group_note(role.name), *(role.context.notes() if role.context else ())]
+        user = names_of(messages, role.name, self.user_name).user
+        scene = scene_of(without_notes(assembly.conversation, notes, drop_empty=True),
+                         group.members or (*self.roles, role.name), None if user == self.user_name else user)
+        if not scene:
+            return None
+        if not assembly.prefill and scene[-1].get("name") == role.name:
+            # its own message last, and a new one asked for: the seat joins its messages in a row with a newline
+            scene[-1]["content"] += "\n"
+        source = f"role {role.name}"
+        if assembly.system and self.client_system == "append":
+            role, source = replace(role, system=role.system + JOIN + assembly.system), f"{source} + client"
+        prompt = self._seated(role, scene)
+        return RequestPrompt(prompt, f"{source} (group seat)", prompt[-1]["role"] == "assistant")
 
     def request_prompt(self, model: str, messages: list[dict]) -> RequestPrompt:
         """The prompt for a client's `messages` (dicts with role, content as text, optionally name)
@@ -238,24 +273,29 @@ class ChatEngine:
             assembly = assemble(messages, names_of(messages, role.name if role else model))
         except AssemblyError as error:
             raise InputError({error.param: str(error)}) from None
-        client = assembly.system
-        if role is None:
-            if not client and model != self.client_model:
-                raise UnknownModel(f"The model `{model}` does not exist: use one of this server's roles "
-                                   f"({', '.join(self.roles)}), or send your own system message")
-            role, source = Role(model, client), "client"
-        elif client and self.client_system == "client":
-            role, source = Role(model, client), "client"  # the client's prompt: its own lorebook and notes too
-        elif client and self.client_system == "append":
-            role, source = replace(role, system=role.system + JOIN + client), f"role {model} + client"
-        else:  # "role", or a client that sent no system prompt: its later ones are in the conversation
-            source = f"role {model}"
+        client, conversation = assembly.system, assembly.conversation
+        if role is None and not client and model != self.client_model:
+            raise UnknownModel(f"The model `{model}` does not exist: use one of this server's roles "
+                               f"({', '.join(self.roles)}), or send your own system message")
         last = f"messages[{assembly.origin[-1]}].content"
         try:
-            self.check_message(assembly.conversation[-1]["content"])
+            self.check_message(conversation[-1]["content"])
         except UserError as error:
             raise InputError({last: str(error)}) from None
-        return RequestPrompt(self.prompt(role, assembly.conversation), source, assembly.prefill)
+        if role is None or (client and self.client_system == "client"):
+            # the client's prompt: its own lorebook and notes too, and a group chat as it sent it
+            return RequestPrompt(self.prompt(Role(model, client), conversation), "client", assembly.prefill)
+        seated = self.group_prompt(messages, assembly) if self.client_system != "client" else None
+        if seated is not None:
+            return seated
+        # "role" or "append" (or a client that sent no system prompt: its later ones are in the conversation)
+        if client and self.client_system == "append":
+            role, source = replace(role, system=role.system + JOIN + client), f"role {model} + client"
+        else:
+            source = f"role {model}"
+        if role.context:
+            conversation = without_notes(conversation, role.context.notes(), drop_empty=False)
+        return RequestPrompt(self.prompt(role, conversation), source, assembly.prefill)
 
     def start_reply(self, messages: list[dict], sampling: Sampling, stop: threading.Event | None = None,
                     clamp: bool | None = None):

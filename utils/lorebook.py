@@ -347,6 +347,15 @@ class Context:
 
         return substitute(text, self.char_name, self.user_name)
 
+    def _post(self) -> str:
+        return self._sub(self.post_history.replace("{{original}}", ""))
+
+    def notes(self) -> list[str]:
+        """The depth note and post-history instructions as apply places them, macros filled: what a
+        client such as SillyTavern sends of the same card as later system messages of its own."""
+        depth = self._sub(self.depth_note.text) if self.depth_note else ""
+        return [text for text in (depth, self._post()) if text.strip()]
+
     def apply(self, messages: list[dict]) -> tuple[list[dict], list[str]]:
         """The messages the model sees for the reply after `messages` (a system message first, or
         none), and the fired entries as "file#uid". The one function for training and serving."""
@@ -367,7 +376,7 @@ class Context:
         count = len(turns)
         for depth in sorted(depths):
             _fold(turns, max(0, count - depth), "\n".join(depths[depth]))
-        post = self._sub(self.post_history.replace("{{original}}", ""))
+        post = self._post()
         if post:
             _fold(turns, len(turns), post)
         system = "\n".join(part for part in (*before, system, *after, self.extra_system) if part)

@@ -18,6 +18,7 @@ checkpoint and `merge_params.py` copies it into the merged directory:
      "roles": {"李白": {"system": "<the exact system prompt trained on>", "greeting": null}, ...},
                                                # (a card's: its "alternate_greetings" too, if any)
      "prompt_style": "project",                                 # how --roles_file roles get their prompt
+     "user_name": "你",                    # who the user is in the rows ({{user}}, a scene's "Name: " lines)
      "contexts": {"阿绣": {<utils.lorebook.Context.to_json()>}}}  # lorebooks and notes, where trained with
 
 A role's context (its lorebooks, depth note and post-history instructions) is applied on the live
@@ -192,9 +193,11 @@ def useful(context: Context) -> Context | None:
 
 
 def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str,
-                prompt_style: str = "project", contexts: dict | None = None, alternates: dict | None = None) -> dict:
-    """The record; `contexts` (name -> Context.to_json()) and `alternates` (name -> a card's
-    alternate greetings) as data_helper.py's prompts.json has them."""
+                prompt_style: str = "project", contexts: dict | None = None, alternates: dict | None = None,
+                user_name: str | None = None) -> dict:
+    """The record; `contexts` (name -> Context.to_json()), `alternates` (name -> a card's alternate
+    greetings) and `user_name` (None: the prompt style's default) as data_helper.py's prompts.json
+    has them."""
     alternates = alternates or {}
     return {
         "format": RECORD_FORMAT,
@@ -207,6 +210,7 @@ def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_i
                          **({"alternate_greetings": alternates[name]} if alternates.get(name) else {})}
                   for name, role in roles.items()},
         "prompt_style": prompt_style,
+        "user_name": user_name or default_user_name(prompt_style),
         "contexts": {name: context for name, context in (contexts or {}).items() if name in roles},
     }
 
@@ -235,6 +239,9 @@ def read_record(directory: str) -> dict | None:
     if record.get("prompt_style", "project") not in PROMPT_STYLES:
         raise UserError(f"{path}: prompt_style must be one of {', '.join(PROMPT_STYLES)}, got "
                         f"{record['prompt_style']!r}")
+    user_name = record.get("user_name", "")
+    if not isinstance(user_name, str) or (user_name and name_problem(user_name)):
+        raise UserError(f"{path}: user_name must be a name, got {user_name!r}")
     contexts = record.get("contexts", {})
     if not isinstance(contexts, dict) or not all(isinstance(c, dict) for c in contexts.values()):
         raise UserError(f"{path}: contexts must be an object of role name -> prompt context")
@@ -264,9 +271,10 @@ def with_books(roles: dict[str, Role], books: tuple[Lorebook, ...], user_name: s
 
 @dataclass(frozen=True)
 class Prompts:
-    """The roles a front end offers."""
+    """The roles a front end offers, and who the user is in their prompts (ChatEngine's user_name)."""
 
     roles: dict[str, Role]
+    user_name: str = USER_NAME
 
 
 def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: str | None = None,
@@ -286,15 +294,16 @@ def load_prompts(model_path: str, adapter_path: str | None = None, roles_file: s
                 break
     template = record["system_template"] if record and record.get("system_template") else SYSTEM_TEMPLATE
     style = record.get("prompt_style", "project") if record else "project"
-    user_name = default_user_name(style)
+    # a record from before user_name was recorded: its style's default, which data_helper.py used then
+    user_name = (record.get("user_name") if record else None) or default_user_name(style)
     if roles_file is not None:
-        return Prompts(with_books(roles_from_file(roles_file, template, card_system_prompt, style=style), books,
-                                  user_name))
+        roles = roles_from_file(roles_file, template, card_system_prompt, user_name, style)
+        return Prompts(with_books(roles, books, user_name), user_name)
     if record is not None:
-        return Prompts(with_books(record_roles(record), books, user_name))
+        return Prompts(with_books(record_roles(record), books, user_name), user_name)
     print(f"note: {adapter_path or model_path} carries no {RECORD_FILE} (a base model, or one trained before "
           f"prompt records): using the roles of {os.path.relpath(DEFAULT_ROLES_FILE)}", file=sys.stderr)
-    return Prompts(with_books(roles_from_file(DEFAULT_ROLES_FILE), books, user_name))
+    return Prompts(with_books(roles_from_file(DEFAULT_ROLES_FILE), books, user_name), user_name)
 
 
 def check_role(roles: dict[str, Role], name) -> Role:
