@@ -35,6 +35,12 @@ distinct-1/2 and the repeated 4-gram rate over characters, and the length ratio 
 reference. The RoleGPT answers (default: ../shared/rolebench/rolebench-zh/*/rolegpt_baseline.jsonl
 when present, or --baseline_file) are scored as one more row, without perplexity.
 
+Preference pairs (--pairs_file, rows with "chosen" and "rejected" replies as train.py --stage dpo reads
+them, utils/pairs.py): each model's summed log-probability of both replies (+ eos) after the pair's
+prompt, laid out as the DPO stage lays them out. pref_accuracy is the share of pairs whose chosen reply
+is the likelier, pref_margin the mean of log p(chosen) - log p(rejected): the policy's own preference,
+no reference model, so that an SFT model and the same model after DPO are compared on one scale.
+
 Output in --out_dir: samples.jsonl (one line per model and question, appended as it goes: the same
 command again resumes, and a result made with other settings or another prompt is redone),
 results.json, results.md, results.png and, with --plot_run, training_curves.png.
@@ -59,6 +65,7 @@ BASELINE_NAME = "RoleGPT"
 SPEC_SEPARATOR = "::"
 SPLITS = ("general", "role_specific")  # the two RoleBench-zh test files, in report order
 SAMPLES_FILE = "samples.jsonl"
+PAIRS_SPLIT = "pairs"  # the split of the --pairs_file result's line in samples.jsonl, beside the questions'
 # how a reply may label the user's lines when it speaks for them, beside utils.cards.USER_NAME
 USER_LABELS = ("用户", "User")
 
@@ -110,6 +117,10 @@ def parse_args(argv=None):
     group.add_argument("--disclosure_phrase", action="append", default=[], metavar="TEXT",
                        help="a phrase that counts as the answer disclosing itself as an AI, repeatable, added to "
                             "utils/consistency.py's list (作为一个人工智能, As an AI, ...)")
+    group = parser.add_argument_group("preference pairs")
+    group.add_argument("--pairs_file", metavar="FILE",
+                       help="a pairs jsonl (rows with 'chosen' and 'rejected' replies, as train.py --stage dpo reads "
+                            "them): each model's pref_accuracy and pref_margin on it")
     group = parser.add_argument_group("output")
     group.add_argument("--out_dir", default="runs/eval", help=f"folder for {SAMPLES_FILE} and the report files")
     group.add_argument("--plot_run", action="append", default=[], metavar="DIR",
@@ -213,6 +224,20 @@ def check_generation(args) -> list[str]:
     return problems
 
 
+def check_pairs_file(args) -> list[str]:
+    from utils.pairs import read_pairs
+
+    if not args.model:
+        return ["--pairs_file scores models: give --model"]
+    if not os.path.isfile(args.pairs_file):
+        return [f"--pairs_file {args.pairs_file}: file not found"]
+    try:
+        read_pairs(args.pairs_file)
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
 def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
     """The model specs, and every problem with the arguments."""
     from utils.report import find_event_dirs
@@ -229,6 +254,8 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
         problems.append("nothing to do: give --model (one or more), --baseline_only or --plot_run")
     if evaluating:
         problems += check_questions(args) + check_generation(args)
+    if args.pairs_file is not None:
+        problems += check_pairs_file(args)
     for run_dir in args.plot_run:
         if not os.path.isdir(run_dir):
             problems.append(f"--plot_run {run_dir}: folder not found")
@@ -427,8 +454,48 @@ def system_prompt(spec, prompts, question):
                     f"give --roles_file")
 
 
-def evaluate_model(spec, questions, store, args):
-    """Generate, score and save the questions this model has no saved result for."""
+def pair_logps(model, tokenizer, rows, batch_size, source):
+    """((n, 2) summed log-probabilities of each pair's chosen and rejected reply, the pairs dropped as
+    too long): the pairs laid out and batched as train.py --stage dpo does (utils.pairs), scored by
+    utils.preference.reference_logps with the model as it is (its adapter on)."""
+    from utils.pairs import PairDataset, collate_pairs
+    from utils.preference import reference_logps
+
+    dataset = PairDataset(rows, tokenizer, model.generation_config, model.config.model_max_length, source)
+    batches = (collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                             tokenizer.pad_token_id) for start in range(0, len(dataset), batch_size))
+    return reference_logps(model, batches, len(dataset), model.device, disable_adapter=False).cpu(), dataset.too_long
+
+
+def preference_summary(table, too_long) -> dict:
+    """pref_accuracy (share of pairs with log p(chosen) > log p(rejected)), pref_margin (the mean of
+    their difference) and the mean log-probabilities, of a pair_logps table."""
+    chosen, rejected = table[:, 0].tolist(), table[:, 1].tolist()
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"pairs": len(margins), "too_long": too_long, "pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "pref_margin": sum(margins) / len(margins), "logp_chosen": sum(chosen) / len(chosen),
+            "logp_rejected": sum(rejected) / len(rejected)}
+
+
+def pairs_entry(args):
+    """(the store's key for the --pairs_file result, its rows), or (None, None) without one. The key's
+    question is a digest of the rows, so that an edited file is scored again."""
+    if args.pairs_file is None:
+        return None, None
+    from utils.pairs import read_pairs
+
+    rows = read_pairs(args.pairs_file)
+    digest = hashlib.sha1(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return {"split": PAIRS_SPLIT, "role": "", "question": f"{os.path.basename(args.pairs_file)} {digest}"}, rows
+
+
+def pairs_settings(spec, args):
+    return {**spec.settings_key(), "quantization_bit": args.quantization_bit}
+
+
+def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None):
+    """Generate, score and save the questions this model has no saved result for, and its score on
+    the pairs when it has none for them."""
     from baichuan.generation_utils import build_chat_input
     from utils.prompts import load_prompts
 
@@ -436,9 +503,10 @@ def evaluate_model(spec, questions, store, args):
     systems = {id(q): system_prompt(spec, prompts, q) for q in questions}
     pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [systems[id(q)],
                                                                                        q["references"]])) is None]
+    pairs_pending = pairs_key is not None and store.get(spec.name, pairs_key, pairs_settings(spec, args)) is None
     print(f"{spec.name}: {len(questions) - len(pending)} of {len(questions)} questions already done, "
-          f"generating {len(pending)}", flush=True)
-    if not pending:
+          f"generating {len(pending)}" + (", scoring the pairs" if pairs_pending else ""), flush=True)
+    if not pending and not pairs_pending:
         return
     import torch
     from tqdm import tqdm
@@ -447,6 +515,10 @@ def evaluate_model(spec, questions, store, args):
 
     model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code,
                                           args.quantization_bit)
+    if pairs_pending:
+        table, too_long = pair_logps(model, tokenizer, pair_rows, args.batch_size, args.pairs_file)
+        store.add({**pairs_key, "model": spec.name, "preference": preference_summary(table, too_long),
+                   "settings": pairs_settings(spec, args)})
     config = generation_config_for(model, args)
     torch.manual_seed(args.seed)
     with tqdm(total=len(pending), desc=spec.name, unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -510,16 +582,22 @@ def evaluate(args, specs):
     from utils.report import aggregate, report_meta, write_report
 
     questions, role_order = load_questions(args)
+    pairs_key, pair_rows = pairs_entry(args)
     results, phrases = {}, disclosure_phrases(args)
     store = ResultStore(os.path.join(args.out_dir, SAMPLES_FILE)) if specs else None
     try:
         for spec in specs:
-            evaluate_model(spec, questions, store, args)
+            evaluate_model(spec, questions, store, args, pairs_key, pair_rows)
             records = [with_consistency(r, q, role_order, phrases) for q in questions
                        for r in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
                        if r is not None]
             results[spec.name] = {"kind": "model", "path": spec.path, "adapter": spec.adapter,
                                   **aggregate(records, role_order)}
+            if pairs_key is not None:
+                preference = store.get(spec.name, pairs_key, pairs_settings(spec, args))["preference"]
+                results[spec.name]["preference"] = preference
+                print(f"{spec.name}: pref_accuracy {preference['pref_accuracy']:.4f}, pref_margin "
+                      f"{preference['pref_margin']:.4f} on {preference['pairs']} pairs of {args.pairs_file}")
     finally:
         if store is not None:
             store.close()
@@ -531,7 +609,7 @@ def evaluate(args, specs):
     decoding = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
                                               "repetition_penalty", "seed")}
     meta = report_meta(args.test_file or args.data_dir, args.limit, questions, role_order, decoding,
-                       {BASELINE_NAME: note} if note else {})
+                       {BASELINE_NAME: note} if note else {}, args.pairs_file)
     write_report(args.out_dir, results, meta)
     print(f"wrote results.json, results.md, results.png{', ' + SAMPLES_FILE if specs else ''} to {args.out_dir}")
 

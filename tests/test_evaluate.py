@@ -230,26 +230,51 @@ def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"instruction": "扮演张飞", "input": "喝吗？", "chosen": "喝！", "rejected": "喝！"},
+                                ensure_ascii=False) + "\n", encoding="utf-8")
     result = run("--model", "broken", "--model", f"gone={tmp_path / 'nope'}",
-                 "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}",
+                 "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}", "--pairs_file", pairs,
                  "--test_file", tmp_path / "missing.jsonl", "--batch_size", "0", "--out_dir", tmp_path / "out")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert all(line.startswith("error: ") for line in lines)
     for expected in ("'broken': expected NAME=PATH", "nope' has no config.json", "no-adapter' has no adapter_config",
-                     "missing.jsonl: test file not found", "--batch_size: must be at least 1"):
+                     "missing.jsonl: test file not found", "--batch_size: must be at least 1",
+                     "pairs.jsonl:1: 'chosen' and 'rejected' are the same reply"):
         assert sum(expected in line for line in lines) == 1, expected
     assert not (tmp_path / "out").exists()
 
 
+PAIRS = [{"instruction": "你现在要扮演张飞。", "input": "你喝酒吗？", "chosen": "喝！俺老张天天喝！",
+          "rejected": "作为一个人工智能助手，我不喝酒。", "role": "张飞"},
+         {"messages": [{"role": "system", "content": "你现在要扮演李白。"}, {"role": "user", "content": "月亮"},
+                       {"role": "assistant", "content": "举杯邀明月。"}, {"role": "user", "content": "再来一句"}],
+          "chosen": "对影成三人。", "rejected": "好的，以下是一句诗。", "role": "李白"},
+         {"instruction": "你现在要扮演孙悟空。", "input": "你是谁？", "chosen": "俺老孙是齐天大圣！",
+          "rejected": "我是一个AI语言模型。", "role": "孙悟空"}]
+
+
+def test_preference_summary_by_hand():
+    import torch
+
+    summary = evaluate.preference_summary(torch.tensor([[-1.0, -2.0], [-3.0, -1.0], [-2.0, -2.0]]), too_long=1)
+    # margins 1, -2, 0: one pair of three prefers the chosen reply (a tie does not count)
+    assert summary == {"pairs": 3, "too_long": 1, "pref_accuracy": pytest.approx(1 / 3),
+                       "pref_margin": pytest.approx(-1 / 3), "logp_chosen": pytest.approx(-2.0),
+                       "logp_rejected": pytest.approx(-5 / 3)}
+
+
 def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys):
     out = tmp_path / "eval"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS), encoding="utf-8")
     command = ["--data_dir", SAMPLE, "--limit", "2", "--max_new_tokens", "8", "--batch_size", "3", "--no_baseline",
                "--model", f"base={tiny_model}", "--model", f"finetuned={tiny_model}::{tiny_adapter}",
-               "--out_dir", out]
+               "--pairs_file", pairs, "--out_dir", out]
     stdout = run_here(capsys, *command)
-    assert "base: 0 of 4 questions already done, generating 4" in stdout
+    assert "base: 0 of 4 questions already done, generating 4, scoring the pairs" in stdout
 
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert list(report["models"]) == ["base", "finetuned"]
@@ -272,16 +297,39 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert "| base / all | 4 |" in markdown and "| finetuned / all | 4 |" in markdown
     assert_png(out / "results.png")
 
+    # preference accuracy and margin: pinned to each reply's log-probability as reference_nll (the model's own
+    # loss, not utils.preference's kernel) computes it, after the pair's prompt
+    from utils.models import load_for_inference
+    from utils.pairs import pair_of
+
+    for name, adapter in (("base", None), ("finetuned", tiny_adapter)):
+        model, tokenizer = load_for_inference(str(tiny_model), adapter and str(adapter), device="cpu")
+        margins = []
+        for row in PAIRS:
+            messages, chosen, rejected = pair_of(row)
+            nll = [evaluate.reference_nll(model, tokenizer, messages, [reply], 1)[0] for reply in (chosen, rejected)]
+            margins.append(nll[1] - nll[0])
+        preference = report["models"][name]["preference"]
+        assert preference["pairs"] == 3 and preference["too_long"] == 0
+        assert preference["pref_margin"] == pytest.approx(sum(margins) / 3, abs=1e-3)
+        assert preference["pref_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+        assert f"{name}: pref_accuracy {preference['pref_accuracy']:.4f}, pref_margin" in stdout
+    assert report["models"]["base"]["preference"] != report["models"]["finetuned"]["preference"]
+    assert table_rows(markdown, "## Preference pairs")["base"][:2] == [
+        "3", f"{report['models']['base']['preference']['pref_accuracy']:.4f}"]
+
     samples = out / "samples.jsonl"
     lines = samples.read_text(encoding="utf-8").splitlines(keepends=True)
-    assert len(lines) == 8
+    assert len(lines) == 10  # 4 answers and the pairs' line, per model
     assert {(r["model"], r["split"], r["role"]) for r in map(json.loads, lines)} == {
-        (m, s, r) for m in ("base", "finetuned") for s in ("general", "role_specific") for r in ("孙悟空", "张飞")}
+        (m, s, r) for m in ("base", "finetuned") for s in ("general", "role_specific") for r in ("孙悟空", "张飞")} | {
+        ("base", "pairs", ""), ("finetuned", "pairs", "")}
 
     # the same command again: everything is done, nothing is generated
     stdout = run_here(capsys, *command)
-    assert "base: 4 of 4 questions already done, generating 0" in stdout
-    assert "finetuned: 4 of 4 questions already done, generating 0" in stdout
+    assert "base: 4 of 4 questions already done, generating 0\n" in stdout
+    assert "finetuned: 4 of 4 questions already done, generating 0\n" in stdout
+    assert "finetuned: pref_accuracy" in stdout  # from the saved line
     assert samples.read_text(encoding="utf-8").splitlines(keepends=True) == lines
 
     # a crash while writing the last line: it is lost and cut short; exactly that one is redone
@@ -290,7 +338,7 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert "base: 4 of 4 questions already done, generating 0" in stdout
     assert "finetuned: 3 of 4 questions already done, generating 1" in stdout
     again = samples.read_text(encoding="utf-8").splitlines(keepends=True)
-    assert len(again) == 8 and again[:-1] == lines[:-1]
+    assert len(again) == 10 and again[:-1] == lines[:-1]
     redone, lost = json.loads(again[-1]), json.loads(lines[-1])
     assert [redone[k] for k in ("model", "split", "role", "question", "answer")] == [
         lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer

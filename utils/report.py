@@ -28,6 +28,10 @@ CONSISTENCY_TEXT = ("means over answers: self-disclosure = share containing a li
                     "distinct / all character uni- or bigrams of an answer; repeated 4-gram = share of an "
                     "answer's character 4-grams repeating an earlier one (1 - distinct-4); length ratio = answer "
                     "characters / first reference characters")
+PREFERENCE_TEXT = ("log p = a reply's summed log-probability (its tokens and eos) after the pair's prompt, laid out "
+                   "as train.py --stage dpo lays pairs out; pref_accuracy = share of pairs with log p(chosen) > "
+                   "log p(rejected); pref_margin = mean of log p(chosen) - log p(rejected) (the model's own "
+                   "preference, no reference model)")
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei",
              "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 # scalars that train.py logs, and the panel each goes in (eval_loss shares the loss panel)
@@ -175,7 +179,7 @@ def aggregate(records, role_order):
     return result
 
 
-def report_meta(source, limit, questions, role_order, generation, notes):
+def report_meta(source, limit, questions, role_order, generation, notes, pairs_file=None):
     splits = [s for s in ("general", "role_specific", "unknown") if any(q["split"] == s for q in questions)]
     return {"source": source, "limit": limit, "splits": splits,
             "roles": [r for r in role_order if any(q["role"] == r for q in questions)],
@@ -184,6 +188,7 @@ def report_meta(source, limit, questions, role_order, generation, notes):
             "rouge_l": "F1 with beta=1 (2PR/(P+R)) on jieba words and on characters; mean over questions",
             "ppl": "exp(token-weighted mean NLL of the reference replies + eos given the chat prompt)",
             "consistency": CONSISTENCY_TEXT,
+            **({"pairs_file": pairs_file, "preference": PREFERENCE_TEXT} if pairs_file else {}),
             "paper_table4_rouge_l": PAPER_TABLE4}
 
 
@@ -270,7 +275,7 @@ def markdown_report(results, meta):
     lines += ["", "## Per role", "", "| model / role | " + " | ".join(c[2] for c in columns) + " |", rule]
     for name, result in results.items():
         lines += [table_row(f"{name} / {role}", role_result, columns) for role, role_result in result["roles"].items()]
-    return "\n".join(lines + consistency_section(results, splits)) + "\n"
+    return "\n".join(lines + consistency_section(results, splits) + preference_section(results, meta)) + "\n"
 
 
 def consistency_section(results, splits):
@@ -287,6 +292,19 @@ def consistency_section(results, splits):
                 label = "all" if split == "overall" else SPLIT_LABELS.get(split, split)
                 cells = [fmt(summary["consistency"].get(key)) for key in CONSISTENCY_COLUMNS]
                 lines.append(f"| {name} / {label} | {summary['questions']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def preference_section(results, meta):
+    """The preference-pairs table: one row per model scored on --pairs_file."""
+    scored = {name: result["preference"] for name, result in results.items() if result.get("preference")}
+    if not scored:
+        return []
+    lines = ["", "## Preference pairs", "", f"On {meta['pairs_file']}: {PREFERENCE_TEXT}.", "",
+             "| model | pairs | pref_accuracy | pref_margin | mean log p(chosen) | mean log p(rejected) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {p['pairs']} | {fmt(p['pref_accuracy'])} | {fmt(p['pref_margin'])} | "
+              f"{fmt(p['logp_chosen'], 2)} | {fmt(p['logp_rejected'], 2)} |" for name, p in scored.items()]
     return lines
 
 
