@@ -22,7 +22,9 @@ and ALL its references: general = the paper's CUS (role-styled answers to genera
 role_specific = SPE (role knowledge). With --test_file (data_helper.py's jsonl) rows are grouped
 into questions by role and input, split "unknown" unless a row has a "split" field; a conversation
 row (OpenAI messages or ShareGPT, as data_helper.py writes for cards) asks its last user message
-with the turns before it in the prompt, its last reply the reference.
+with the turns before it in the prompt, its last reply the reference. A role's prompt context
+(lorebooks and notes, utils/lorebook.py) is applied as serving applies it; a row that data_helper.py
+wrote holds its applied prompt already and is asked as written (question_prompt).
 
 Scores per question and model: one answer (greedy unless --do_sample), ROUGE-L F1 (beta = 1, from
 the rouge-score package) on jieba words and on characters (whitespace dropped), against the first
@@ -269,16 +271,18 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
 # ---------------------------------------------------------------- test questions
 
 
-def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None):
+def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None,
+                 written=None):
     """Append a question, or merge the references of a repeated (split, role, question). A question
     of a conversation has the turns before it (`history`) and its own message (`ask`); its
-    `question` text, which keys it, holds both."""
+    `question` text, which keys it, holds both. `written`: {"system", "base"} of a conversation row
+    that carries its own prompt (question_prompt)."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "references": list(references),
-                  "instruction": instruction, "history": list(history), "ask": ask or question}
+                  "instruction": instruction, "history": list(history), "ask": ask or question, "written": written}
     questions.append(index[key])
 
 
@@ -325,7 +329,8 @@ def questions_from_test_file(path, selected):
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
         if selected is None or row["role"] in selected:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
-            add_question(questions, index, split, row["role"], text, [reply], system, history, ask)
+            written = {"system": system, "base": row.get("base_system") or system} if conversation and system else None
+            add_question(questions, index, split, row["role"], text, [reply], system, history, ask, written)
     return questions
 
 
@@ -359,10 +364,10 @@ def load_questions(args):
     return questions, selected or list(dict.fromkeys(q["role"] for q in questions))
 
 
-def run_settings(spec, args, system):
+def run_settings(spec, args, prompt):
     """What a saved result must have been made with to be reused: the model, the decoding, and a digest of
-    the system prompt and the references."""
-    digest = hashlib.sha1(json.dumps(system, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+    the prompt and the references."""
+    digest = hashlib.sha1(json.dumps(prompt, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
     return {**spec.settings_key(), "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
             "temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed if args.do_sample else None, "quantization_bit": args.quantization_bit, "digest": digest}
@@ -445,13 +450,27 @@ def question_messages(system, question) -> list[dict]:
     return [{"role": "system", "content": system}, *question["history"], {"role": "user", "content": question["ask"]}]
 
 
-def system_prompt(spec, prompts, question):
-    if question["role"] in prompts.roles:
-        return prompts.roles[question["role"]].system
-    if question["instruction"] is not None:
-        return question["instruction"]
-    raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: {', '.join(prompts.roles)}); "
-                    f"give --roles_file")
+def question_prompt(spec, prompts, question) -> list[dict]:
+    """The messages a model is asked `question` with, as serving builds them (utils.engine.ChatEngine.prompt):
+    its role's system prompt and the turns, with the role's context (lorebooks, depth note, post-history
+    instructions; utils.lorebook.Context.apply) applied. A conversation row that data_helper.py wrote holds
+    the prompt its character's context gave it already (entries in the system prompt, notes folded into the
+    turns): it is asked as written when the model's prompt for the role is the one the row was made from
+    (its "base_system", or its system prompt), never applied twice. With another prompt for the role
+    (--roles_file), that system prompt replaces the row's, and the row's turns stay as written."""
+    role = prompts.roles.get(question["role"])
+    written = question.get("written")
+    if written is not None and (role is None or role.system == written["base"]):
+        return question_messages(written["system"], question)
+    if role is None:
+        if question["instruction"] is None:
+            raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: "
+                            f"{', '.join(prompts.roles)}); give --roles_file")
+        return question_messages(question["instruction"], question)
+    messages = question_messages(role.system, question)
+    if role.context is None or written is not None:
+        return messages
+    return role.context.apply(messages)[0]
 
 
 def pair_logps(model, tokenizer, rows, batch_size, source):
@@ -500,8 +519,8 @@ def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None)
     from utils.prompts import load_prompts
 
     prompts = load_prompts(spec.path, spec.adapter, args.roles_file, args.card_system_prompt)
-    systems = {id(q): system_prompt(spec, prompts, q) for q in questions}
-    pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [systems[id(q)],
+    asked = {id(q): question_prompt(spec, prompts, q) for q in questions}
+    pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [asked[id(q)],
                                                                                        q["references"]])) is None]
     pairs_pending = pairs_key is not None and store.get(spec.name, pairs_key, pairs_settings(spec, args)) is None
     print(f"{spec.name}: {len(questions) - len(pending)} of {len(questions)} questions already done, "
@@ -524,7 +543,7 @@ def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None)
     with tqdm(total=len(pending), desc=spec.name, unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start : start + args.batch_size]
-            messages = [question_messages(systems[id(q)], q) for q in batch]
+            messages = [asked[id(q)] for q in batch]
             prompts_ids = [build_chat_input(tokenizer, m, model.generation_config, model.config.model_max_length,
                                             args.max_new_tokens) for m in messages]
             for question, m, answer in zip(batch, messages, generate_answers(model, tokenizer, prompts_ids, config)):
@@ -532,7 +551,7 @@ def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None)
                 store.add({"model": spec.name, "split": question["split"], "role": question["role"],
                            "question": question["question"], "answer": answer, "scores": score_answer(answer, question),
                            "ref_nll": nll, "ref_tokens": tokens, "references": len(question["references"]),
-                           "settings": run_settings(spec, args, [systems[id(question)], question["references"]])})
+                           "settings": run_settings(spec, args, [asked[id(question)], question["references"]])})
                 bar.update(1)
 
 

@@ -177,6 +177,43 @@ def test_conversation_rows_ask_their_last_message_after_the_turns_before_it(tmp_
         evaluate.questions_from_test_file(str(path), None)
 
 
+def test_role_contexts_apply_as_served_and_written_rows_are_not_applied_twice(loaded, tmp_path):
+    """A question gets its role's lorebook and notes as ChatEngine.prompt gives them; a conversation row that
+    data_helper.py wrote with them already is asked as written."""
+    import data_helper
+    from utils.engine import ChatEngine
+    from utils.lorebook import Context, read_lorebook
+    from utils.prompts import Prompts, Role
+
+    note = "[只以孙悟空的身份回答。]"
+    context = Context("孙悟空", "你", (read_lorebook(str(SAMPLE / "world_info.json")),), post_history=note)
+    role = Role("孙悟空", "你现在要扮演孙悟空。", context=context)
+    spec, prompts = evaluate.ModelSpec("m", "some/model"), Prompts({"孙悟空": role})
+    question = {"split": "general", "role": "孙悟空", "question": "你的金箍棒是哪来的？", "references": ["借的。"],
+                "instruction": None, "history": [], "ask": "你的金箍棒是哪来的？", "written": None}
+    asked = evaluate.question_prompt(spec, prompts, question)
+    # the 金箍棒 entry goes before the character's prompt, the note after the question (SEPARATOR-joined)
+    assert asked[0]["content"].startswith("如意金箍棒原是东海龙宫的定海神针")
+    assert asked[0]["content"].endswith("你现在要扮演孙悟空。")
+    assert asked[-1] == {"role": "user", "content": f"你的金箍棒是哪来的？\n\n{note}"}
+    engine = ChatEngine(*loaded, {"孙悟空": role})
+    assert asked == engine.prompt(role, [{"role": "user", "content": "你的金箍棒是哪来的？"}])
+
+    turns = [{"role": "user", "content": "大圣在吗？"}, {"role": "assistant", "content": "俺老孙在此！"},
+             {"role": "user", "content": "金箍棒借我玩玩？"}, {"role": "assistant", "content": "休想！"}]
+    row = data_helper.conversation_sample(role, turns, context)
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (written,) = evaluate.questions_from_test_file(str(path), None)
+    asked = evaluate.question_prompt(spec, prompts, written)
+    assert asked == row["messages"][:-1]
+    assert sum(m["content"].count(note) for m in asked) == 1 and asked[0]["content"].count("如意金箍棒") == 1
+    # another prompt for the role (--roles_file): its system prompt, the row's turns as written
+    other = Prompts({"孙悟空": Role("孙悟空", "你是齐天大圣。", context=context)})
+    asked = evaluate.question_prompt(spec, other, written)
+    assert asked == [{"role": "system", "content": "你是齐天大圣。"}, *row["messages"][1:-1]]
+
+
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
     question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "references": ["喝！"]}
     spec, args = evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([])
@@ -353,7 +390,8 @@ def test_a_character_card_as_roles_file_gives_the_system_prompt(tmp_path):
     assert evaluate.validate_args(args)[1] == []
     prompts = load_prompts("some/model", None, str(card))  # --roles_file wins over any record
     questions = evaluate.questions_from_data_dir(str(SAMPLE), ["张飞"])
-    systems = {evaluate.system_prompt(evaluate.ModelSpec("m", "some/model"), prompts, q) for q in questions}
+    systems = {evaluate.question_prompt(evaluate.ModelSpec("m", "some/model"), prompts, q)[0]["content"]
+               for q in questions}
     assert questions and systems == {prompts.roles["张飞"].system}
     assert "张飞是燕人，嗓门大。\n性格：急脾气" in prompts.roles["张飞"].system
 
