@@ -24,7 +24,8 @@ into questions by role and input, split "unknown" unless a row has a "split" fie
 row (OpenAI messages or ShareGPT, as data_helper.py writes for cards) asks its last user message
 with the turns before it in the prompt, its last reply the reference. A role's prompt context
 (lorebooks and notes, utils/lorebook.py) is applied as serving applies it; a row that data_helper.py
-wrote holds its applied prompt already and is asked as written (question_prompt).
+wrote holds its applied prompt already and is asked as written (question_prompt). A group scene
+row (assistant turns of several names) asks each character's last reply from its seat.
 
 Scores per question and model: one answer (greedy unless --do_sample), ROUGE-L F1 (beta = 1, from
 the rouge-score package) on jieba words and on characters (whitespace dropped), against the first
@@ -32,7 +33,8 @@ reference and the best of all; and the perplexity of the reference replies (each
 chat prompt, token-weighted). RAW (the paper's role-free answers) cannot be measured: RoleBench-zh
 ships none. Character consistency, offline, of every answer (utils/consistency.py): the share that
 self-discloses as an AI (a maintained phrase list, extended by --disclosure_phrase), the share with
-speaker bleed (a line starting with another test role's or the user's name and a colon),
+speaker bleed (a line starting with another test role's or the user's name and a colon), the scene
+speaker bleed (the same over group-scene questions, with the scene's other speakers' names),
 distinct-1/2 and the repeated 4-gram rate over characters, and the length ratio to the first
 reference. The RoleGPT answers (default: ../shared/rolebench/rolebench-zh/*/rolegpt_baseline.jsonl
 when present, or --baseline_file) are scored as one more row, without perplexity.
@@ -53,7 +55,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.files import read_jsonl
@@ -70,6 +72,7 @@ SAMPLES_FILE = "samples.jsonl"
 PAIRS_SPLIT = "pairs"  # the split of the --pairs_file result's line in samples.jsonl, beside the questions'
 # how a reply may label the user's lines when it speaks for them, beside utils.cards.USER_NAME
 USER_LABELS = ("用户", "User")
+MAX_SPEAKER_CHARS = 32  # a longer "...: " line opening in a written seat is text, not a speaker's name
 
 
 # ---------------------------------------------------------------- arguments
@@ -272,17 +275,19 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
 
 
 def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None,
-                 written=None):
+                 written=None, others=None):
     """Append a question, or merge the references of a repeated (split, role, question). A question
     of a conversation has the turns before it (`history`) and its own message (`ask`); its
     `question` text, which keys it, holds both. `written`: {"system", "base"} of a conversation row
-    that carries its own prompt (question_prompt)."""
+    that carries its own prompt (question_prompt); `others`: the other speakers of a group scene's
+    question (None outside a scene)."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "references": list(references),
-                  "instruction": instruction, "history": list(history), "ask": ask or question, "written": written}
+                  "instruction": instruction, "history": list(history), "ask": ask or question, "written": written,
+                  "others": others}
     questions.append(index[key])
 
 
@@ -296,12 +301,11 @@ def questions_from_data_dir(data_dir, selected):
     return questions
 
 
-def conversation_question(row):
-    """(system, earlier turns, last user message, last reply) of a conversation row (OpenAI messages
-    or ShareGPT), the last reply being the reference; ValueError names the problem."""
-    from utils.data import row_messages, system_of
+def conversation_question(messages):
+    """(system, earlier turns, last user message, last reply) of a conversation's messages (row_messages),
+    the last reply being the reference; ValueError names the problem."""
+    from utils.data import system_of
 
-    messages = row_messages(row)
     system = system_of(messages)
     turns = messages[1:] if system else messages
     last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=0)
@@ -310,27 +314,81 @@ def conversation_question(row):
     return system, turns[: last - 1], turns[last - 1]["content"], turns[last]["content"]
 
 
+def scene_questions(turns):
+    """[(character, earlier turns, last user message, its last reply, the scene's other speakers)] of a
+    group scene (assistant messages named by their speakers): each character's last reply, asked from
+    its seat (utils.scenes.seat) as data_helper.py trains it and the page serves it. A character whose
+    last reply follows its own message has no seat to be asked from, and is left out."""
+    from utils.cards import USER_NAME
+    from utils.scenes import seat, speakers
+
+    if any(m["role"] == "assistant" and not m.get("name") for m in turns):
+        raise ValueError("a group scene: every assistant message needs the \"name\" of its speaker")
+    names = speakers(turns)
+    users = [m["name"] for m in turns if m["role"] == "user" and m.get("name")]
+    out = []
+    for name in names:
+        last = max(i for i, m in enumerate(turns) if m["role"] == "assistant" and m["name"] == name)
+        seen = seat(turns[:last], name, USER_NAME)
+        if seen and seen[-1]["role"] == "user":
+            others = list(dict.fromkeys(n for n in [*names, *users] if n != name))
+            out.append((name, seen[:-1], seen[-1]["content"], turns[last]["content"], others))
+    return out
+
+
+def seat_speakers(name, turns) -> list[str]:
+    """The other speakers of a seat that data_helper.py wrote (utils.scenes.seat: their lines "Name: text"
+    in the user turns), in order of appearance."""
+    found = []
+    for message in turns:
+        if message["role"] == "user":
+            for line in message["content"].splitlines():
+                speaker, sep, _ = line.partition(": ")
+                if sep and speaker != name and 0 < len(speaker) <= MAX_SPEAKER_CHARS and not any(
+                        c.isspace() or c in ":：,，.。!！?？" for c in speaker):
+                    found.append(speaker)
+    return list(dict.fromkeys(found))
+
+
 def questions_from_test_file(path, selected):
     """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs kept.
-    Their instruction is the prompt of a model that has no prompt of its own for the role."""
+    Their instruction is the prompt of a model that has no prompt of its own for the role. A group scene
+    (assistant turns of several names) gives a question per character; a scene's questions, and those of
+    a seat that data_helper.py wrote (its system prompt ending in the group note), keep the scene's other
+    speakers (`others`) for the scene speaker bleed."""
+    from utils.data import row_messages
+    from utils.scenes import group_note
+
     questions, index = [], {}
     for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
         try:
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
             conversation = "messages" in row or "conversations" in row
-            for field in ("role",) if conversation else ("instruction", "input", "output", "role"):
+            messages = row_messages(row, scene=True) if conversation else None
+            scene = conversation and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1
+            for field in () if scene else ("role",) if conversation else ("instruction", "input", "output", "role"):
                 if not isinstance(row.get(field), str) or not row[field].strip():
                     raise ValueError(f"field '{field}' must be a non-empty string")
-            system, history, ask, reply = conversation_question(row) if conversation else (
-                row["instruction"], [], row["input"], row["output"])
+            if scene:
+                asked = scene_questions([m for m in messages if m["role"] != "system"])
+            elif conversation:
+                system, history, ask, reply = conversation_question(messages)
+                others = seat_speakers(row["role"], [*history, {"role": "user", "content": ask}]) if \
+                    system.endswith(group_note(row["role"])) else None
+                asked = [(row["role"], history, ask, reply, others)]
+            else:
+                system, asked = row["instruction"], [(row["role"], [], row["input"], row["output"], None)]
         except ValueError as error:
             raise UserError(f"{path}:{number}: {error}") from None
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
-        if selected is None or row["role"] in selected:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
-            written = {"system": system, "base": row.get("base_system") or system} if conversation and system else None
-            add_question(questions, index, split, row["role"], text, [reply], system, history, ask, written)
+        for role, history, ask, reply, others in asked:
+            if selected is None or role in selected:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
+                written = ({"system": system, "base": row.get("base_system") or system}
+                           if conversation and not scene and system else None)
+                add_question(questions, index, split, role, text, [reply], None if scene else system, history, ask,
+                             written, others)
     return questions
 
 
@@ -457,7 +515,12 @@ def question_prompt(spec, prompts, question) -> list[dict]:
     the prompt its character's context gave it already (entries in the system prompt, notes folded into the
     turns): it is asked as written when the model's prompt for the role is the one the row was made from
     (its "base_system", or its system prompt), never applied twice. With another prompt for the role
-    (--roles_file), that system prompt replaces the row's, and the row's turns stay as written."""
+    (--roles_file), that system prompt replaces the row's, and the row's turns stay as written. A group
+    scene's question is asked from the character's seat, with the group note (ChatEngine.scene_prompt)."""
+    from utils.cards import USER_NAME
+    from utils.lorebook import Context
+    from utils.scenes import group_note
+
     role = prompts.roles.get(question["role"])
     written = question.get("written")
     if written is not None and (role is None or role.system == written["base"]):
@@ -467,10 +530,15 @@ def question_prompt(spec, prompts, question) -> list[dict]:
             raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: "
                             f"{', '.join(prompts.roles)}); give --roles_file")
         return question_messages(question["instruction"], question)
+    scene = question.get("others") is not None
+    if written is not None:  # its turns hold its own notes: only a scene's group note is added
+        context = Context(role.name, USER_NAME, extra_system=group_note(role.name)) if scene else None
+    else:  # a scene's seat with the group note, as ChatEngine.scene_prompt
+        context = role.context
+        if scene:
+            context = replace(context or Context(role.name, USER_NAME), extra_system=group_note(role.name))
     messages = question_messages(role.system, question)
-    if role.context is None or written is not None:
-        return messages
-    return role.context.apply(messages)[0]
+    return context.apply(messages)[0] if context is not None else messages
 
 
 def pair_logps(model, tokenizer, rows, batch_size, source):
@@ -564,8 +632,15 @@ def with_consistency(record, question, role_order, phrases):
     from utils.cards import USER_NAME
     from utils.consistency import consistency_scores
 
-    others = [r for r in role_order if r != question["role"]] + [USER_NAME, *USER_LABELS]
-    return {**record, "consistency": consistency_scores(record["answer"], question["references"][0], others, phrases)}
+    from utils.scenes import speaker_bleed
+
+    users = [USER_NAME, *USER_LABELS]
+    others = [r for r in role_order if r != question["role"]] + users
+    scores = consistency_scores(record["answer"], question["references"][0], others, phrases)
+    # a scene's question: writing the lines of the scene's other characters or of the user
+    scene = question.get("others")
+    scores["scene_speaker_bleed"] = float(speaker_bleed(record["answer"], [*scene, *users])) if scene is not None else None
+    return {**record, "consistency": scores}
 
 
 def disclosure_phrases(args):

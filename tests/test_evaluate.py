@@ -17,7 +17,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-from utils.report import ResultStore, read_curves, score_answer, table_columns, word_tokens  # noqa: E402
+from utils.report import (ResultStore, markdown_report, read_curves, report_meta, score_answer,  # noqa: E402
+                          table_columns, word_tokens)
 from helpers import card_png  # noqa: E402
 
 
@@ -214,6 +215,55 @@ def test_role_contexts_apply_as_served_and_written_rows_are_not_applied_twice(lo
     assert asked == [{"role": "system", "content": "你是齐天大圣。"}, *row["messages"][1:-1]]
 
 
+def test_scene_questions_are_asked_from_each_seat_and_scored_for_scene_speaker_bleed(loaded, roles, tmp_path):
+    import data_helper
+    from utils.engine import ChatEngine
+    from utils.lorebook import Context
+    from utils.prompts import Prompts
+    from utils.report import aggregate
+
+    spec, prompts, engine = evaluate.ModelSpec("m", "some/model"), Prompts(roles), ChatEngine(*loaded, roles)
+    scenes = SAMPLE / "scenes" / "three_at_a_table.jsonl"
+    questions = evaluate.questions_from_test_file(str(scenes), None)
+    assert len(questions) == 9  # three scenes, each character's last reply from its own seat
+    first = json.loads(scenes.read_text(encoding="utf-8").splitlines()[0])["messages"]
+    wukong = next(q for q in questions if q["role"] == "孙悟空")
+    assert wukong["references"] == [first[5]["content"]] and wukong["ask"] == "你: 大圣，月亮上真有嫦娥吗？"
+    assert wukong["others"] == ["李白", "张飞"]
+    # the prompt is the one the page and the API serve for that seat
+    assert evaluate.question_prompt(spec, prompts, wukong) == engine.scene_prompt("孙悟空", first[:5])
+
+    # SillyTavern's group log through data_helper.py: rows of a seat each, asked as written, same speakers
+    contexts = {name: Context(name, "你") for name in roles}
+    rows = data_helper.st_chat_samples([str(SAMPLE / "st_chats")], roles, contexts, "你", 1 << 20)
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    written = evaluate.questions_from_test_file(str(path), None)
+    seats = [q for q in written if q["others"] is not None]
+    assert len(seats) == 3 and len(written) == 5  # the group log's three characters, and two one-on-one logs
+    assert all(sorted(q["others"]) == sorted({"孙悟空", "张飞", "李白", "你"} - {q["role"]}) for q in seats)
+    plain = lambda messages: [(m["role"], m["content"]) for m in messages]  # noqa: E731 (swipes and flags aside)
+    for question, row in zip(written, rows):
+        assert plain(evaluate.question_prompt(spec, prompts, question)) == plain(row["messages"][:-1])
+
+    # scene speaker bleed: a line in another's name, over the scene's questions only
+    phrases = evaluate.disclosure_phrases(evaluate.parse_args([]))
+    answers = {"孙悟空": "张飞：俺也要去！", "张飞": "你: 好啊。", "李白": "举杯邀明月。\n诸位：干了！"}
+    records = [evaluate.with_consistency({"split": q["split"], "role": q["role"], "answer": answers[q["role"]],
+                                          "scores": score_answer(answers[q["role"]], q)}, q, ["孙悟空"], phrases)
+               for q in questions[:3] + [written[0] if written[0]["others"] is None else written[-1]]]
+    assert [r["consistency"]["scene_speaker_bleed"] for r in records] == [
+        1.0 if q["role"] != "李白" else 0.0 for q in questions[:3]] + [None]
+    assert aggregate(records, ["孙悟空", "张飞", "李白"])["overall"]["consistency"]["scene_speaker_bleed"] == \
+        pytest.approx(2 / 3)
+
+    # the report's consistency table has it as a column of its own
+    results = {"m": {"kind": "model", **aggregate(records, ["孙悟空", "张飞", "李白"])}}
+    meta = report_meta(str(scenes), None, questions, ["孙悟空", "张飞", "李白"], vars(evaluate.parse_args([])), {})
+    table = table_rows(markdown_report(results, meta), "## Character consistency")
+    assert table["m / all"][:4] == ["4", "0.0000", "0.2500", "0.6667"]  # answers, disclosure, bleed, scene bleed
+
+
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
     question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "references": ["喝！"]}
     spec, args = evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([])
@@ -328,8 +378,9 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert all(len(cells) == 13 for cells in rows.values())
     assert float(rows["base"][-1]) == pytest.approx(base["overall"]["ppl"], abs=0.01)
     # a model's answers get the consistency scores too (each metric is pinned in test_consistency.py)
-    assert set(base["overall"]["consistency"]) == {"disclosure", "speaker_bleed", "distinct_1", "distinct_2",
-                                                   "repeat_4gram", "length_ratio"}
+    assert set(base["overall"]["consistency"]) == {"disclosure", "speaker_bleed", "scene_speaker_bleed", "distinct_1",
+                                                   "distinct_2", "repeat_4gram", "length_ratio"}
+    assert base["overall"]["consistency"]["scene_speaker_bleed"] is None  # no scene among RoleBench's questions
     assert 0 <= base["overall"]["consistency"]["disclosure"] <= 1
     assert "| base / all | 4 |" in markdown and "| finetuned / all | 4 |" in markdown
     assert_png(out / "results.png")

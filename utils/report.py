@@ -21,10 +21,13 @@ PAPER_TABLE4 = {
     "ChatGLM2": {"CUS": 0.3938, "RAW": 0.5060, "SPE": 0.3099},
     "RoleGPT": {"CUS": 0.5368, "RAW": 0.5748, "SPE": 0.2478},
 }
-CONSISTENCY_COLUMNS = {"disclosure": "self-disclosure", "speaker_bleed": "speaker bleed", "distinct_1": "distinct-1",
+CONSISTENCY_COLUMNS = {"disclosure": "self-disclosure", "speaker_bleed": "speaker bleed",
+                       "scene_speaker_bleed": "scene speaker bleed", "distinct_1": "distinct-1",
                        "distinct_2": "distinct-2", "repeat_4gram": "repeated 4-gram", "length_ratio": "length ratio"}
 CONSISTENCY_TEXT = ("means over answers: self-disclosure = share containing a listed phrase; speaker bleed = share "
-                    "with a line starting with another character's or the user's name and a colon; distinct-1/2 = "
+                    "with a line starting with another character's or the user's name and a colon; scene speaker bleed = "
+                    "the same over the answers of group-scene questions, the names being the scene's other "
+                    "characters' and the user's (– without scene questions); distinct-1/2 = "
                     "distinct / all character uni- or bigrams of an answer; repeated 4-gram = share of an "
                     "answer's character 4-grams repeating an earlier one (1 - distinct-4); length ratio = answer "
                     "characters / first reference characters")
