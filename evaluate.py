@@ -45,6 +45,11 @@ prompt, laid out as the DPO stage lays them out. pref_accuracy is the share of p
 is the likelier, pref_margin the mean of log p(chosen) - log p(rejected): the policy's own preference,
 no reference model, so that an SFT model and the same model after DPO are compared on one scale.
 
+Optionally, an LLM judge (--judge_base_url, --judge_model; key from JUDGE_API_KEY) behind any
+OpenAI-compatible endpoint scores every model's answers 1-5 on CharacterEval's four dimensions
+(utils/judge.py), parsed strictly, with at most --judge_retries more asks per answer; unparsable
+replies are counted (judge_unparsed).
+
 Output in --out_dir: samples.jsonl (one line per model and question, appended as it goes: the same
 command again resumes, and a result made with other settings or another prompt is redone),
 results.json, results.md, results.png and, with --plot_run, training_curves.png.
@@ -126,6 +131,16 @@ def parse_args(argv=None):
     group.add_argument("--pairs_file", metavar="FILE",
                        help="a pairs jsonl (rows with 'chosen' and 'rejected' replies, as train.py --stage dpo reads "
                             "them): each model's pref_accuracy and pref_margin on it")
+    group = parser.add_argument_group("LLM judge (optional)")
+    group.add_argument("--judge_base_url", metavar="URL",
+                       help="an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) whose --judge_model scores "
+                            "every model's answers 1-5 on character consistency, knowledge, personality and "
+                            "conversational ability (utils/judge.py); its key from the environment's JUDGE_API_KEY")
+    group.add_argument("--judge_model", metavar="NAME", help="the judge model's name at --judge_base_url")
+    group.add_argument("--judge_retries", type=int, default=2,
+                       help="asks more for an answer when the judge's reply does not parse (each counted)")
+    group.add_argument("--judge_max_tokens", type=int, default=128,
+                       help="the judge's longest reply, in tokens (more for a model that thinks aloud first)")
     group = parser.add_argument_group("output")
     group.add_argument("--out_dir", default="runs/eval", help=f"folder for {SAMPLES_FILE} and the report files")
     group.add_argument("--plot_run", action="append", default=[], metavar="DIR",
@@ -243,6 +258,28 @@ def check_pairs_file(args) -> list[str]:
     return []
 
 
+def check_judge(args) -> list[str]:
+    from urllib.parse import urlsplit
+
+    problems = []
+    if (args.judge_base_url is None) != (args.judge_model is None):
+        problems.append("--judge_base_url and --judge_model go together: give both or neither")
+    if args.judge_base_url is not None:
+        url = urlsplit(args.judge_base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            problems.append(f"--judge_base_url {args.judge_base_url!r}: expected an http(s) URL such as "
+                            f"http://127.0.0.1:8000/v1")
+        if not args.model:
+            problems.append("--judge_base_url judges models' answers: give --model")
+    if args.judge_model is not None and not args.judge_model.strip():
+        problems.append("--judge_model: must not be empty")
+    if args.judge_retries < 0:
+        problems.append(f"--judge_retries: must be 0 or more, got {args.judge_retries}")
+    if args.judge_max_tokens < 1:
+        problems.append(f"--judge_max_tokens: must be at least 1, got {args.judge_max_tokens}")
+    return problems
+
+
 def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
     """The model specs, and every problem with the arguments."""
     from utils.report import find_event_dirs
@@ -261,6 +298,7 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
         problems += check_questions(args) + check_generation(args)
     if args.pairs_file is not None:
         problems += check_pairs_file(args)
+    problems += check_judge(args)
     for run_dir in args.plot_run:
         if not os.path.isdir(run_dir):
             problems.append(f"--plot_run {run_dir}: folder not found")
@@ -594,7 +632,7 @@ def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None)
     print(f"{spec.name}: {len(questions) - len(pending)} of {len(questions)} questions already done, "
           f"generating {len(pending)}" + (", scoring the pairs" if pairs_pending else ""), flush=True)
     if not pending and not pairs_pending:
-        return
+        return asked
     import torch
     from tqdm import tqdm
 
@@ -621,6 +659,28 @@ def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None)
                            "ref_nll": nll, "ref_tokens": tokens, "references": len(question["references"]),
                            "settings": run_settings(spec, args, [asked[id(question)], question["references"]])})
                 bar.update(1)
+    return asked
+
+
+def judge_answers(spec, questions, asked, store, judge):
+    """Ask the judge about this model's answers that have no verdict of this judge yet (the same
+    endpoint and model); each verdict is saved on its answer's line in samples.jsonl."""
+    from tqdm import tqdm
+
+    from utils.cards import USER_NAME
+    from utils.data import system_of
+    from utils.judge import judge_messages
+
+    todo = [(q, record) for q in questions
+            for record in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
+            if record is not None and (record.get("judge") or {}).get("by") != judge.identity]
+    print(f"{spec.name}: judging {len(todo)} answers with {judge.model}", flush=True)
+    for question, record in tqdm(todo, desc=f"{spec.name} judge", unit="a", file=sys.stderr, dynamic_ncols=True):
+        messages = asked[id(question)]
+        profile = system_of(messages)
+        verdict = judge.score(judge_messages(question["role"], profile, messages[1:] if profile else messages,
+                                             record["answer"], USER_NAME))
+        store.add({**record, "judge": {"by": judge.identity, **verdict}})
 
 
 # ---------------------------------------------------------------- the baseline and the report
@@ -631,7 +691,6 @@ def with_consistency(record, question, role_order, phrases):
     so that a resumed run or a changed --disclosure_phrase list always scores with the current list."""
     from utils.cards import USER_NAME
     from utils.consistency import consistency_scores
-
     from utils.scenes import speaker_bleed
 
     users = [USER_NAME, *USER_LABELS]
@@ -641,6 +700,14 @@ def with_consistency(record, question, role_order, phrases):
     scene = question.get("others")
     scores["scene_speaker_bleed"] = float(speaker_bleed(record["answer"], [*scene, *users])) if scene is not None else None
     return {**record, "consistency": scores}
+
+
+def without_other_verdicts(record, judge):
+    """The record without a judge's verdict unless it is this run's judge's (an earlier run's judge is not
+    reported as this one's)."""
+    if "judge" in record and (judge is None or record["judge"].get("by") != judge.identity):
+        return {k: v for k, v in record.items() if k != "judge"}
+    return record
 
 
 def disclosure_phrases(args):
@@ -677,12 +744,21 @@ def evaluate(args, specs):
 
     questions, role_order = load_questions(args)
     pairs_key, pair_rows = pairs_entry(args)
+    judge = None
+    if args.judge_base_url is not None:
+        from utils.judge import Judge
+
+        judge = Judge(args.judge_base_url, args.judge_model, os.environ.get("JUDGE_API_KEY"), args.judge_retries,
+                      args.judge_max_tokens)
+        judge.check()  # before any model loads
     results, phrases = {}, disclosure_phrases(args)
     store = ResultStore(os.path.join(args.out_dir, SAMPLES_FILE)) if specs else None
     try:
         for spec in specs:
-            evaluate_model(spec, questions, store, args, pairs_key, pair_rows)
-            records = [with_consistency(r, q, role_order, phrases) for q in questions
+            asked = evaluate_model(spec, questions, store, args, pairs_key, pair_rows)
+            if judge is not None:
+                judge_answers(spec, questions, asked, store, judge)
+            records = [with_consistency(without_other_verdicts(r, judge), q, role_order, phrases) for q in questions
                        for r in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
                        if r is not None]
             results[spec.name] = {"kind": "model", "path": spec.path, "adapter": spec.adapter,
@@ -703,7 +779,9 @@ def evaluate(args, specs):
     decoding = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
                                               "repetition_penalty", "seed")}
     meta = report_meta(args.test_file or args.data_dir, args.limit, questions, role_order, decoding,
-                       {BASELINE_NAME: note} if note else {}, args.pairs_file)
+                       {BASELINE_NAME: note} if note else {}, args.pairs_file,
+                       {**judge.identity, "retries": args.judge_retries, "max_tokens": args.judge_max_tokens} if judge
+                       else None)
     write_report(args.out_dir, results, meta)
     print(f"wrote results.json, results.md, results.png{', ' + SAMPLES_FILE if specs else ''} to {args.out_dir}")
 

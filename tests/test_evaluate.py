@@ -4,6 +4,7 @@ the RoleGPT baseline row and the TensorBoard curves. CPU only, well under a minu
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 from utils.report import (ResultStore, markdown_report, read_curves, report_meta, score_answer,  # noqa: E402
                           table_columns, word_tokens)
-from helpers import card_png  # noqa: E402
+from helpers import RecordingModel, card_png, serve  # noqa: E402
 
 
 def run(*args):
@@ -242,7 +243,9 @@ def test_scene_questions_are_asked_from_each_seat_and_scored_for_scene_speaker_b
     seats = [q for q in written if q["others"] is not None]
     assert len(seats) == 3 and len(written) == 5  # the group log's three characters, and two one-on-one logs
     assert all(sorted(q["others"]) == sorted({"孙悟空", "张飞", "李白", "你"} - {q["role"]}) for q in seats)
-    plain = lambda messages: [(m["role"], m["content"]) for m in messages]  # noqa: E731 (swipes and flags aside)
+    def plain(messages):  # the layout's fields; swipes and flags aside
+        return [(m["role"], m["content"]) for m in messages]
+
     for question, row in zip(written, rows):
         assert plain(evaluate.question_prompt(spec, prompts, question)) == plain(row["messages"][:-1])
 
@@ -322,6 +325,7 @@ def test_bad_input_gives_one_line_errors(tmp_path):
                                 ensure_ascii=False) + "\n", encoding="utf-8")
     result = run("--model", "broken", "--model", f"gone={tmp_path / 'nope'}",
                  "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}", "--pairs_file", pairs,
+                 "--judge_base_url", "localhost:8000", "--judge_model", "j", "--judge_retries", "-1",
                  "--test_file", tmp_path / "missing.jsonl", "--batch_size", "0", "--out_dir", tmp_path / "out")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -329,7 +333,8 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert all(line.startswith("error: ") for line in lines)
     for expected in ("'broken': expected NAME=PATH", "nope' has no config.json", "no-adapter' has no adapter_config",
                      "missing.jsonl: test file not found", "--batch_size: must be at least 1",
-                     "pairs.jsonl:1: 'chosen' and 'rejected' are the same reply"):
+                     "pairs.jsonl:1: 'chosen' and 'rejected' are the same reply",
+                     "--judge_base_url 'localhost:8000': expected an http(s) URL", "--judge_retries: must be 0 or more"):
         assert sum(expected in line for line in lines) == 1, expected
     assert not (tmp_path / "out").exists()
 
@@ -430,6 +435,95 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     redone, lost = json.loads(again[-1]), json.loads(lines[-1])
     assert [redone[k] for k in ("model", "split", "role", "question", "answer")] == [
         lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer
+
+
+def test_judge_answers_parse_strictly():
+    from utils.judge import judge_messages, parse_scores
+    from utils.report import judge_summary
+
+    good = '{"character_consistency": 4, "knowledge": 3, "personality": 5, "conversational_ability": 1}'
+    assert parse_scores(f"\n {good} \n") == {"character_consistency": 4, "knowledge": 3, "personality": 5,
+                                              "conversational_ability": 1}
+    bad = {good.replace(": 4", ": 6"): "character_consistency must be an integer from 1 to 5, got 6",
+           good.replace(": 1}", ": 0}"): "conversational_ability must be an integer from 1 to 5, got 0",
+           good.replace(": 3", ": 3.0"): "knowledge must be an integer from 1 to 5, got 3.0",
+           good.replace(": 5", ": true"): "personality must be an integer from 1 to 5, got True",
+           good.replace(": 5", ': "5"'): "personality must be an integer from 1 to 5, got '5'",
+           f"评分如下：{good}": "not one JSON object", f"{good} 以上。": "not one JSON object",
+           f"```json\n{good}\n```": "not one JSON object", "[4, 3, 5, 1]": "not a JSON object but list",
+           good.replace('"knowledge": 3, ', ""): "missing knowledge",
+           good.replace("}", ', "overall": 4}'): "unknown overall",
+           good.replace("}", ', "knowledge": 2}'): "knowledge given twice", "": "not one JSON object"}
+    for text, problem in bad.items():
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            parse_scores(text)
+
+    messages = judge_messages("张飞", "你现在要扮演张飞。", [{"role": "user", "content": "喝酒吗？"}], "喝！", "你")
+    assert messages[0]["role"] == "system" and all(d in messages[0]["content"] for d in (
+        "character_consistency", "knowledge", "personality", "conversational_ability"))
+    assert messages[1]["content"].endswith("你现在要扮演张飞。\n\n对话：\n你: 喝酒吗？\n\n张飞的回复：\n喝！")
+    summary = judge_summary([{"scores": parse_scores(good), "calls": 2, "unparsed": 1},
+                             {"scores": {**parse_scores(good), "knowledge": 4}, "calls": 1, "unparsed": 0},
+                             {"scores": None, "calls": 3, "unparsed": 3}])
+    assert summary == {"answers": 3, "judged": 2, "judge_unparsed": 4, "judge_calls": 6, "character_consistency": 4,
+                       "knowledge": 3.5, "personality": 5, "conversational_ability": 1}
+
+
+@pytest.fixture(scope="module")
+def judge_server(loaded, roles):
+    """Our own API serving the tiny model, with a key, as the judge; every generate() call recorded."""
+    from utils.api import api_app
+    from utils.engine import ChatEngine
+
+    model = RecordingModel(loaded[0])
+    with serve(api_app(ChatEngine(model, loaded[1], roles), "judge-key-0123456789")) as url:
+        yield url + "/v1", model, loaded[1]
+
+
+def test_llm_judge_mechanics_against_our_api(judge_server, tiny_model, tmp_path, capsys, monkeypatch):
+    """The tiny model is no judge: its answers do not parse. An answer gets 1 + --judge_retries (default 2)
+    calls, every unparsed one counted, and no scores; a verdict once saved is not asked for again."""
+    url, model, tokenizer = judge_server
+    out, test_file = tmp_path / "eval", tmp_path / "test.jsonl"
+    test_file.write_text(json.dumps({"instruction": "你现在要扮演张飞。", "input": "你喝酒吗？", "output": "喝！",
+                                     "role": "张飞"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    command = ["--test_file", test_file, "--max_new_tokens", "4", "--no_baseline", "--model", f"base={tiny_model}",
+               "--judge_model", "judge", "--judge_max_tokens", "12", "--out_dir", out]
+    with pytest.raises(evaluate.UserError, match=r"^--judge_base_url .*: the judge failed: .*401"):
+        evaluate.main([str(a) for a in [*command, "--judge_base_url", url]])  # no JUDGE_API_KEY: refused, early
+    with pytest.raises(evaluate.UserError, match=r"^--judge_base_url http://127.0.0.1:9/v1: the judge failed: "
+                                                 r"Connection error\.$"):
+        evaluate.main([str(a) for a in [*command, "--judge_base_url", "http://127.0.0.1:9/v1"]])
+    assert not (out / "samples.jsonl").exists() and not model.calls  # both before any model loaded
+
+    monkeypatch.setenv("JUDGE_API_KEY", "judge-key-0123456789")
+    stdout = run_here(capsys, *command, "--judge_base_url", url)
+    assert "base: judging 1 answers with judge" in stdout
+    assert len(model.calls) == 3 and all(call["do_sample"] is False and call["max_new_tokens"] == 12
+                                         for call in model.calls)  # temperature 0
+    # a retry carries the unparsable answer and the note on it, at the end of its prompt
+    assert "不要有别的文字。" in tokenizer.decode(model.calls[1]["inputs"][0, -40:].tolist())
+    assert "不要有别的文字。" in tokenizer.decode(model.calls[2]["inputs"][0, -40:].tolist())
+    assert "不要有别的文字。" not in tokenizer.decode(model.calls[0]["inputs"][0, -40:].tolist())
+    report = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert report["models"]["base"]["overall"]["judge"] == {
+        "answers": 1, "judged": 0, "judge_unparsed": 3, "judge_calls": 3, "character_consistency": None,
+        "knowledge": None, "personality": None, "conversational_ability": None}
+    assert report["meta"]["judge"]["model"] == "judge"
+    assert table_rows((out / "results.md").read_text(encoding="utf-8"), "## LLM judge")["base"][:4] == [
+        "1", "0", "3", "3"]
+
+    # the verdict is on the answer's line: the same judge asks nothing again
+    from utils.judge import Judge
+
+    args = evaluate.parse_args([str(a) for a in [*command, "--judge_base_url", url]])
+    questions, _ = evaluate.load_questions(args)
+    store = ResultStore(str(out / "samples.jsonl"))
+    capsys.readouterr()
+    evaluate.judge_answers(evaluate.ModelSpec("base", str(tiny_model)), questions, None, store,
+                           Judge(url, "judge", "judge-key-0123456789", 2))
+    store.close()
+    assert "base: judging 0 answers with judge" in capsys.readouterr().out and len(model.calls) == 3
 
 
 def test_a_character_card_as_roles_file_gives_the_system_prompt(tmp_path):

@@ -35,6 +35,10 @@ PREFERENCE_TEXT = ("log p = a reply's summed log-probability (its tokens and eos
                    "as train.py --stage dpo lays pairs out; pref_accuracy = share of pairs with log p(chosen) > "
                    "log p(rejected); pref_margin = mean of log p(chosen) - log p(rejected) (the model's own "
                    "preference, no reference model)")
+JUDGE_TEXT = ("an LLM judge's scores of each answer, 1 (worst) to 5 (best), on CharacterEval's dimensions "
+              "(utils/judge.py's rubric), averaged over the answers it scored; unparsed = judge answers that were "
+              "not exactly one JSON object of the four integer scores, each retry's included; an answer with "
+              "none that parsed has no scores")
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei",
              "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 # scalars that train.py logs, and the panel each goes in (eval_loss shares the loss panel)
@@ -159,7 +163,20 @@ def summarize(records):
     scored = [r["consistency"] for r in records if "consistency" in r]
     if scored:  # utils/consistency.py's per-answer scores; a None (no n-gram, empty reference) is left out
         summary["consistency"] = {key: mean_known([c[key] for c in scored]) for key in scored[0]}
+    verdicts = [r["judge"] for r in records if "judge" in r]
+    if verdicts:
+        summary["judge"] = judge_summary(verdicts)
     return summary
+
+
+def judge_summary(verdicts):
+    """The judge's mean score per dimension over the answers it scored, and how many it could not."""
+    from utils.judge import DIMENSIONS
+
+    scored = [v["scores"] for v in verdicts if v["scores"] is not None]
+    return {"answers": len(verdicts), "judged": len(scored), "judge_unparsed": sum(v["unparsed"] for v in verdicts),
+            "judge_calls": sum(v["calls"] for v in verdicts),
+            **{name: mean_known([s[name] for s in scored]) for name in DIMENSIONS}}
 
 
 def mean_known(values):
@@ -182,7 +199,7 @@ def aggregate(records, role_order):
     return result
 
 
-def report_meta(source, limit, questions, role_order, generation, notes, pairs_file=None):
+def report_meta(source, limit, questions, role_order, generation, notes, pairs_file=None, judge=None):
     splits = [s for s in ("general", "role_specific", "unknown") if any(q["split"] == s for q in questions)]
     return {"source": source, "limit": limit, "splits": splits,
             "roles": [r for r in role_order if any(q["role"] == r for q in questions)],
@@ -192,6 +209,7 @@ def report_meta(source, limit, questions, role_order, generation, notes, pairs_f
             "ppl": "exp(token-weighted mean NLL of the reference replies + eos given the chat prompt)",
             "consistency": CONSISTENCY_TEXT,
             **({"pairs_file": pairs_file, "preference": PREFERENCE_TEXT} if pairs_file else {}),
+            **({"judge": {**judge, "text": JUDGE_TEXT}} if judge else {}),
             "paper_table4_rouge_l": PAPER_TABLE4}
 
 
@@ -278,7 +296,8 @@ def markdown_report(results, meta):
     lines += ["", "## Per role", "", "| model / role | " + " | ".join(c[2] for c in columns) + " |", rule]
     for name, result in results.items():
         lines += [table_row(f"{name} / {role}", role_result, columns) for role, role_result in result["roles"].items()]
-    return "\n".join(lines + consistency_section(results, splits) + preference_section(results, meta)) + "\n"
+    return "\n".join(lines + consistency_section(results, splits) + preference_section(results, meta)
+                     + judge_section(results, meta)) + "\n"
 
 
 def consistency_section(results, splits):
@@ -308,6 +327,23 @@ def preference_section(results, meta):
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {name} | {p['pairs']} | {fmt(p['pref_accuracy'])} | {fmt(p['pref_margin'])} | "
               f"{fmt(p['logp_chosen'], 2)} | {fmt(p['logp_rejected'], 2)} |" for name, p in scored.items()]
+    return lines
+
+
+def judge_section(results, meta):
+    """The LLM judge's table: one row per model, over all its answers."""
+    from utils.judge import DIMENSIONS
+
+    judged = {name: result["overall"]["judge"] for name, result in results.items()
+              if (result.get("overall") or {}).get("judge")}
+    if not judged:
+        return []
+    judge = meta["judge"]
+    lines = ["", "## LLM judge", "", f"Judge {judge['model']} at {judge['base_url']}: {JUDGE_TEXT}.", "",
+             "| model | answers | judged | unparsed | calls | " + " | ".join(d.replace("_", " ") for d in DIMENSIONS)
+             + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(DIMENSIONS)]
+    lines += [f"| {name} | {j['answers']} | {j['judged']} | {j['judge_unparsed']} | {j['judge_calls']} | "
+              + " | ".join(fmt(j[d], 2) for d in DIMENSIONS) + " |" for name, j in judged.items()]
     return lines
 
 
