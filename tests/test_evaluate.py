@@ -203,7 +203,7 @@ def test_role_contexts_apply_as_served_and_written_rows_are_not_applied_twice(lo
 
     turns = [{"role": "user", "content": "大圣在吗？"}, {"role": "assistant", "content": "俺老孙在此！"},
              {"role": "user", "content": "金箍棒借我玩玩？"}, {"role": "assistant", "content": "休想！"}]
-    row = data_helper.conversation_sample(role, turns, context)
+    row = data_helper.conversation_samples(role, turns, context)[-1]  # the last reply's row
     path = tmp_path / "test.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     (written,) = evaluate.questions_from_test_file(str(path), None)
@@ -236,7 +236,8 @@ def test_scene_questions_are_asked_from_each_seat_and_scored_for_scene_speaker_b
 
     # SillyTavern's group log through data_helper.py: rows of a seat each, asked as written, same speakers
     contexts = {name: Context(name, "你") for name in roles}
-    rows = data_helper.st_chat_samples([str(SAMPLE / "st_chats")], roles, contexts, "你", 1 << 20)
+    rows = [row for conversation in data_helper.st_chat_samples([str(SAMPLE / "st_chats")], roles, contexts, "你",
+                                                               1 << 20) for row in conversation]
     path = tmp_path / "test.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     written = evaluate.questions_from_test_file(str(path), None)
