@@ -173,7 +173,7 @@ class RolePlayChat:
                 turn.restart = restart
                 turn.stop.set()
 
-    def chat(self, message, history, role, max_new_tokens, top_p, temperature, group=None, request=None):
+    def chat(self, message, history, role, max_new_tokens, top_p, temperature, request=None, *, group=None):
         """One turn: show the message, then stream the reply into the chat, or in group mode each
         member's reply in turn, labelled with its name. Yields (text box, chat)."""
         import gradio as gr
@@ -346,7 +346,7 @@ def wire(chat: RolePlayChat, msg, chatbot, role, group, settings: list, submit, 
 
     # Gradio hands a handler the request (and so the browser session) through this annotation
     def respond(message, history, role, max_new_tokens, top_p, temperature, group, request: gr.Request):
-        yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, group, request)
+        yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request, group=group)
 
     def stop_reply(request: gr.Request):
         chat.stop(request)

@@ -209,7 +209,7 @@ def test_a_history_past_max_messages_is_refused_beside_the_history(loaded, roles
     assert alternates(run_chat(chat, "再说一句", history)[1], 3)  # 4 messages: at the limit, answered
     calls = len(recording.calls)
     verdicts = chat.validate("再说一句", [*history, history[0]], "李白", 6, 0.8, 0)
-    assert [v["is_valid"] for v in verdicts] == [True, False, True, True, True, True]
+    assert [v["is_valid"] for v in verdicts] == [True, False, True, True, True, True, True]  # the last: group
     assert "5 messages, more than the server's limit of 4 (--max_messages)" in verdicts[1]["message"]
     with pytest.raises(gr.Error, match="limit of 4"):
         next(chat.chat("再说一句", [*history, history[0]], "李白", 6, 0.8, 0))
@@ -670,7 +670,7 @@ def test_a_bad_group_is_refused_beside_its_input(loaded, roles, recording, group
     assert [v["is_valid"] for v in verdicts] == [name != field for name in web_demo.TURN_INPUTS]
     assert reason in verdicts[web_demo.TURN_INPUTS.index(field)]["message"]
     with pytest.raises(gr.Error, match=reason):
-        next(chat.chat("你好", history, "李白", 6, 0.8, 0, group))
+        next(chat.chat("你好", history, "李白", 6, 0.8, 0, group=group))
     assert recording.calls == []
 
 
@@ -694,9 +694,9 @@ def test_page_group_scene_speakers_answer_in_turn_each_from_its_own_prompt(brows
     turns = []  # per user turn: the history the page sent, and the chat the handler left
     handler = chat.chat
 
-    def recorded(message, history, *rest):
+    def recorded(message, history, *rest, **group):
         turns.append({"sent": history})
-        for update in handler(message, history, *rest):
+        for update in handler(message, history, *rest, **group):
             turns[-1]["left"] = update[1]
             yield update
 
