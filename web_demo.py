@@ -153,9 +153,9 @@ class RolePlayChat:
         from utils.engine import InputError
 
         scene = []
-        for number, (shown, message) in enumerate(zip(history or [], self.engine.clean_history(history)), 1):
+        for number, (sent, message) in enumerate(zip(history or [], self.engine.clean_history(history)), 1):
             if message["role"] == "assistant":
-                metadata = shown.get("metadata")
+                metadata = sent.get("metadata")
                 name = metadata.get("title") if isinstance(metadata, dict) else None
                 if name not in members:
                     raise InputError({"history": f"message {number} of the history is not by a member of the "
