@@ -24,7 +24,8 @@ every member answers once, each reply streamed and labelled with its speaker: fi
 message names, in the order it names them, then the others in the group's order. Each reply comes
 from its own prompt, the speaker's seat of the scene so far as data_helper.py trains group scenes
 (ChatEngine.scene_prompt). The members' greetings open the scene, as SillyTavern opens a group chat.
-Changing the group starts a new scene; fewer than two roles is the one-on-one chat of the radio's role.
+A member added joins the scene as it is; a group the scene no longer fits (a member who spoke left)
+starts a new one. Fewer than two roles is the one-on-one chat of the radio's role.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
 Submit is disabled while a reply runs (a message typed meanwhile waits in the box). Earlier turns go
 into the prompt; when the context is full the oldest whole rounds are dropped. A conversation of
@@ -60,7 +61,7 @@ EMPTY_REPLY = "（没有生成内容 / the model produced no text）"
 MAX_GROUP = 3  # the scenes trained (data/sample/scenes) seat three characters at most
 GROUP_HELP = ("Pick 2-3 roles to chat with all of them: after your message each answers once, first those "
               "your message names (in the order named), then the rest in this list's order. Fewer than 2: "
-              "the one-on-one chat of the role above. Changing the group starts a new scene.")
+              "the one-on-one chat of the role above. Removing a member who spoke starts a new scene.")
 TURN_INPUTS = (*TURN_FIELDS, "group")
 BUSY = "busy: every generation slot and waiting place is taken; try again in a moment"
 API_KEY_ENV = "ROLEPLAY_API_KEY"
@@ -259,6 +260,17 @@ class RolePlayChat:
         following = greetings[(greetings.index(shown) + 1) % len(greetings)] if shown in greetings else greetings[0]
         return [{"role": "assistant", "content": following}]
 
+    def fits(self, history, group) -> bool:
+        """Whether the chat shown goes on under a changed group, once the user has spoken: a group's
+        scene while every reply in it is by a member (one added joins the scene as it is), a one-on-one
+        chat while no reply in it is named. A chat of greetings alone starts over, which shows the
+        greetings of the group as it is now and loses nothing."""
+        history = history or []
+        names = [(m.get("metadata") or {}).get("title") for m in history if m.get("role") == "assistant"]
+        if not any(m.get("role") == "user" for m in history):
+            return False
+        return all(name in group for name in names) if group_mode(group) else not any(names)
+
     def has_alternates(self, role, group=None) -> bool:
         return role in self.engine.roles and len(self.engine.roles[role].greetings()) > 1 and not group_mode(group)
 
@@ -375,23 +387,21 @@ def wire(chat: RolePlayChat, msg, chatbot, role, group, settings: list, submit, 
     # an error (only .failure), so both outcomes are listed
     for outcome in (reply.success, reply.failure):
         outcome(lambda: gr.Button(interactive=True), None, submit, **private)
-    # Stop keeps what was shown; Clear (the button or the chat's trash icon), a new role and a new
-    # group start over, keeping a draft message on a switch. Each ends the running reply at once
-    # (its stop event), and the reply's own last update shows the new start.
+    # Stop keeps what was shown; Clear (the button or the chat's trash icon), a new role and a group
+    # the chat no longer fits start over, keeping a draft message on a switch. Each ends the running
+    # reply at once (its stop event), and the reply's own last update shows the new start.
     stop.click(stop_reply, None, None, **private)
     clear.click(clear_chat, [role, group], [chatbot, msg], **private)
     chatbot.clear(start_over, [role, group], chatbot, **private)
-    # Gradio's multiselect dropdown may send a pick's change late, and more than once with the
-    # value of that moment (seen under load): a change to the role and group already played is no
-    # switch, and must not end a reply that the user started meanwhile
-    playing = gr.State([role.value, group.value])
+    role.change(start_over, [role, group], chatbot, **private)
 
-    def switch(role, group, played, request: gr.Request):
-        if [role, group] == played:
-            return gr.skip(), played
-        return start_over(role, group, request), [role, group]
+    # Gradio's multiselect dropdown sends a pick's change late and more than once, each with the
+    # value of its moment (seen under load): a change that the chat still fits keeps it, so that
+    # none of them ends a reply that the user started meanwhile
+    def regroup(role, group, history, request: gr.Request):
+        return gr.skip() if chat.fits(history, group) else start_over(role, group, request)
 
-    gr.on([role.change, group.change], switch, [role, group, playing], [chatbot, playing], **private)
+    group.change(regroup, [role, group, chatbot], chatbot, preprocess=False, **private)
 
 
 def build_app(demo, engine, api_key: str | None = None, limits=None):

@@ -651,6 +651,17 @@ def test_group_speaking_order_names_first_then_the_group_order():
     assert web_demo.speaking_order("张飞，李白说你醉了；张飞你说呢", group) == ["张飞", "李白", "孙悟空"]
 
 
+def test_a_group_change_keeps_a_scene_it_still_fits(loaded, roles, recording):
+    chat = make_chat(recording, loaded[1], roles)
+    scene = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好", "metadata": {"title": "张飞"}}]
+    one_on_one = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好", "metadata": None}]
+    assert chat.fits(scene, ["孙悟空", "张飞"]) and chat.fits(scene, ["孙悟空", "张飞", "李白"])  # one joins
+    assert not chat.fits(scene, ["孙悟空", "李白"]) and not chat.fits(scene, [])  # 张飞 left; no group
+    assert chat.fits(one_on_one, ["孙悟空"]) and not chat.fits(one_on_one, ["孙悟空", "张飞"])
+    greeted = [{"role": "assistant", "content": "俺老孙来也", "metadata": {"title": "孙悟空"}}]
+    assert not chat.fits(greeted, ["孙悟空", "张飞"]) and not chat.fits([], [])  # before the user speaks: anew
+
+
 @pytest.mark.parametrize(
     ("group", "history", "field", "reason"),
     [
