@@ -19,6 +19,13 @@ The radio offers the roles the model was trained on, with their trained system p
 model's roleplay.json; --roles_file plays other roles, from a roles file or character cards). A
 role with a greeting (a card's first_mes) opens the chat with it, and it stays in the prompt as
 the first assistant turn. Switching role starts a new conversation.
+Group mode: pick two or three roles under "group" and they share one scene. After each user message
+every member answers once, each reply streamed and labelled with its speaker: first the members the
+message names, in the order it names them, then the others in the group's order. Each reply comes
+from its own prompt, the speaker's seat of the scene so far as data_helper.py trains group scenes
+(ChatEngine.scene_prompt). The members' greetings open the scene, as SillyTavern opens a group chat.
+A member added joins the scene as it is; a group the scene no longer fits (a member who spoke left)
+starts a new one. Fewer than two roles is the one-on-one chat of the radio's role.
 The reply streams in token by token; Stop ends it where it is, Clear ends it and empties the chat.
 Submit is disabled while a reply runs (a message typed meanwhile waits in the box). Earlier turns go
 into the prompt; when the context is full the oldest whole rounds are dropped. A conversation of
@@ -32,6 +39,8 @@ Retry-After). gradio_client can use the page's endpoint:
     job = Client("http://127.0.0.1:9090").submit("你好", [], "张飞", 128, 0.8, 0.8, api_name="/chat")
     for text_box, history in job:   # history grows as the reply streams; pass it back for the next turn
         ...
+    job = Client(...).submit("李白，作首诗", [], "张飞", 128, 0.8, 0.8, ["孙悟空", "张飞", "李白"], api_name="/chat")
+    # a group's history: each reply carries its speaker as metadata.title
 """
 
 import argparse
@@ -43,12 +52,17 @@ import threading
 
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error, printable
 from utils.chat import MAX_MESSAGE_CHARS, add_generation_args, add_model_args
-from utils.engine import CLIENT_SYSTEM, MAX_MESSAGES
+from utils.engine import CLIENT_SYSTEM, MAX_MESSAGES, TURN_FIELDS
 from utils.guard import MAX_BODY_BYTES, READ_TIMEOUT_S
 
 logger = logging.getLogger("web_demo")
 
 EMPTY_REPLY = "（没有生成内容 / the model produced no text）"
+MAX_GROUP = 3  # the scenes trained (data/sample/scenes) seat three characters at most
+GROUP_HELP = ("Pick 2-3 roles to chat with all of them: after your message each answers once, first those "
+              "your message names (in the order named), then the rest in this list's order. Fewer than 2: "
+              "the one-on-one chat of the role above. Removing a member who spoke starts a new scene.")
+TURN_INPUTS = (*TURN_FIELDS, "group")
 BUSY = "busy: every generation slot and waiting place is taken; try again in a moment"
 API_KEY_ENV = "ROLEPLAY_API_KEY"
 
@@ -75,19 +89,81 @@ class RolePlayChat:
         self._stops: dict[str, set[_Turn]] = {}
         self._stops_lock = threading.Lock()
 
-    def validate(self, message, history, role, max_new_tokens, top_p, temperature) -> list:
+    def validate(self, message, history, role, max_new_tokens, top_p, temperature, group=None) -> list:
         """Gradio validator of chat(): runs before a request joins the queue, so bad input never
         waits in line; each problem shows next to its input (gradio_client: ValidationError)."""
         import gradio as gr
 
         from utils.chat import Sampling
-        from utils.engine import TURN_FIELDS, InputError
+        from utils.engine import InputError
 
         try:
-            self.engine.check_turn(message, history, role, Sampling(max_new_tokens, top_p, temperature))
+            self.check_turn(message, history, role, Sampling(max_new_tokens, top_p, temperature), group)
         except InputError as error:
-            return [gr.validate(field not in error.problems, error.problems.get(field, "")) for field in TURN_FIELDS]
-        return [gr.validate(True, "") for _ in TURN_FIELDS]
+            return [gr.validate(field not in error.problems, error.problems.get(field, "")) for field in TURN_INPUTS]
+        return [gr.validate(True, "") for _ in TURN_INPUTS]
+
+    def check_turn(self, message, history, role, sampling, group) -> tuple[list, list[dict]]:
+        """Who answers a new user `message`, and the conversation it ends: the speakers, in turn, as
+        (name, the prompt of their reply to a scene), and the scene so far. One-on-one: the radio's
+        role, unnamed, after the history; in group mode (two or more in `group`) the members in
+        speaking order after the scene. Else an InputError holding every problem (TURN_INPUTS)."""
+        from functools import partial
+
+        from utils.engine import InputError
+
+        if not group_mode(group):
+            played, conversation = self.engine.check_turn(message, history, role, sampling)
+            return [(None, partial(self.engine.prompt, played))], conversation
+        try:  # the message, the history's shape and the sampling, as in one-on-one
+            self.engine.check_turn(message, history, role, sampling)
+            problems = {}
+        except InputError as error:
+            problems = dict(error.problems)
+        try:
+            members = self.check_group(group)
+            if "history" not in problems:
+                scene = self.scene_of(history, members)
+        except InputError as error:
+            problems.update(error.problems)
+        if problems:
+            raise InputError({field: problems[field] for field in TURN_INPUTS if field in problems})
+        speakers = [(name, partial(self.engine.scene_prompt, name)) for name in speaking_order(message, members)]
+        return speakers, [*scene, {"role": "user", "content": message}]
+
+    def check_group(self, group) -> list[str]:
+        """The group's members, each a role, at most MAX_GROUP of them (InputError on "group")."""
+        from utils.engine import InputError
+
+        if not isinstance(group, (list, tuple)):
+            raise InputError({"group": f"the group must be a list of role names, got {type(group).__name__}"})
+        members = list(group)
+        if len(members) > MAX_GROUP:
+            raise InputError({"group": f"a group has at most {MAX_GROUP} roles, got {len(members)}"})
+        for name in members:
+            if not isinstance(name, str) or name not in self.engine.roles:
+                raise InputError({"group": f"unknown role {name!r} in the group; choose from: "
+                                           f"{', '.join(self.engine.roles)}"})
+        if len(set(members)) < len(members):
+            raise InputError({"group": "a role is in the group twice"})
+        return members
+
+    def scene_of(self, history, members: list[str]) -> list[dict]:
+        """A group chat's history as a scene: the plain messages, each reply with the "name" of its
+        speaker, which the chat keeps in the message's metadata title (InputError on "history")."""
+        from utils.engine import InputError
+
+        scene = []
+        for number, (sent, message) in enumerate(zip(history or [], self.engine.clean_history(history)), 1):
+            if message["role"] == "assistant":
+                metadata = sent.get("metadata")
+                name = metadata.get("title") if isinstance(metadata, dict) else None
+                if name not in members:
+                    raise InputError({"history": f"message {number} of the history is not by a member of the "
+                                                 f"group ({', '.join(members)}): start a new scene"})
+                message = {**message, "name": name}
+            scene.append(message)
+        return scene
 
     def stop(self, request=None, restart: list | None = None) -> None:
         """End this session's running replies, if any. With `restart`, each reply's last update shows
@@ -98,16 +174,18 @@ class RolePlayChat:
                 turn.restart = restart
                 turn.stop.set()
 
-    def chat(self, message, history, role, max_new_tokens, top_p, temperature, request=None):
-        """One turn: show the message, then stream the reply into the chat. Yields (text box, chat)."""
+    def chat(self, message, history, role, max_new_tokens, top_p, temperature, request=None, *, group=None):
+        """One turn: show the message, then stream the reply into the chat, or in group mode each
+        member's reply in turn, labelled with its name. Yields (text box, chat)."""
         import gradio as gr
 
         from utils.chat import Busy, Cancelled, Sampling, newest_history
 
         sampling = Sampling(max_new_tokens, top_p, temperature)
         try:  # the validator's checks again: a direct caller of this handler gets them too
-            played, conversation = self.engine.check_turn(message, history, role, sampling)
-            messages = self.engine.prompt(played, conversation)
+            speakers, scene = self.check_turn(message, history, role, sampling, group)
+            # the first prompt now: a prompt that cannot be built is refused before anything is shown
+            messages = speakers[0][1](scene)
         except UserError as error:
             raise gr.Error(str(error), print_exception=False) from None
         session, turn = getattr(request, "session_hash", None), _Turn()
@@ -115,18 +193,25 @@ class RolePlayChat:
             self._stops.setdefault(session, set()).add(turn)
         # the chat shown holds the turns the prompt holds, as typed: the role's lorebook entries and
         # notes folded into them are the prompt's alone (shown, they would come back as history and
-        # be applied again on every turn)
-        history = newest_history(conversation, self.engine.model_max_length)
-        reply = ""
+        # be applied again on every turn); a speaker's name goes in its message's metadata, never
+        # into the text, so the scene comes back as it was
+        history = [shown(m) for m in newest_history(scene, self.engine.model_max_length)]
+        asked, reply = len(history), ""
         try:
             with self.engine.slots.place() as slot:
-                yield "", [*history, {"role": "assistant", "content": reply}]
-                with slot(turn.stop):
-                    for reply in self.engine.start_reply(messages, sampling, turn.stop):
-                        if turn.stop.is_set():
-                            break
-                        # the text box is left alone while streaming: the user may be typing the next message
-                        yield gr.skip(), [*history, {"role": "assistant", "content": reply}]
+                for name, prompt in speakers:
+                    messages, reply = messages or prompt(scene), ""
+                    yield ("" if len(history) == asked else gr.skip()), [*history, shown(spoken(reply, name))]
+                    with slot(turn.stop):
+                        for reply in self.engine.start_reply(messages, sampling, turn.stop):
+                            if turn.stop.is_set():
+                                break
+                            # the text box is left alone while streaming: the user may be typing the next message
+                            yield gr.skip(), [*history, shown(spoken(reply, name))]
+                    if turn.stop.is_set():
+                        break
+                    said = spoken(reply if reply.strip() else EMPTY_REPLY, name)
+                    scene, history, messages = [*scene, said], [*history, shown(said)], None
         except Busy:
             raise gr.Error(BUSY, print_exception=False) from None
         except Cancelled:
@@ -144,23 +229,30 @@ class RolePlayChat:
         if turn.stop.is_set():
             if turn.restart is not None:
                 yield gr.skip(), turn.restart
-            elif not reply:  # stopped before any token: no empty reply for the next prompt, the message back
+            elif not reply and len(history) == asked:  # stopped before any token: the message back
                 yield message, history[:-1]
+            elif not reply:  # a group stopped between two speakers: the replies so far stay
+                yield gr.skip(), history
         elif not reply.strip():
-            yield gr.skip(), [*history, {"role": "assistant", "content": EMPTY_REPLY}]
+            yield gr.skip(), history
 
-    def greeting(self, role) -> list[dict]:
+    def greeting(self, role, group=None) -> list[dict]:
         """The chat a role starts with: its greeting, when it has one, which then goes back into the
-        prompt as the first assistant turn."""
+        prompt as the first assistant turn. A group's scene opens with each member's greeting, in
+        the group's order, as SillyTavern opens a group chat."""
+        if group_mode(group):
+            return [shown(spoken(self.engine.roles[name].greeting, name)) for name in group
+                    if name in self.engine.roles and self.engine.roles[name].greeting]
         return self.engine.roles[role].opening() if role in self.engine.roles else []
 
-    def another_greeting(self, role, history) -> list[dict]:
+    def another_greeting(self, role, history, group=None) -> list[dict]:
         """The chat opened by the role's next greeting (a card's alternate_greetings, in turn), while
         it holds only its greeting, as SillyTavern swipes a first message; once the user has spoken,
-        the chat as it is (Clear starts over)."""
+        or in group mode, the chat as it is (Clear starts over)."""
         greetings = self.engine.roles[role].greetings() if role in self.engine.roles else []
         history = history or []
-        if len(greetings) < 2 or len(history) > 1 or (history and history[0].get("role") != "assistant"):
+        if (len(greetings) < 2 or len(history) > 1 or (history and history[0].get("role") != "assistant")
+                or group_mode(group)):
             return history
         from utils.chat import content_text
 
@@ -168,8 +260,45 @@ class RolePlayChat:
         following = greetings[(greetings.index(shown) + 1) % len(greetings)] if shown in greetings else greetings[0]
         return [{"role": "assistant", "content": following}]
 
-    def has_alternates(self, role) -> bool:
-        return role in self.engine.roles and len(self.engine.roles[role].greetings()) > 1
+    def fits(self, history, group) -> bool:
+        """Whether the chat shown goes on under a changed group, once the user has spoken: a group's
+        scene while every reply in it is by a member (one added joins the scene as it is), a one-on-one
+        chat while no reply in it is named. A chat of greetings alone starts over, which shows the
+        greetings of the group as it is now and loses nothing."""
+        history = history or []
+        names = [(m.get("metadata") or {}).get("title") for m in history if m.get("role") == "assistant"]
+        if not any(m.get("role") == "user" for m in history):
+            return False
+        return all(name in group for name in names) if group_mode(group) else not any(names)
+
+    def has_alternates(self, role, group=None) -> bool:
+        return role in self.engine.roles and len(self.engine.roles[role].greetings()) > 1 and not group_mode(group)
+
+
+def group_mode(group) -> bool:
+    """Whether the chat is a group's: two or more roles picked (or a group that is no list, to be told why)."""
+    return group is not None and not (isinstance(group, (list, tuple)) and len(group) < 2)
+
+
+def speaking_order(message: str, group: list[str]) -> list[str]:
+    """Who answers a user's message in a group, each member once: those the message names, in the
+    order it first names them, then the rest in the group's order. A fixed rule (SillyTavern's
+    "natural order" also draws by chance), so that the user can tell who speaks and steer it."""
+    named = sorted((name for name in group if name in message), key=message.find)
+    return [*named, *(name for name in group if name not in named)]
+
+
+def spoken(text: str, name: str | None) -> dict:
+    """A reply as a scene holds it: the plain text, and its speaker's name (None: one-on-one, unnamed)."""
+    return {"role": "assistant", "content": text} if name is None else {"role": "assistant", "content": text,
+                                                                        "name": name}
+
+
+def shown(message: dict) -> dict:
+    """A scene's message as the chat shows it: a speaker's name as the message's metadata title,
+    which Gradio shows above the reply and sends back beside it (scene_of reads it there)."""
+    plain = {"role": message["role"], "content": message["content"]}
+    return plain if message.get("name") is None else {**plain, "metadata": {"title": message["name"]}}
 
 
 def build_demo(chat: RolePlayChat, default_role: str):
@@ -202,43 +331,48 @@ def build_demo(chat: RolePlayChat, default_role: str):
                                         visible=chat.has_alternates(default_role))
             with gr.Column(scale=1):
                 # a name's control and bidi characters are shown escaped; the value stays the name
-                role = gr.Radio([(printable(name), name) for name in chat.engine.roles], value=default_role, elem_id="role",
+                choices = [(printable(name), name) for name in chat.engine.roles]
+                role = gr.Radio(choices, value=default_role, elem_id="role",
                                 label="角色 Role (switching starts a new chat)")
+                # not capped at MAX_GROUP here: a fourth pick is told why beside this control on Submit
+                group = gr.Dropdown(choices, value=[], multiselect=True, label="群聊 Group", info=GROUP_HELP,
+                                    elem_id="group")
                 settings = [
                     gr.Slider(1, limit, value=min(defaults.max_new_tokens, limit), step=1, label="max new tokens",
                               elem_id="max_new_tokens"),
                     gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top_p", elem_id="top_p"),
                     gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0 = greedy)",
                               elem_id="temperature")]
-        wire(chat, msg, chatbot, role, settings, submit, stop, clear)
-        role.change(lambda name: gr.Button(visible=chat.has_alternates(name)), role, another, queue=False,
-                    api_visibility="private")
-        another.click(chat.another_greeting, [role, chatbot], chatbot, queue=False, api_visibility="private")
+        wire(chat, msg, chatbot, role, group, settings, submit, stop, clear)
+        gr.on([role.change, group.change], lambda name, members: gr.Button(visible=chat.has_alternates(name, members)),
+              [role, group], another, queue=False, api_visibility="private")
+        another.click(chat.another_greeting, [role, chatbot, group], chatbot, queue=False, api_visibility="private")
     # the bound on concurrent replies is chat.engine.slots, shared with the API: Gradio only runs the handlers
     demo.queue(default_concurrency_limit=None, max_size=None)
     return demo
 
 
-def wire(chat: RolePlayChat, msg, chatbot, role, settings: list, submit, stop, clear) -> None:
+def wire(chat: RolePlayChat, msg, chatbot, role, group, settings: list, submit, stop, clear) -> None:
     """The page's events, inside its gr.Blocks."""
     import gradio as gr
 
     # Gradio hands a handler the request (and so the browser session) through this annotation
-    def respond(message, history, role, max_new_tokens, top_p, temperature, request: gr.Request):
-        yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request)
+    def respond(message, history, role, max_new_tokens, top_p, temperature, group, request: gr.Request):
+        yield from chat.chat(message, history, role, max_new_tokens, top_p, temperature, request, group=group)
 
     def stop_reply(request: gr.Request):
         chat.stop(request)
 
-    def start_over(role, request: gr.Request):
-        chat.stop(request, restart=chat.greeting(role))
-        return chat.greeting(role)
+    def start_over(role, group, request: gr.Request):
+        chat.stop(request, restart=chat.greeting(role, group))
+        return chat.greeting(role, group)
 
-    def clear_chat(role, request: gr.Request):
-        return start_over(role, request), ""
+    def clear_chat(role, group, request: gr.Request):
+        return start_over(role, group, request), ""
 
     private = {"queue": False, "api_visibility": "private"}
-    inputs = [msg, chatbot, role, *settings]
+    # the group comes last, so that a client of api_name "chat" that leaves it out chats one-on-one
+    inputs = [msg, chatbot, role, *settings, group]
     # Submit is disabled while a reply streams: Gradio ignores a new send until the running one ends
     # (trigger_mode "once"), and a message left in the box should say why. The lock runs the
     # validator (only queued events do), so that refused input leaves Submit as it was: Gradio
@@ -253,13 +387,21 @@ def wire(chat: RolePlayChat, msg, chatbot, role, settings: list, submit, stop, c
     # an error (only .failure), so both outcomes are listed
     for outcome in (reply.success, reply.failure):
         outcome(lambda: gr.Button(interactive=True), None, submit, **private)
-    # Stop keeps what was shown; Clear (the button or the chat's trash icon) and a new role start
-    # over, keeping a draft message on a role switch. Each ends the running reply at once (its
-    # stop event), and the reply's own last update shows the new start.
+    # Stop keeps what was shown; Clear (the button or the chat's trash icon), a new role and a group
+    # the chat no longer fits start over, keeping a draft message on a switch. Each ends the running
+    # reply at once (its stop event), and the reply's own last update shows the new start.
     stop.click(stop_reply, None, None, **private)
-    clear.click(clear_chat, role, [chatbot, msg], **private)
-    chatbot.clear(start_over, role, chatbot, **private)
-    role.change(start_over, role, chatbot, **private)
+    clear.click(clear_chat, [role, group], [chatbot, msg], **private)
+    chatbot.clear(start_over, [role, group], chatbot, **private)
+    role.change(start_over, [role, group], chatbot, **private)
+
+    # Gradio's multiselect dropdown sends a pick's change late and more than once, each with the
+    # value of its moment (seen under load): a change that the chat still fits keeps it, so that
+    # none of them ends a reply that the user started meanwhile
+    def regroup(role, group, history, request: gr.Request):
+        return gr.skip() if chat.fits(history, group) else start_over(role, group, request)
+
+    group.change(regroup, [role, group, chatbot], chatbot, preprocess=False, **private)
 
 
 def build_app(demo, engine, api_key: str | None = None, limits=None):

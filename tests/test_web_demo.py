@@ -13,6 +13,7 @@ import sys
 import time
 import types
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from tests
@@ -208,7 +209,7 @@ def test_a_history_past_max_messages_is_refused_beside_the_history(loaded, roles
     assert alternates(run_chat(chat, "再说一句", history)[1], 3)  # 4 messages: at the limit, answered
     calls = len(recording.calls)
     verdicts = chat.validate("再说一句", [*history, history[0]], "李白", 6, 0.8, 0)
-    assert [v["is_valid"] for v in verdicts] == [True, False, True, True, True, True]
+    assert [v["is_valid"] for v in verdicts] == [True, False, True, True, True, True, True]  # the last: group
     assert "5 messages, more than the server's limit of 4 (--max_messages)" in verdicts[1]["message"]
     with pytest.raises(gr.Error, match="limit of 4"):
         next(chat.chat("再说一句", [*history, history[0]], "李白", 6, 0.8, 0))
@@ -641,6 +642,120 @@ def test_page_plays_character_cards_and_keeps_the_greeting_as_the_first_turn(bro
         page.get_by_role("radio", name="老渔夫").check()
         page.wait_for_function("() => { const b = document.querySelectorAll('#chatbot [data-testid=bot]');"
                                " return b.length === 1 && b[0].innerText.includes('今天的鱼可肥了'); }")
+
+
+def test_group_speaking_order_names_first_then_the_group_order():
+    group = ["孙悟空", "张飞", "李白"]
+    assert web_demo.speaking_order("大家好", group) == group
+    assert web_demo.speaking_order("李白先说，然后张飞", group) == ["李白", "张飞", "孙悟空"]
+    assert web_demo.speaking_order("张飞，李白说你醉了；张飞你说呢", group) == ["张飞", "李白", "孙悟空"]
+
+
+def test_a_group_change_keeps_a_scene_it_still_fits(loaded, roles, recording):
+    chat = make_chat(recording, loaded[1], roles)
+    scene = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好", "metadata": {"title": "张飞"}}]
+    one_on_one = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好", "metadata": None}]
+    assert chat.fits(scene, ["孙悟空", "张飞"]) and chat.fits(scene, ["孙悟空", "张飞", "李白"])  # one joins
+    assert not chat.fits(scene, ["孙悟空", "李白"]) and not chat.fits(scene, [])  # 张飞 left; no group
+    assert chat.fits(one_on_one, ["孙悟空"]) and not chat.fits(one_on_one, ["孙悟空", "张飞"])
+    greeted = [{"role": "assistant", "content": "俺老孙来也", "metadata": {"title": "孙悟空"}}]
+    assert not chat.fits(greeted, ["孙悟空", "张飞"]) and not chat.fits([], [])  # before the user speaks: anew
+
+
+@pytest.mark.parametrize(
+    ("group", "history", "field", "reason"),
+    [
+        (["孙悟空", "张飞", "李白", "皇帝"], [], "group", "at most 3 roles, got 4"),
+        (["孙悟空", "关羽"], [], "group", "unknown role '关羽'"),
+        (["孙悟空", "孙悟空"], [], "group", "in the group twice"),
+        ("孙悟空,张飞", [], "group", "must be a list"),
+        (["孙悟空", "张飞"], [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "好"}],
+         "history", "message 2 of the history is not by a member"),
+        (["孙悟空", "张飞"], [{"role": "assistant", "content": "好", "metadata": {"title": "李白"}}],
+         "history", "message 1 of the history is not by a member"),
+    ],
+)
+def test_a_bad_group_is_refused_beside_its_input(loaded, roles, recording, group, history, field, reason):
+    chat = make_chat(recording, loaded[1], roles)
+    verdicts = chat.validate("你好", history, "李白", 6, 0.8, 0, group)
+    assert [v["is_valid"] for v in verdicts] == [name != field for name in web_demo.TURN_INPUTS]
+    assert reason in verdicts[web_demo.TURN_INPUTS.index(field)]["message"]
+    with pytest.raises(gr.Error, match=reason):
+        next(chat.chat("你好", history, "李白", 6, 0.8, 0, group=group))
+    assert recording.calls == []
+
+
+def speakers_and_texts(page) -> list[tuple[str, str]]:
+    """Each bot message of the page as (the speaker its title shows, its text)."""
+    return [tuple(pair) for pair in page.eval_on_selector_all(
+        "#chatbot [data-testid=bot]",
+        "bots => bots.map(b => [b.querySelector('.title')?.innerText.trim() ?? '',"
+        " b.querySelector('.content')?.innerText.trim() ?? ''])")]
+
+
+def test_page_group_scene_speakers_answer_in_turn_each_from_its_own_prompt(browser, loaded, roles):
+    """Three roles in a group, in Chromium, over two user turns: the greetings open the scene; the
+    first message names nobody, so the group's order answers; the second names 李白 and then 张飞,
+    who answer first. Every reply's prompt is its speaker's seat of the scene so far, to the token,
+    and the history the page sends back holds the plain replies, their speakers beside them."""
+    model, tokenizer = RecordingModel(loaded[0]), loaded[1]
+    group = ["孙悟空", "张飞", "李白"]
+    cast = {name: replace(roles[name], greeting=f"{name}到！") for name in group}
+    chat = make_chat(model, tokenizer, cast, defaults=Sampling(6, 0.8, 0))
+    turns = []  # per user turn: the history the page sent, and the chat the handler left
+    handler = chat.chat
+
+    def recorded(message, history, *rest, **group):
+        turns.append({"sent": history})
+        for update in handler(message, history, *rest, **group):
+            turns[-1]["left"] = update[1]
+            yield update
+
+    chat.chat = recorded
+    with serve(web_demo.build_app(web_demo.build_demo(chat, "孙悟空"), chat.engine)) as url:
+        page = open_page(browser, url)
+        try:
+            page.locator("#group input").click()
+            for name in group:  # the list stays open while picking
+                page.get_by_role("option", name=name, exact=True).click()
+            page.locator("#message textarea").click()
+            page.wait_for_function("() => [...document.querySelectorAll('#chatbot [data-testid=bot] .title')]"
+                                   ".map(t => t.innerText.trim()).join() === '孙悟空,张飞,李白'")
+            send(page, "今晚月色好，三位喝点什么？")
+            wait_for_reply(page, 6)
+            send(page, "李白先作首诗，再听张飞的。")
+            wait_for_reply(page, 9)
+            shown = speakers_and_texts(page)
+        finally:
+            page.close()
+    order = ["孙悟空", "张飞", "李白"], ["李白", "张飞", "孙悟空"]
+    assert [speaker for speaker, _ in shown] == [*group, *order[0], *order[1]]
+    assert [text for _, text in shown[:3]] == [f"{name}到！" for name in group]
+    assert all(text for _, text in shown)
+
+    # the history the page kept and sent back: plain replies, each speaker as its metadata title
+    sent, left = turns[1]["sent"], turns[0]["left"]
+    assert [m["role"] for m in sent] == ["assistant"] * 3 + ["user"] + ["assistant"] * 3
+    assert [(m.get("metadata") or {}).get("title") for m in sent if m["role"] == "assistant"] == [*group, *order[0]]
+    assert [text_of(m) for m in sent] == [m["content"] for m in left]
+    scene = [{"role": m["role"], "content": text_of(m), **({"name": m["metadata"]["title"]} if m["role"] == "assistant"
+                                                           else {})} for m in sent]
+    assert not any(m["content"].startswith((f"{m['name']}:", f"{m['name']}：", f"**{m['name']}**"))
+                   for m in scene if m["role"] == "assistant")  # no label shown went into the text
+
+    # each generate() call: the speaker's own prompt over the scene so far
+    replies = [m["content"] for m in turns[1]["left"][-3:]]
+    scenes = [scene[:4], scene[:5], scene[:6]]  # turn 1: the greetings, the message, the replies so far
+    second = [*scene, {"role": "user", "content": "李白先作首诗，再听张飞的。"}]
+    scenes += [second, [*second, {"role": "assistant", "content": replies[0], "name": "李白"}],
+               [*second, {"role": "assistant", "content": replies[0], "name": "李白"},
+                {"role": "assistant", "content": replies[1], "name": "张飞"}]]
+    assert len(model.calls) == 6
+    for call, speaker, seen in zip(model.calls, [*order[0], *order[1]], scenes):
+        expected = build_chat_input(tokenizer, chat.engine.scene_prompt(speaker, seen), model.generation_config,
+                                    model.config.model_max_length, 6)
+        assert call["inputs"][0].tolist() == expected, speaker
+        assert f"[Write the next reply only as {speaker}.]" in tokenizer.decode(expected)
 
 
 # ---------------------------------------------------------------- command line
