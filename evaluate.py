@@ -22,7 +22,10 @@ and ALL its references: general = the paper's CUS (role-styled answers to genera
 role_specific = SPE (role knowledge). With --test_file (data_helper.py's jsonl) rows are grouped
 into questions by role and input, split "unknown" unless a row has a "split" field; a conversation
 row (OpenAI messages or ShareGPT, as data_helper.py writes for cards) asks its last user message
-with the turns before it in the prompt, its last reply the reference.
+with the turns before it in the prompt, its last reply the reference. A role's prompt context
+(lorebooks and notes, utils/lorebook.py) is applied as serving applies it; a row that data_helper.py
+wrote holds its applied prompt already and is asked as written (question_prompt). A group scene
+row (assistant turns of several names) asks each character's last reply from its seat.
 
 Scores per question and model: one answer (greedy unless --do_sample), ROUGE-L F1 (beta = 1, from
 the rouge-score package) on jieba words and on characters (whitespace dropped), against the first
@@ -30,10 +33,17 @@ reference and the best of all; and the perplexity of the reference replies (each
 chat prompt, token-weighted). RAW (the paper's role-free answers) cannot be measured: RoleBench-zh
 ships none. Character consistency, offline, of every answer (utils/consistency.py): the share that
 self-discloses as an AI (a maintained phrase list, extended by --disclosure_phrase), the share with
-speaker bleed (a line starting with another test role's or the user's name and a colon),
+speaker bleed (a line starting with another test role's or the user's name and a colon), the scene
+speaker bleed (the same over group-scene questions, with the scene's other speakers' names),
 distinct-1/2 and the repeated 4-gram rate over characters, and the length ratio to the first
 reference. The RoleGPT answers (default: ../shared/rolebench/rolebench-zh/*/rolegpt_baseline.jsonl
 when present, or --baseline_file) are scored as one more row, without perplexity.
+
+Preference pairs (--pairs_file, rows with "chosen" and "rejected" replies as train.py --stage dpo reads
+them, utils/pairs.py): each model's summed log-probability of both replies (+ eos) after the pair's
+prompt, laid out as the DPO stage lays them out. pref_accuracy is the share of pairs whose chosen reply
+is the likelier, pref_margin the mean of log p(chosen) - log p(rejected): the policy's own preference,
+no reference model, so that an SFT model and the same model after DPO are compared on one scale.
 
 Output in --out_dir: samples.jsonl (one line per model and question, appended as it goes: the same
 command again resumes, and a result made with other settings or another prompt is redone),
@@ -45,7 +55,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.files import read_jsonl
@@ -59,8 +69,10 @@ BASELINE_NAME = "RoleGPT"
 SPEC_SEPARATOR = "::"
 SPLITS = ("general", "role_specific")  # the two RoleBench-zh test files, in report order
 SAMPLES_FILE = "samples.jsonl"
+PAIRS_SPLIT = "pairs"  # the split of the --pairs_file result's line in samples.jsonl, beside the questions'
 # how a reply may label the user's lines when it speaks for them, beside utils.cards.USER_NAME
 USER_LABELS = ("用户", "User")
+MAX_SPEAKER_CHARS = 32  # a longer "...: " line opening in a written seat is text, not a speaker's name
 
 
 # ---------------------------------------------------------------- arguments
@@ -110,6 +122,10 @@ def parse_args(argv=None):
     group.add_argument("--disclosure_phrase", action="append", default=[], metavar="TEXT",
                        help="a phrase that counts as the answer disclosing itself as an AI, repeatable, added to "
                             "utils/consistency.py's list (作为一个人工智能, As an AI, ...)")
+    group = parser.add_argument_group("preference pairs")
+    group.add_argument("--pairs_file", metavar="FILE",
+                       help="a pairs jsonl (rows with 'chosen' and 'rejected' replies, as train.py --stage dpo reads "
+                            "them): each model's pref_accuracy and pref_margin on it")
     group = parser.add_argument_group("output")
     group.add_argument("--out_dir", default="runs/eval", help=f"folder for {SAMPLES_FILE} and the report files")
     group.add_argument("--plot_run", action="append", default=[], metavar="DIR",
@@ -213,6 +229,20 @@ def check_generation(args) -> list[str]:
     return problems
 
 
+def check_pairs_file(args) -> list[str]:
+    from utils.pairs import read_pairs
+
+    if not args.model:
+        return ["--pairs_file scores models: give --model"]
+    if not os.path.isfile(args.pairs_file):
+        return [f"--pairs_file {args.pairs_file}: file not found"]
+    try:
+        read_pairs(args.pairs_file)
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
 def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
     """The model specs, and every problem with the arguments."""
     from utils.report import find_event_dirs
@@ -229,6 +259,8 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
         problems.append("nothing to do: give --model (one or more), --baseline_only or --plot_run")
     if evaluating:
         problems += check_questions(args) + check_generation(args)
+    if args.pairs_file is not None:
+        problems += check_pairs_file(args)
     for run_dir in args.plot_run:
         if not os.path.isdir(run_dir):
             problems.append(f"--plot_run {run_dir}: folder not found")
@@ -242,16 +274,20 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
 # ---------------------------------------------------------------- test questions
 
 
-def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None):
+def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None,
+                 written=None, others=None):
     """Append a question, or merge the references of a repeated (split, role, question). A question
     of a conversation has the turns before it (`history`) and its own message (`ask`); its
-    `question` text, which keys it, holds both."""
+    `question` text, which keys it, holds both. `written`: {"system", "base"} of a conversation row
+    that carries its own prompt (question_prompt); `others`: the other speakers of a group scene's
+    question (None outside a scene)."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "references": list(references),
-                  "instruction": instruction, "history": list(history), "ask": ask or question}
+                  "instruction": instruction, "history": list(history), "ask": ask or question, "written": written,
+                  "others": others}
     questions.append(index[key])
 
 
@@ -265,12 +301,11 @@ def questions_from_data_dir(data_dir, selected):
     return questions
 
 
-def conversation_question(row):
-    """(system, earlier turns, last user message, last reply) of a conversation row (OpenAI messages
-    or ShareGPT), the last reply being the reference; ValueError names the problem."""
-    from utils.data import row_messages, system_of
+def conversation_question(messages):
+    """(system, earlier turns, last user message, last reply) of a conversation's messages (row_messages),
+    the last reply being the reference; ValueError names the problem."""
+    from utils.data import system_of
 
-    messages = row_messages(row)
     system = system_of(messages)
     turns = messages[1:] if system else messages
     last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=0)
@@ -279,26 +314,81 @@ def conversation_question(row):
     return system, turns[: last - 1], turns[last - 1]["content"], turns[last]["content"]
 
 
+def scene_questions(turns):
+    """[(character, earlier turns, last user message, its last reply, the scene's other speakers)] of a
+    group scene (assistant messages named by their speakers): each character's last reply, asked from
+    its seat (utils.scenes.seat) as data_helper.py trains it and the page serves it. A character whose
+    last reply follows its own message has no seat to be asked from, and is left out."""
+    from utils.cards import USER_NAME
+    from utils.scenes import seat, speakers
+
+    if any(m["role"] == "assistant" and not m.get("name") for m in turns):
+        raise ValueError("a group scene: every assistant message needs the \"name\" of its speaker")
+    names = speakers(turns)
+    users = [m["name"] for m in turns if m["role"] == "user" and m.get("name")]
+    out = []
+    for name in names:
+        last = max(i for i, m in enumerate(turns) if m["role"] == "assistant" and m["name"] == name)
+        seen = seat(turns[:last], name, USER_NAME)
+        if seen and seen[-1]["role"] == "user":
+            others = list(dict.fromkeys(n for n in [*names, *users] if n != name))
+            out.append((name, seen[:-1], seen[-1]["content"], turns[last]["content"], others))
+    return out
+
+
+def seat_speakers(name, turns) -> list[str]:
+    """The other speakers of a seat that data_helper.py wrote (utils.scenes.seat: their lines "Name: text"
+    in the user turns), in order of appearance."""
+    found = []
+    for message in turns:
+        if message["role"] == "user":
+            for line in message["content"].splitlines():
+                speaker, sep, _ = line.partition(": ")
+                if sep and speaker != name and 0 < len(speaker) <= MAX_SPEAKER_CHARS and not any(
+                        c.isspace() or c in ":：,，.。!！?？" for c in speaker):
+                    found.append(speaker)
+    return list(dict.fromkeys(found))
+
+
 def questions_from_test_file(path, selected):
     """Questions grouped from a data_helper.py test jsonl: one per (split, role, input), all outputs kept.
-    Their instruction is the prompt of a model that has no prompt of its own for the role."""
+    Their instruction is the prompt of a model that has no prompt of its own for the role. A group scene
+    (assistant turns of several names) gives a question per character; a scene's questions, and those of
+    a seat that data_helper.py wrote (its system prompt ending in the group note), keep the scene's other
+    speakers (`others`) for the scene speaker bleed."""
+    from utils.data import row_messages
+    from utils.scenes import group_note
+
     questions, index = [], {}
     for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
         try:
             if not isinstance(row, dict):
                 raise ValueError("expected a JSON object")
             conversation = "messages" in row or "conversations" in row
-            for field in ("role",) if conversation else ("instruction", "input", "output", "role"):
+            messages = row_messages(row, scene=True) if conversation else None
+            scene = conversation and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1
+            for field in () if scene else ("role",) if conversation else ("instruction", "input", "output", "role"):
                 if not isinstance(row.get(field), str) or not row[field].strip():
                     raise ValueError(f"field '{field}' must be a non-empty string")
-            system, history, ask, reply = conversation_question(row) if conversation else (
-                row["instruction"], [], row["input"], row["output"])
+            if scene:
+                asked = scene_questions([m for m in messages if m["role"] != "system"])
+            elif conversation:
+                system, history, ask, reply = conversation_question(messages)
+                others = seat_speakers(row["role"], [*history, {"role": "user", "content": ask}]) if \
+                    system.endswith(group_note(row["role"])) else None
+                asked = [(row["role"], history, ask, reply, others)]
+            else:
+                system, asked = row["instruction"], [(row["role"], [], row["input"], row["output"], None)]
         except ValueError as error:
             raise UserError(f"{path}:{number}: {error}") from None
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
-        if selected is None or row["role"] in selected:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
-            add_question(questions, index, split, row["role"], text, [reply], system, history, ask)
+        for role, history, ask, reply, others in asked:
+            if selected is None or role in selected:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
+                written = ({"system": system, "base": row.get("base_system") or system}
+                           if conversation and not scene and system else None)
+                add_question(questions, index, split, role, text, [reply], None if scene else system, history, ask,
+                             written, others)
     return questions
 
 
@@ -332,10 +422,10 @@ def load_questions(args):
     return questions, selected or list(dict.fromkeys(q["role"] for q in questions))
 
 
-def run_settings(spec, args, system):
+def run_settings(spec, args, prompt):
     """What a saved result must have been made with to be reused: the model, the decoding, and a digest of
-    the system prompt and the references."""
-    digest = hashlib.sha1(json.dumps(system, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+    the prompt and the references."""
+    digest = hashlib.sha1(json.dumps(prompt, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
     return {**spec.settings_key(), "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
             "temperature": args.temperature, "top_p": args.top_p, "repetition_penalty": args.repetition_penalty,
             "seed": args.seed if args.do_sample else None, "quantization_bit": args.quantization_bit, "digest": digest}
@@ -418,27 +508,92 @@ def question_messages(system, question) -> list[dict]:
     return [{"role": "system", "content": system}, *question["history"], {"role": "user", "content": question["ask"]}]
 
 
-def system_prompt(spec, prompts, question):
-    if question["role"] in prompts.roles:
-        return prompts.roles[question["role"]].system
-    if question["instruction"] is not None:
-        return question["instruction"]
-    raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: {', '.join(prompts.roles)}); "
-                    f"give --roles_file")
+def question_prompt(spec, prompts, question) -> list[dict]:
+    """The messages a model is asked `question` with, as serving builds them (utils.engine.ChatEngine.prompt):
+    its role's system prompt and the turns, with the role's context (lorebooks, depth note, post-history
+    instructions; utils.lorebook.Context.apply) applied. A conversation row that data_helper.py wrote holds
+    the prompt its character's context gave it already (entries in the system prompt, notes folded into the
+    turns): it is asked as written when the model's prompt for the role is the one the row was made from
+    (its "base_system", or its system prompt), never applied twice. With another prompt for the role
+    (--roles_file), that system prompt replaces the row's, and the row's turns stay as written. A group
+    scene's question is asked from the character's seat, with the group note (ChatEngine.scene_prompt)."""
+    from utils.cards import USER_NAME
+    from utils.lorebook import Context
+    from utils.scenes import group_note
+
+    role = prompts.roles.get(question["role"])
+    written = question.get("written")
+    if written is not None and (role is None or role.system == written["base"]):
+        return question_messages(written["system"], question)
+    if role is None:
+        if question["instruction"] is None:
+            raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: "
+                            f"{', '.join(prompts.roles)}); give --roles_file")
+        return question_messages(question["instruction"], question)
+    scene = question.get("others") is not None
+    if written is not None:  # its turns hold its own notes: only a scene's group note is added
+        context = Context(role.name, USER_NAME, extra_system=group_note(role.name)) if scene else None
+    else:  # a scene's seat with the group note, as ChatEngine.scene_prompt
+        context = role.context
+        if scene:
+            context = replace(context or Context(role.name, USER_NAME), extra_system=group_note(role.name))
+    messages = question_messages(role.system, question)
+    return context.apply(messages)[0] if context is not None else messages
 
 
-def evaluate_model(spec, questions, store, args):
-    """Generate, score and save the questions this model has no saved result for."""
+def pair_logps(model, tokenizer, rows, batch_size, source):
+    """((n, 2) summed log-probabilities of each pair's chosen and rejected reply, the pairs dropped as
+    too long): the pairs laid out and batched as train.py --stage dpo does (utils.pairs), scored by
+    utils.preference.reference_logps with the model as it is (its adapter on)."""
+    from utils.pairs import PairDataset, collate_pairs
+    from utils.preference import reference_logps
+
+    dataset = PairDataset(rows, tokenizer, model.generation_config, model.config.model_max_length, source)
+    batches = (collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                             tokenizer.pad_token_id) for start in range(0, len(dataset), batch_size))
+    return reference_logps(model, batches, len(dataset), model.device, disable_adapter=False).cpu(), dataset.too_long
+
+
+def preference_summary(table, too_long) -> dict:
+    """pref_accuracy (share of pairs with log p(chosen) > log p(rejected)), pref_margin (the mean of
+    their difference) and the mean log-probabilities, of a pair_logps table."""
+    chosen, rejected = table[:, 0].tolist(), table[:, 1].tolist()
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"pairs": len(margins), "too_long": too_long, "pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "pref_margin": sum(margins) / len(margins), "logp_chosen": sum(chosen) / len(chosen),
+            "logp_rejected": sum(rejected) / len(rejected)}
+
+
+def pairs_entry(args):
+    """(the store's key for the --pairs_file result, its rows), or (None, None) without one. The key's
+    question is a digest of the rows, so that an edited file is scored again."""
+    if args.pairs_file is None:
+        return None, None
+    from utils.pairs import read_pairs
+
+    rows = read_pairs(args.pairs_file)
+    digest = hashlib.sha1(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return {"split": PAIRS_SPLIT, "role": "", "question": f"{os.path.basename(args.pairs_file)} {digest}"}, rows
+
+
+def pairs_settings(spec, args):
+    return {**spec.settings_key(), "quantization_bit": args.quantization_bit}
+
+
+def evaluate_model(spec, questions, store, args, pairs_key=None, pair_rows=None):
+    """Generate, score and save the questions this model has no saved result for, and its score on
+    the pairs when it has none for them."""
     from baichuan.generation_utils import build_chat_input
     from utils.prompts import load_prompts
 
     prompts = load_prompts(spec.path, spec.adapter, args.roles_file, args.card_system_prompt)
-    systems = {id(q): system_prompt(spec, prompts, q) for q in questions}
-    pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [systems[id(q)],
+    asked = {id(q): question_prompt(spec, prompts, q) for q in questions}
+    pending = [q for q in questions if store.get(spec.name, q, run_settings(spec, args, [asked[id(q)],
                                                                                        q["references"]])) is None]
+    pairs_pending = pairs_key is not None and store.get(spec.name, pairs_key, pairs_settings(spec, args)) is None
     print(f"{spec.name}: {len(questions) - len(pending)} of {len(questions)} questions already done, "
-          f"generating {len(pending)}", flush=True)
-    if not pending:
+          f"generating {len(pending)}" + (", scoring the pairs" if pairs_pending else ""), flush=True)
+    if not pending and not pairs_pending:
         return
     import torch
     from tqdm import tqdm
@@ -447,12 +602,16 @@ def evaluate_model(spec, questions, store, args):
 
     model, tokenizer = load_for_inference(spec.path, spec.adapter, args.device, args.trust_remote_code,
                                           args.quantization_bit)
+    if pairs_pending:
+        table, too_long = pair_logps(model, tokenizer, pair_rows, args.batch_size, args.pairs_file)
+        store.add({**pairs_key, "model": spec.name, "preference": preference_summary(table, too_long),
+                   "settings": pairs_settings(spec, args)})
     config = generation_config_for(model, args)
     torch.manual_seed(args.seed)
     with tqdm(total=len(pending), desc=spec.name, unit="q", file=sys.stderr, dynamic_ncols=True) as bar:
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start : start + args.batch_size]
-            messages = [question_messages(systems[id(q)], q) for q in batch]
+            messages = [asked[id(q)] for q in batch]
             prompts_ids = [build_chat_input(tokenizer, m, model.generation_config, model.config.model_max_length,
                                             args.max_new_tokens) for m in messages]
             for question, m, answer in zip(batch, messages, generate_answers(model, tokenizer, prompts_ids, config)):
@@ -460,7 +619,7 @@ def evaluate_model(spec, questions, store, args):
                 store.add({"model": spec.name, "split": question["split"], "role": question["role"],
                            "question": question["question"], "answer": answer, "scores": score_answer(answer, question),
                            "ref_nll": nll, "ref_tokens": tokens, "references": len(question["references"]),
-                           "settings": run_settings(spec, args, [systems[id(question)], question["references"]])})
+                           "settings": run_settings(spec, args, [asked[id(question)], question["references"]])})
                 bar.update(1)
 
 
@@ -473,8 +632,15 @@ def with_consistency(record, question, role_order, phrases):
     from utils.cards import USER_NAME
     from utils.consistency import consistency_scores
 
-    others = [r for r in role_order if r != question["role"]] + [USER_NAME, *USER_LABELS]
-    return {**record, "consistency": consistency_scores(record["answer"], question["references"][0], others, phrases)}
+    from utils.scenes import speaker_bleed
+
+    users = [USER_NAME, *USER_LABELS]
+    others = [r for r in role_order if r != question["role"]] + users
+    scores = consistency_scores(record["answer"], question["references"][0], others, phrases)
+    # a scene's question: writing the lines of the scene's other characters or of the user
+    scene = question.get("others")
+    scores["scene_speaker_bleed"] = float(speaker_bleed(record["answer"], [*scene, *users])) if scene is not None else None
+    return {**record, "consistency": scores}
 
 
 def disclosure_phrases(args):
@@ -510,16 +676,22 @@ def evaluate(args, specs):
     from utils.report import aggregate, report_meta, write_report
 
     questions, role_order = load_questions(args)
+    pairs_key, pair_rows = pairs_entry(args)
     results, phrases = {}, disclosure_phrases(args)
     store = ResultStore(os.path.join(args.out_dir, SAMPLES_FILE)) if specs else None
     try:
         for spec in specs:
-            evaluate_model(spec, questions, store, args)
+            evaluate_model(spec, questions, store, args, pairs_key, pair_rows)
             records = [with_consistency(r, q, role_order, phrases) for q in questions
                        for r in [store.records.get((spec.name, question_key(q["split"], q["role"], q["question"])))]
                        if r is not None]
             results[spec.name] = {"kind": "model", "path": spec.path, "adapter": spec.adapter,
                                   **aggregate(records, role_order)}
+            if pairs_key is not None:
+                preference = store.get(spec.name, pairs_key, pairs_settings(spec, args))["preference"]
+                results[spec.name]["preference"] = preference
+                print(f"{spec.name}: pref_accuracy {preference['pref_accuracy']:.4f}, pref_margin "
+                      f"{preference['pref_margin']:.4f} on {preference['pairs']} pairs of {args.pairs_file}")
     finally:
         if store is not None:
             store.close()
@@ -531,7 +703,7 @@ def evaluate(args, specs):
     decoding = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p",
                                               "repetition_penalty", "seed")}
     meta = report_meta(args.test_file or args.data_dir, args.limit, questions, role_order, decoding,
-                       {BASELINE_NAME: note} if note else {})
+                       {BASELINE_NAME: note} if note else {}, args.pairs_file)
     write_report(args.out_dir, results, meta)
     print(f"wrote results.json, results.md, results.png{', ' + SAMPLES_FILE if specs else ''} to {args.out_dir}")
 

@@ -17,7 +17,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-from utils.report import ResultStore, read_curves, score_answer, table_columns, word_tokens  # noqa: E402
+from utils.report import (ResultStore, markdown_report, read_curves, report_meta, score_answer,  # noqa: E402
+                          table_columns, word_tokens)
 from helpers import card_png  # noqa: E402
 
 
@@ -177,6 +178,92 @@ def test_conversation_rows_ask_their_last_message_after_the_turns_before_it(tmp_
         evaluate.questions_from_test_file(str(path), None)
 
 
+def test_role_contexts_apply_as_served_and_written_rows_are_not_applied_twice(loaded, tmp_path):
+    """A question gets its role's lorebook and notes as ChatEngine.prompt gives them; a conversation row that
+    data_helper.py wrote with them already is asked as written."""
+    import data_helper
+    from utils.engine import ChatEngine
+    from utils.lorebook import Context, read_lorebook
+    from utils.prompts import Prompts, Role
+
+    note = "[只以孙悟空的身份回答。]"
+    context = Context("孙悟空", "你", (read_lorebook(str(SAMPLE / "world_info.json")),), post_history=note)
+    role = Role("孙悟空", "你现在要扮演孙悟空。", context=context)
+    spec, prompts = evaluate.ModelSpec("m", "some/model"), Prompts({"孙悟空": role})
+    question = {"split": "general", "role": "孙悟空", "question": "你的金箍棒是哪来的？", "references": ["借的。"],
+                "instruction": None, "history": [], "ask": "你的金箍棒是哪来的？", "written": None}
+    asked = evaluate.question_prompt(spec, prompts, question)
+    # the 金箍棒 entry goes before the character's prompt, the note after the question (SEPARATOR-joined)
+    assert asked[0]["content"].startswith("如意金箍棒原是东海龙宫的定海神针")
+    assert asked[0]["content"].endswith("你现在要扮演孙悟空。")
+    assert asked[-1] == {"role": "user", "content": f"你的金箍棒是哪来的？\n\n{note}"}
+    engine = ChatEngine(*loaded, {"孙悟空": role})
+    assert asked == engine.prompt(role, [{"role": "user", "content": "你的金箍棒是哪来的？"}])
+
+    turns = [{"role": "user", "content": "大圣在吗？"}, {"role": "assistant", "content": "俺老孙在此！"},
+             {"role": "user", "content": "金箍棒借我玩玩？"}, {"role": "assistant", "content": "休想！"}]
+    row = data_helper.conversation_sample(role, turns, context)
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    (written,) = evaluate.questions_from_test_file(str(path), None)
+    asked = evaluate.question_prompt(spec, prompts, written)
+    assert asked == row["messages"][:-1]
+    assert sum(m["content"].count(note) for m in asked) == 1 and asked[0]["content"].count("如意金箍棒") == 1
+    # another prompt for the role (--roles_file): its system prompt, the row's turns as written
+    other = Prompts({"孙悟空": Role("孙悟空", "你是齐天大圣。", context=context)})
+    asked = evaluate.question_prompt(spec, other, written)
+    assert asked == [{"role": "system", "content": "你是齐天大圣。"}, *row["messages"][1:-1]]
+
+
+def test_scene_questions_are_asked_from_each_seat_and_scored_for_scene_speaker_bleed(loaded, roles, tmp_path):
+    import data_helper
+    from utils.engine import ChatEngine
+    from utils.lorebook import Context
+    from utils.prompts import Prompts
+    from utils.report import aggregate
+
+    spec, prompts, engine = evaluate.ModelSpec("m", "some/model"), Prompts(roles), ChatEngine(*loaded, roles)
+    scenes = SAMPLE / "scenes" / "three_at_a_table.jsonl"
+    questions = evaluate.questions_from_test_file(str(scenes), None)
+    assert len(questions) == 9  # three scenes, each character's last reply from its own seat
+    first = json.loads(scenes.read_text(encoding="utf-8").splitlines()[0])["messages"]
+    wukong = next(q for q in questions if q["role"] == "孙悟空")
+    assert wukong["references"] == [first[5]["content"]] and wukong["ask"] == "你: 大圣，月亮上真有嫦娥吗？"
+    assert wukong["others"] == ["李白", "张飞"]
+    # the prompt is the one the page and the API serve for that seat
+    assert evaluate.question_prompt(spec, prompts, wukong) == engine.scene_prompt("孙悟空", first[:5])
+
+    # SillyTavern's group log through data_helper.py: rows of a seat each, asked as written, same speakers
+    contexts = {name: Context(name, "你") for name in roles}
+    rows = data_helper.st_chat_samples([str(SAMPLE / "st_chats")], roles, contexts, "你", 1 << 20)
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    written = evaluate.questions_from_test_file(str(path), None)
+    seats = [q for q in written if q["others"] is not None]
+    assert len(seats) == 3 and len(written) == 5  # the group log's three characters, and two one-on-one logs
+    assert all(sorted(q["others"]) == sorted({"孙悟空", "张飞", "李白", "你"} - {q["role"]}) for q in seats)
+    plain = lambda messages: [(m["role"], m["content"]) for m in messages]  # noqa: E731 (swipes and flags aside)
+    for question, row in zip(written, rows):
+        assert plain(evaluate.question_prompt(spec, prompts, question)) == plain(row["messages"][:-1])
+
+    # scene speaker bleed: a line in another's name, over the scene's questions only
+    phrases = evaluate.disclosure_phrases(evaluate.parse_args([]))
+    answers = {"孙悟空": "张飞：俺也要去！", "张飞": "你: 好啊。", "李白": "举杯邀明月。\n诸位：干了！"}
+    records = [evaluate.with_consistency({"split": q["split"], "role": q["role"], "answer": answers[q["role"]],
+                                          "scores": score_answer(answers[q["role"]], q)}, q, ["孙悟空"], phrases)
+               for q in questions[:3] + [written[0] if written[0]["others"] is None else written[-1]]]
+    assert [r["consistency"]["scene_speaker_bleed"] for r in records] == [
+        1.0 if q["role"] != "李白" else 0.0 for q in questions[:3]] + [None]
+    assert aggregate(records, ["孙悟空", "张飞", "李白"])["overall"]["consistency"]["scene_speaker_bleed"] == \
+        pytest.approx(2 / 3)
+
+    # the report's consistency table has it as a column of its own
+    results = {"m": {"kind": "model", **aggregate(records, ["孙悟空", "张飞", "李白"])}}
+    meta = report_meta(str(scenes), None, questions, ["孙悟空", "张飞", "李白"], vars(evaluate.parse_args([])), {})
+    table = table_rows(markdown_report(results, meta), "## Character consistency")
+    assert table["m / all"][:4] == ["4", "0.0000", "0.2500", "0.6667"]  # answers, disclosure, bleed, scene bleed
+
+
 def test_saved_results_are_reused_only_with_the_same_settings_and_prompt(tmp_path):
     question = {"split": "general", "role": "张飞", "question": "你喝酒吗？", "references": ["喝！"]}
     spec, args = evaluate.ModelSpec("m", "some/model"), evaluate.parse_args([])
@@ -230,26 +317,51 @@ def test_left_padded_batches_match_single_prompts_and_ppl_is_token_weighted(tiny
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"instruction": "扮演张飞", "input": "喝吗？", "chosen": "喝！", "rejected": "喝！"},
+                                ensure_ascii=False) + "\n", encoding="utf-8")
     result = run("--model", "broken", "--model", f"gone={tmp_path / 'nope'}",
-                 "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}",
+                 "--model", f"lora={tmp_path}::{tmp_path / 'no-adapter'}", "--pairs_file", pairs,
                  "--test_file", tmp_path / "missing.jsonl", "--batch_size", "0", "--out_dir", tmp_path / "out")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert all(line.startswith("error: ") for line in lines)
     for expected in ("'broken': expected NAME=PATH", "nope' has no config.json", "no-adapter' has no adapter_config",
-                     "missing.jsonl: test file not found", "--batch_size: must be at least 1"):
+                     "missing.jsonl: test file not found", "--batch_size: must be at least 1",
+                     "pairs.jsonl:1: 'chosen' and 'rejected' are the same reply"):
         assert sum(expected in line for line in lines) == 1, expected
     assert not (tmp_path / "out").exists()
 
 
+PAIRS = [{"instruction": "你现在要扮演张飞。", "input": "你喝酒吗？", "chosen": "喝！俺老张天天喝！",
+          "rejected": "作为一个人工智能助手，我不喝酒。", "role": "张飞"},
+         {"messages": [{"role": "system", "content": "你现在要扮演李白。"}, {"role": "user", "content": "月亮"},
+                       {"role": "assistant", "content": "举杯邀明月。"}, {"role": "user", "content": "再来一句"}],
+          "chosen": "对影成三人。", "rejected": "好的，以下是一句诗。", "role": "李白"},
+         {"instruction": "你现在要扮演孙悟空。", "input": "你是谁？", "chosen": "俺老孙是齐天大圣！",
+          "rejected": "我是一个AI语言模型。", "role": "孙悟空"}]
+
+
+def test_preference_summary_by_hand():
+    import torch
+
+    summary = evaluate.preference_summary(torch.tensor([[-1.0, -2.0], [-3.0, -1.0], [-2.0, -2.0]]), too_long=1)
+    # margins 1, -2, 0: one pair of three prefers the chosen reply (a tie does not count)
+    assert summary == {"pairs": 3, "too_long": 1, "pref_accuracy": pytest.approx(1 / 3),
+                       "pref_margin": pytest.approx(-1 / 3), "logp_chosen": pytest.approx(-2.0),
+                       "logp_rejected": pytest.approx(-5 / 3)}
+
+
 def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys):
     out = tmp_path / "eval"
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in PAIRS), encoding="utf-8")
     command = ["--data_dir", SAMPLE, "--limit", "2", "--max_new_tokens", "8", "--batch_size", "3", "--no_baseline",
                "--model", f"base={tiny_model}", "--model", f"finetuned={tiny_model}::{tiny_adapter}",
-               "--out_dir", out]
+               "--pairs_file", pairs, "--out_dir", out]
     stdout = run_here(capsys, *command)
-    assert "base: 0 of 4 questions already done, generating 4" in stdout
+    assert "base: 0 of 4 questions already done, generating 4, scoring the pairs" in stdout
 
     report = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert list(report["models"]) == ["base", "finetuned"]
@@ -266,22 +378,46 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert all(len(cells) == 13 for cells in rows.values())
     assert float(rows["base"][-1]) == pytest.approx(base["overall"]["ppl"], abs=0.01)
     # a model's answers get the consistency scores too (each metric is pinned in test_consistency.py)
-    assert set(base["overall"]["consistency"]) == {"disclosure", "speaker_bleed", "distinct_1", "distinct_2",
-                                                   "repeat_4gram", "length_ratio"}
+    assert set(base["overall"]["consistency"]) == {"disclosure", "speaker_bleed", "scene_speaker_bleed", "distinct_1",
+                                                   "distinct_2", "repeat_4gram", "length_ratio"}
+    assert base["overall"]["consistency"]["scene_speaker_bleed"] is None  # no scene among RoleBench's questions
     assert 0 <= base["overall"]["consistency"]["disclosure"] <= 1
     assert "| base / all | 4 |" in markdown and "| finetuned / all | 4 |" in markdown
     assert_png(out / "results.png")
 
+    # preference accuracy and margin: pinned to each reply's log-probability as reference_nll (the model's own
+    # loss, not utils.preference's kernel) computes it, after the pair's prompt
+    from utils.models import load_for_inference
+    from utils.pairs import pair_of
+
+    for name, adapter in (("base", None), ("finetuned", tiny_adapter)):
+        model, tokenizer = load_for_inference(str(tiny_model), adapter and str(adapter), device="cpu")
+        margins = []
+        for row in PAIRS:
+            messages, chosen, rejected = pair_of(row)
+            nll = [evaluate.reference_nll(model, tokenizer, messages, [reply], 1)[0] for reply in (chosen, rejected)]
+            margins.append(nll[1] - nll[0])
+        preference = report["models"][name]["preference"]
+        assert preference["pairs"] == 3 and preference["too_long"] == 0
+        assert preference["pref_margin"] == pytest.approx(sum(margins) / 3, abs=1e-3)
+        assert preference["pref_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+        assert f"{name}: pref_accuracy {preference['pref_accuracy']:.4f}, pref_margin" in stdout
+    assert report["models"]["base"]["preference"] != report["models"]["finetuned"]["preference"]
+    assert table_rows(markdown, "## Preference pairs")["base"][:2] == [
+        "3", f"{report['models']['base']['preference']['pref_accuracy']:.4f}"]
+
     samples = out / "samples.jsonl"
     lines = samples.read_text(encoding="utf-8").splitlines(keepends=True)
-    assert len(lines) == 8
+    assert len(lines) == 10  # 4 answers and the pairs' line, per model
     assert {(r["model"], r["split"], r["role"]) for r in map(json.loads, lines)} == {
-        (m, s, r) for m in ("base", "finetuned") for s in ("general", "role_specific") for r in ("孙悟空", "张飞")}
+        (m, s, r) for m in ("base", "finetuned") for s in ("general", "role_specific") for r in ("孙悟空", "张飞")} | {
+        ("base", "pairs", ""), ("finetuned", "pairs", "")}
 
     # the same command again: everything is done, nothing is generated
     stdout = run_here(capsys, *command)
-    assert "base: 4 of 4 questions already done, generating 0" in stdout
-    assert "finetuned: 4 of 4 questions already done, generating 0" in stdout
+    assert "base: 4 of 4 questions already done, generating 0\n" in stdout
+    assert "finetuned: 4 of 4 questions already done, generating 0\n" in stdout
+    assert "finetuned: pref_accuracy" in stdout  # from the saved line
     assert samples.read_text(encoding="utf-8").splitlines(keepends=True) == lines
 
     # a crash while writing the last line: it is lost and cut short; exactly that one is redone
@@ -290,7 +426,7 @@ def test_two_models_report_and_resume(tiny_model, tiny_adapter, tmp_path, capsys
     assert "base: 4 of 4 questions already done, generating 0" in stdout
     assert "finetuned: 3 of 4 questions already done, generating 1" in stdout
     again = samples.read_text(encoding="utf-8").splitlines(keepends=True)
-    assert len(again) == 8 and again[:-1] == lines[:-1]
+    assert len(again) == 10 and again[:-1] == lines[:-1]
     redone, lost = json.loads(again[-1]), json.loads(lines[-1])
     assert [redone[k] for k in ("model", "split", "role", "question", "answer")] == [
         lost[k] for k in ("model", "split", "role", "question", "answer")]  # greedy: the same answer
@@ -305,7 +441,8 @@ def test_a_character_card_as_roles_file_gives_the_system_prompt(tmp_path):
     assert evaluate.validate_args(args)[1] == []
     prompts = load_prompts("some/model", None, str(card))  # --roles_file wins over any record
     questions = evaluate.questions_from_data_dir(str(SAMPLE), ["张飞"])
-    systems = {evaluate.system_prompt(evaluate.ModelSpec("m", "some/model"), prompts, q) for q in questions}
+    systems = {evaluate.question_prompt(evaluate.ModelSpec("m", "some/model"), prompts, q)[0]["content"]
+               for q in questions}
     assert questions and systems == {prompts.roles["张飞"].system}
     assert "张飞是燕人，嗓门大。\n性格：急脾气" in prompts.roles["张飞"].system
 

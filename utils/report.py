@@ -21,13 +21,20 @@ PAPER_TABLE4 = {
     "ChatGLM2": {"CUS": 0.3938, "RAW": 0.5060, "SPE": 0.3099},
     "RoleGPT": {"CUS": 0.5368, "RAW": 0.5748, "SPE": 0.2478},
 }
-CONSISTENCY_COLUMNS = {"disclosure": "self-disclosure", "speaker_bleed": "speaker bleed", "distinct_1": "distinct-1",
+CONSISTENCY_COLUMNS = {"disclosure": "self-disclosure", "speaker_bleed": "speaker bleed",
+                       "scene_speaker_bleed": "scene speaker bleed", "distinct_1": "distinct-1",
                        "distinct_2": "distinct-2", "repeat_4gram": "repeated 4-gram", "length_ratio": "length ratio"}
 CONSISTENCY_TEXT = ("means over answers: self-disclosure = share containing a listed phrase; speaker bleed = share "
-                    "with a line starting with another character's or the user's name and a colon; distinct-1/2 = "
+                    "with a line starting with another character's or the user's name and a colon; scene speaker bleed = "
+                    "the same over the answers of group-scene questions, the names being the scene's other "
+                    "characters' and the user's (– without scene questions); distinct-1/2 = "
                     "distinct / all character uni- or bigrams of an answer; repeated 4-gram = share of an "
                     "answer's character 4-grams repeating an earlier one (1 - distinct-4); length ratio = answer "
                     "characters / first reference characters")
+PREFERENCE_TEXT = ("log p = a reply's summed log-probability (its tokens and eos) after the pair's prompt, laid out "
+                   "as train.py --stage dpo lays pairs out; pref_accuracy = share of pairs with log p(chosen) > "
+                   "log p(rejected); pref_margin = mean of log p(chosen) - log p(rejected) (the model's own "
+                   "preference, no reference model)")
 CJK_FONTS = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "SimHei",
              "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 # scalars that train.py logs, and the panel each goes in (eval_loss shares the loss panel)
@@ -175,7 +182,7 @@ def aggregate(records, role_order):
     return result
 
 
-def report_meta(source, limit, questions, role_order, generation, notes):
+def report_meta(source, limit, questions, role_order, generation, notes, pairs_file=None):
     splits = [s for s in ("general", "role_specific", "unknown") if any(q["split"] == s for q in questions)]
     return {"source": source, "limit": limit, "splits": splits,
             "roles": [r for r in role_order if any(q["role"] == r for q in questions)],
@@ -184,6 +191,7 @@ def report_meta(source, limit, questions, role_order, generation, notes):
             "rouge_l": "F1 with beta=1 (2PR/(P+R)) on jieba words and on characters; mean over questions",
             "ppl": "exp(token-weighted mean NLL of the reference replies + eos given the chat prompt)",
             "consistency": CONSISTENCY_TEXT,
+            **({"pairs_file": pairs_file, "preference": PREFERENCE_TEXT} if pairs_file else {}),
             "paper_table4_rouge_l": PAPER_TABLE4}
 
 
@@ -270,7 +278,7 @@ def markdown_report(results, meta):
     lines += ["", "## Per role", "", "| model / role | " + " | ".join(c[2] for c in columns) + " |", rule]
     for name, result in results.items():
         lines += [table_row(f"{name} / {role}", role_result, columns) for role, role_result in result["roles"].items()]
-    return "\n".join(lines + consistency_section(results, splits)) + "\n"
+    return "\n".join(lines + consistency_section(results, splits) + preference_section(results, meta)) + "\n"
 
 
 def consistency_section(results, splits):
@@ -287,6 +295,19 @@ def consistency_section(results, splits):
                 label = "all" if split == "overall" else SPLIT_LABELS.get(split, split)
                 cells = [fmt(summary["consistency"].get(key)) for key in CONSISTENCY_COLUMNS]
                 lines.append(f"| {name} / {label} | {summary['questions']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def preference_section(results, meta):
+    """The preference-pairs table: one row per model scored on --pairs_file."""
+    scored = {name: result["preference"] for name, result in results.items() if result.get("preference")}
+    if not scored:
+        return []
+    lines = ["", "## Preference pairs", "", f"On {meta['pairs_file']}: {PREFERENCE_TEXT}.", "",
+             "| model | pairs | pref_accuracy | pref_margin | mean log p(chosen) | mean log p(rejected) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {p['pairs']} | {fmt(p['pref_accuracy'])} | {fmt(p['pref_margin'])} | "
+              f"{fmt(p['logp_chosen'], 2)} | {fmt(p['logp_rejected'], 2)} |" for name, p in scored.items()]
     return lines
 
 
