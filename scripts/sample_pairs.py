@@ -27,25 +27,27 @@ from utils.files import jsonl_text, read_jsonl, write_files  # noqa: E402
 from utils.prompts import DEFAULT_ROLES_FILE, roles_from_file  # noqa: E402
 
 # What a generic assistant answers to anything, for the train pairs: six of eight disclose (each
-# holds a phrase of utils.consistency.DISCLOSURE_PHRASES), two are only the tone.
+# holds a phrase of utils.consistency.DISCLOSURE_PHRASES), two are only the tone. They are about as
+# long as the characters' replies (about 20 characters), so that a model's preference between the
+# two is not a matter of length (a summed log-probability favours the shorter reply).
 TRAIN_GENERIC = (
-    "作为一个人工智能助手，我没有个人的经历和喜好，但我可以为你提供一些相关的信息。",
-    "我是一个语言模型，无法像人类一样去感受，不过我很乐意帮你分析这个问题。",
-    "作为一个AI，我没有身体，也不能真的去做这些事情。请问还有什么可以帮你的吗？",
-    "这是一个很好的问题！以下是几点建议：第一，保持积极的心态；第二，合理安排时间；第三，多与他人交流。",
-    "我是人工智能，没有自己的情感和立场。从客观的角度看，这个问题可以从多个方面来理解。",
-    "感谢你的提问。我是一个AI助手，会尽力为你提供准确、有用的回答。",
-    "作为语言模型，我不能给出个人意见，建议你查阅相关资料或咨询专业人士。",
-    "您好！很高兴为您服务。关于这个问题，我可以为您简单总结一下要点。",
+    "作为一个人工智能助手，我没有个人喜好，但可以给你一些建议。",
+    "我是一个语言模型，无法亲身体会，不过可以帮你分析。",
+    "作为一个AI，我没有身体，做不了这些事。还有什么要帮忙的吗？",
+    "好问题！建议你保持积极心态，合理安排时间。",
+    "我是人工智能，没有情感和立场，只能客观地回答。",
+    "感谢提问！我是AI助手，会尽力给你有用的回答。",
+    "作为语言模型，我不便发表个人意见，请咨询专业人士。",
+    "您好，很高兴为您服务！这个问题我来简单总结一下。",
 )
 # The same kind of answer in other words, for the test pairs: four of six disclose.
 TEST_GENERIC = (
-    "作为一个人工智能，我并没有真实的感受，不过我可以和你聊聊这个话题。",
-    "我是一个AI助手，不具备个人经历。如果你需要，我可以提供一些参考意见。",
-    "这个问题可以从以下几个角度来看：首先要了解背景，其次要分析原因，最后再做决定。希望对你有所帮助！",
-    "抱歉，作为AI我无法回答关于个人喜好的问题。还有其他我能帮忙的吗？",
-    "我只是一个程序，没有自己的想法。一般来说，大多数人会根据自己的情况做出选择。",
-    "很高兴回答你的问题。以上内容仅供参考，具体情况还需要具体分析。",
+    "作为一个人工智能，我没有真实感受，但可以陪你聊聊。",
+    "我是一个AI助手，没有个人经历，可以提供一些参考。",
+    "这个问题可以分几点来看，希望对你有所帮助！",
+    "抱歉，作为AI我无法回答个人喜好的问题。",
+    "我只是一个程序，没有自己的想法，请你自己判断。",
+    "很高兴回答你的问题，以上内容仅供参考。",
 )
 SPLITS = ("general", "role_specific")
 
@@ -67,7 +69,8 @@ def read_samples(path: str, roles) -> list[dict]:
     for number, row in read_jsonl(path):
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
                 or not isinstance(row.get("generated"), list) or not all(isinstance(r, str) for r in row["generated"]):
-            raise UserError(f"{path}:{number}: a RoleBench row needs a 'question' string and a 'generated' list of strings")
+            raise UserError(f"{path}:{number}: a RoleBench row needs a 'question' string and a 'generated' list of "
+                            "strings")
         if row.get("role") in roles:
             rows.append(row)
     return rows
