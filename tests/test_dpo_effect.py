@@ -15,6 +15,9 @@ Making the measurement mean something on a tiny model takes two choices, both st
   so that a lower rate after DPO is a real drop.
 The test questions and the held-out pairs' questions and generic replies are none that either stage
 trained on. Greedy decoding, one thread and fixed seeds: the same machine gives the same numbers.
+What it shows is the direction, not fluency: after DPO this tiny model's greedy answers are short
+("俺！"), so the test also checks that none is empty and that the reference replies' perplexity did
+not rise (the numbers and the controls that make it fail: docs/preference.md).
 """
 
 import json
@@ -145,6 +148,8 @@ def test_dpo_after_sft_lowers_self_disclosure_and_raises_held_out_preference(tin
                for name in ("sft", "dpo"))
     assert before["disclosure"] >= 0.5  # SFT alone does drop out of character: there is something to remove
     assert after["disclosure"] < before["disclosure"] / 2
+    answers = [row for row in read_rows(out / "samples.jsonl") if "answer" in row]
+    assert len(answers) == 24 and all(row["answer"].strip() for row in answers)  # not quiet by saying nothing
     assert after["pref_accuracy"] > before["pref_accuracy"] and after["pref_margin"] > before["pref_margin"]
     # not bought by wrecking the model: the reference replies stay about as likely
     assert after["ppl"] < 1.2 * before["ppl"]
