@@ -83,7 +83,7 @@ def tiny_lm(tmp_path_factory):
     make_tiny(str(out), train_sentencepiece(str(corpus), TINY_VOCAB_SIZE))
     train_generic = sorted({r["rejected"] for r in read_rows(PAIRS / "train.jsonl")})
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as train.py runs here: the same numbers on every machine
+    torch.set_num_threads(1)  # as train.py runs here, and seeded: the same base on every run
     try:
         model = BaichuanForCausalLM.from_pretrained(str(out))
         pretrain(model, BaichuanTokenizer.from_pretrained(str(out)), train_texts() + train_generic, steps=100,
