@@ -10,14 +10,14 @@ Other roles, more replies per question, another seed:
 Your own character: a card (JSON or PNG, or a folder of cards) and your own multi-turn dialogues:
     python data_helper.py --card cards/阿绣.png --dialogues my_chats.jsonl
 With lorebooks (SillyTavern World Info files), SillyTavern chat logs and group scenes:
-    python data_helper.py --roles 孙悟空,张飞,李白 --lorebook data/sample/world_info.json \
+    python data_helper.py --roles 孙悟空,张飞,李白 --lorebook data/sample/world_info.json \\
         --st_chats data/sample/st_chats --dialogues data/sample/scenes/three_at_a_table.jsonl
 Mixed with RoleBench roles (name them: with --card or --dialogues, none are taken by default):
     python data_helper.py --card cards/阿绣.png --roles 孙悟空,张飞 --data_dir data/rolebench
 The prompts as SillyTavern sends them (to serve with web_demo.py --client_system client):
     python data_helper.py --card cards/阿绣.png --prompt_style sillytavern --user_name 老王
 Preference pairs (train.py --stage dpo) from SillyTavern swipes, and from a model's replies out of character:
-    python data_helper.py --roles 孙悟空,张飞,李白 --st_chats data/sample/st_chats --pairs_out data/pairs.jsonl \
+    python data_helper.py --roles 孙悟空,张飞,李白 --st_chats data/sample/st_chats --pairs_out data/pairs.jsonl \\
         --rejected_from baichuan-inc/Baichuan2-7B-Chat --max_pairs 200
 
 Input: --data_dir holds the four RoleBench-zh files under their RoleBench names

@@ -11,7 +11,7 @@ Several GPUs:
     torchrun --nproc_per_node 2 train.py ...same flags...
 Several machines (on each, the same command; --output_dir on a filesystem every node mounts, or
 --save_on_each_node for a full copy of each checkpoint on every node's own disk):
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST0:29500 \\
         --rdzv_id JOB train.py ...same flags...
     deepspeed --hostfile hostfile --master_addr HOST0 train.py ...same flags...   (ssh + pdsh to each host)
 Resume after a crash or a stop (the complete checkpoint written last, or a given one), with the
@@ -41,7 +41,7 @@ micro-batches and processes, divided by their number: micro-batches weigh by the
 
 Preference tuning, after SFT (pairs: rows with "chosen" and "rejected" replies, utils/pairs.py),
 from a merged SFT model, or on from an SFT adapter, which is then the reference:
-    python train.py --stage dpo --model_name_or_path runs/merged --train_path pairs.jsonl \
+    python train.py --stage dpo --model_name_or_path runs/merged --train_path pairs.jsonl \\
         --output_dir runs/dpo --pref_loss sigmoid --pref_beta 0.1 --pref_packing ...same flags...
     python train.py --stage dpo --model_name_or_path BASE --adapter runs/roleplay/best ...
 The losses are DPO's (sigmoid), IPO's, ORPO's and SimPO's (utils/preference.py); a step's loss is

@@ -3,7 +3,7 @@
 A merged model directory:
     python web_demo.py --model_path runs/roleplay-merged
 A base model plus a LoRA adapter (a training checkpoint), the base in 4 bits (about 5-6 GB of GPU memory for 7B):
-    python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501 \
+    python web_demo.py --model_path baichuan-inc/Baichuan2-7B-Chat --adapter runs/roleplay/epoch-1-step-501 \\
         --quantization_bit 4
 The API alone, open to the network, with a key:
     ROLEPLAY_API_KEY=... python web_demo.py --model_path runs/roleplay-merged --api_only --host 0.0.0.0

@@ -11,6 +11,7 @@
     utils.data       training samples and conversations: reading, encoding, packing, batching
     utils.models     loading base models, adapters and tokenizers, and their one-line load errors
     utils.pairs      preference pairs: reading and checking, encoding, packing, batching
+    utils.pair_sources  pairs that data_helper.py makes: SillyTavern swipes, a model's replies out of character
     utils.preference preference losses (DPO, IPO, ORPO, SimPO), their metrics, the reference log-probabilities
     utils.training   the training package: config (TrainConfig), distributed, deepspeed_config, sizes,
                      schedule, steps (a step, throughput, evaluation) and checkpoints
@@ -23,6 +24,7 @@
     utils.guard      the serving boundary: Host check, CORS, the key on the headers, body and time limits
     utils.report     evaluate.py's report: tables, JSON and the written files
     utils.consistency  evaluate.py's character-consistency metrics: self-disclosure, speaker bleed, repetition
+    utils.judge      evaluate.py's optional LLM judge through an OpenAI-compatible endpoint: rubric, strict parse
 
 Nothing here is imported by `import utils`: each module is imported by name, and none of them
 imports anything heavy at the top, so that `--help` stays instant.
