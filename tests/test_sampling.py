@@ -272,6 +272,8 @@ def test_n_replies_with_usage_summed(client, server):
     assert len(set(texts)) > 1, "three sampled replies were all the same"
     assert answer.usage.completion_tokens == sum(counts)
     assert answer.usage.prompt_tokens == len(prompt_of(engine, max_new_tokens=8))  # counted once
+    # every reply to the one prompt (tokenised once, ChatEngine.start_again)
+    assert all(model.calls[calls + i]["inputs"][0].tolist() == prompt_of(engine, max_new_tokens=8) for i in range(3))
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + sum(counts)
 
     # streamed: each chunk's index says whose piece it is; the same seed gives the same replies

@@ -609,6 +609,10 @@ def prepare(engine: ChatEngine, body: SamplingRequest, state=None) -> list[Choic
         prompt = request_prompt.messages
         if state is not None:
             state.prompt = request_prompt
+            if requests_log.isEnabledFor(logging.INFO):  # counted here, off the event loop, for log_line
+                from baichuan.generation_utils import encode_text
+
+                state.system_tokens = len(encode_text(engine.tokenizer, request_prompt.system))
     else:
         prompt = prompt_text(body)
     (sampling, clamp), stops, count = sampling_of(engine, body), stop_strings(body), choices_of(body)
@@ -617,7 +621,10 @@ def prepare(engine: ChatEngine, body: SamplingRequest, state=None) -> list[Choic
     choices = []
     for index in range(count):
         try:
-            stream = start(prompt, sampling if index == 0 else replace(sampling, seed=None), threading.Event(), clamp)
+            if index == 0:
+                stream = start(prompt, sampling, threading.Event(), clamp)
+            else:  # the first one's prompt ids, not the prompt tokenised again
+                stream = engine.start_again(choices[0].stream, replace(sampling, seed=None), threading.Event(), clamp)
         except InputError as error:  # the prompt and max_tokens do not fit together, or the prompt alone
             field, problem = next(iter(error.problems.items()))
             param = length if field == "max_new_tokens" else field
@@ -639,9 +646,7 @@ def log_line(engine: ChatEngine, request: Request, status: str) -> str:
     if body is not None:
         fields.append(f"model={body.model!r}")
     if prompt is not None:
-        from baichuan.generation_utils import encode_text  # torch: loaded by then, the model is
-
-        tokens = len(encode_text(engine.tokenizer, prompt.system))
+        tokens = getattr(request.state, "system_tokens", "?")
         fields.append(f"system={prompt.source!r} ({tokens} tokens){' prefill' if prompt.prefill else ''}")
     if body is not None:
         used = sorted(body.model_fields_set & type(body).model_fields.keys() - {"model", "messages", "prompt"})

@@ -325,6 +325,12 @@ class ChatEngine:
                                         f"{self.model_max_length}: no room is left for a reply"})
         return self._stream(sampling, stop, clamp, messages=None, prompt_ids=ids)
 
+    def start_again(self, first, sampling: Sampling, stop: threading.Event | None = None,
+                    clamp: bool | None = None):
+        """Another reply to the prompt of the ChatStream `first` (an API request's n > 1), from the
+        ids it laid out: the prompt is tokenised once for all of a request's replies."""
+        return self._stream(sampling, stop, clamp, messages=None, prompt_ids=first.ids[: first.prompt_tokens])
+
     def _stream(self, sampling: Sampling, stop, clamp: bool | None, **prompt):
         from baichuan.generation_utils import ChatStream, ContextFull
 
