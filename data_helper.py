@@ -424,6 +424,7 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
         return []  # and no torch to import (utils.data) for nothing
     from utils.files import read_jsonl
     from utils.data import row_messages, system_of
+    from utils.scenes import is_scene
 
     only = next(iter(roles)) if len(roles) == 1 else None
     samples, replaced, no_reply = [], 0, 0
@@ -433,7 +434,7 @@ def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
                 messages = row_messages(row, scene=True)
                 system = system_of(messages)
                 turns = messages[1:] if system else messages
-                if len({m.get("name") for m in turns if m["role"] == "assistant"}) > 1:
+                if is_scene(turns):
                     samples += scene_samples(turns, roles, contexts, user_name)
                     continue
                 name = row.get("role") or only

@@ -395,7 +395,7 @@ def questions_from_test_file(path, selected):
     a seat that data_helper.py wrote (its system prompt ending in the group note), keep the scene's other
     speakers (`others`) for the scene speaker bleed."""
     from utils.data import row_messages
-    from utils.scenes import group_note
+    from utils.scenes import group_note, is_scene
 
     questions, index = [], {}
     for number, row in read_jsonl(path, rolebench.MAX_LINE_BYTES):
@@ -404,7 +404,7 @@ def questions_from_test_file(path, selected):
                 raise ValueError("expected a JSON object")
             conversation = "messages" in row or "conversations" in row
             messages = row_messages(row, scene=True) if conversation else None
-            scene = conversation and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1
+            scene = conversation and is_scene(messages)
             for field in () if scene else ("role",) if conversation else ("instruction", "input", "output", "role"):
                 if not isinstance(row.get(field), str) or not row[field].strip():
                     raise ValueError(f"field '{field}' must be a non-empty string")

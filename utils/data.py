@@ -22,6 +22,7 @@ import torch
 from utils.cli import UserError
 from utils.files import MAX_LINE_BYTES, read_jsonl
 from utils.prompts import Role, name_problem
+from utils.scenes import is_scene
 
 # ShareGPT's "from" values, and the OpenAI roles they stand for
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -55,7 +56,7 @@ def _turns(items, field: str, speaker_key: str, text_key: str, names: dict, scen
         if message.get("name") is not None and name_problem(message["name"]):
             raise ValueError(f"{where}.name {message['name']!r} is empty or contains a control or bidi character")
         messages.append(message)
-    if not scene and len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1:
+    if not scene and is_scene(messages):
         raise ValueError(f"field {field!r}: a group scene (assistant turns of several names): data_helper.py "
                          f"--dialogues trains each character from its own seat")
     for i in range(1, len(messages)):

@@ -20,6 +20,11 @@ def group_note(name: str) -> str:
     return GROUP_NUDGE.format(char=name)
 
 
+def is_scene(messages: list[dict]) -> bool:
+    """Whether a conversation is a group scene: its assistant turns carry several names."""
+    return len({m.get("name") for m in messages if m["role"] == "assistant"}) > 1
+
+
 def speakers(scene: list[dict]) -> list[str]:
     """The characters of a scene, in the order they first speak."""
     return list(dict.fromkeys(m["name"] for m in scene if m["role"] == "assistant"))
