@@ -11,6 +11,9 @@ fi
 python3 -m pip install -q -r requirements.txt
 # Two test workers of one OpenMP thread each: the tests run tiny models, so threads inside one
 # process gain little, and two tests at once use both cores (the suite took 11:00 in one process
-# on a 2-core AMD EPYC, 6:42 in two workers). worksteal keeps both busy to the end.
+# on a 2-core AMD EPYC, 6:42 in two workers). loadgroup hands a file's tests that share a
+# module-scoped fixture (a training run, a server) to one worker, so that it is built once, and the
+# other tests one at a time; tests/conftest.py groups them and puts the long files first, in the
+# order that --no-loadscope-reorder keeps (xdist would otherwise order the groups by their size).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python3 -m pytest -q -n 2 --dist worksteal "$@"
+python3 -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"

@@ -59,6 +59,32 @@ def sample_texts() -> list[str]:
     return texts
 
 
+# The files that hold the suite's longest runs (trainings under launchers, the quickstart), longest
+# first. Under scripts/test.sh the two workers take them before anything else, so that none starts
+# late and keeps one worker busy for a minute after the other has run out of tests.
+LONG_FILES = ("test_train.py", "test_bad_inputs.py", "test_preference.py", "test_multinode.py", "test_quickstart.py",
+              "test_hardening_training.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the marks
+def pytest_collection_modifyitems(config, items):
+    """For `--dist loadgroup` (scripts/test.sh). A file's tests that share a module-scoped fixture (a
+    training run, a server, a browser) are one group, which one worker runs: split across the
+    workers, as worksteal split them, each worker built the fixture again (test_train.py's training
+    runs up to three times in a run). pytest gives a test's fixtures with their scopes only in
+    `_fixtureinfo`. The workers take the long files first, then the other groups, then the tests of
+    no group one at a time, which even out the end."""
+    grouped = set()
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info and any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            grouped.add(item)
+    if config.getoption("dist", "no") == "loadgroup":
+        rank = {name: i for i, name in enumerate(LONG_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES) + (item not in grouped)))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_model(tmp_path_factory) -> bytes:
     from baichuan.tiny import train_sentencepiece
