@@ -85,7 +85,9 @@ def test_baseline_only_report_carries_consistency(tmp_path, capsys):
     overall = report["models"]["RoleGPT"]["overall"]["consistency"]
     assert overall["disclosure"] == pytest.approx(2 / 4)
     assert overall["speaker_bleed"] == pytest.approx(1 / 4)
-    assert set(overall) == {"disclosure", "speaker_bleed", "distinct_1", "distinct_2", "repeat_4gram", "length_ratio"}
+    assert set(overall) == {"disclosure", "speaker_bleed", "scene_speaker_bleed", "distinct_1", "distinct_2",
+                            "repeat_4gram", "length_ratio"}
+    assert overall["scene_speaker_bleed"] is None  # RoleBench has no group scenes
     assert report["models"]["RoleGPT"]["general"]["consistency"]["disclosure"] == pytest.approx(1 / 2)
     markdown = (out / "results.md").read_text(encoding="utf-8")
     assert "## Character consistency" in markdown

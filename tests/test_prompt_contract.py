@@ -115,9 +115,12 @@ def test_evaluate_answers_with_each_models_own_prompts(pipeline, tiny_model_dir,
                    "--model", f"base={tiny_model_dir}", "--out_dir", str(out)])
     question = {"role": "张飞", "instruction": None}
     tuned = load_prompts(str(pipeline["merged"]))
-    assert evaluate.system_prompt(evaluate.ModelSpec("tuned", "x"), tuned, question) == expected_system("张飞")
+    question = {**question, "history": [], "ask": "喝酒吗？"}
+    asked = evaluate.question_prompt(evaluate.ModelSpec("tuned", "x"), tuned, question)
+    assert asked == [{"role": "system", "content": expected_system("张飞")}, {"role": "user", "content": "喝酒吗？"}]
     base = load_prompts(str(tiny_model_dir))  # no record: data/roles.json and the default template
-    assert evaluate.system_prompt(evaluate.ModelSpec("base", "x"), base, question).startswith("你现在要扮演张飞")
+    assert evaluate.question_prompt(evaluate.ModelSpec("base", "x"), base, question)[0]["content"].startswith(
+        "你现在要扮演张飞")
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     digests = {r["model"]: r["settings"]["digest"] for r in records if r["role"] == "张飞"}
     assert digests["tuned"] != digests["base"]  # the two models were asked with different prompts
