@@ -102,7 +102,7 @@ fi
 config=$(realpath "$out/config.yaml")
 (cd "$st" && exec node server.js --configPath "$config") > "$out/sillytavern.log" 2>&1 &
 pids+=($!)
-python3 web_demo.py --model_path "$model" --api_only --port "$api_port" > "$out/web_demo.log" 2>&1 &
+python3 web_demo.py --model_path "$model" --api_only --port "$api_port" --log_requests > "$out/web_demo.log" 2>&1 &
 pids+=($!)
 wait_for() {  # url, name, pid: until the url answers, while the process lives (first compile: minutes)
     local deadline=$((SECONDS + 600))
