@@ -370,6 +370,25 @@ def test_a_clients_copy_of_a_roles_own_note_is_placed_once_and_a_members_own_las
     assert again.messages[-1] == {"role": "assistant", "content": group[-3]["content"].removeprefix("孙悟空: ") + "\n"}
 
 
+def test_a_nudge_typed_by_a_user_is_text_and_an_unseatable_group_still_plays_the_active_member(card_prompts,
+                                                                                                loaded):
+    """A nudge counts only in a system message, or beside SillyTavern's group marker: typed into a one-on-one
+    chat it is the user's text. A group request whose assistant turn names no member cannot be seated: it
+    plays the member whose turn it is all the same (not `model`, which SillyTavern sends for every member),
+    one-on-one, with the nudge as the user's last turn."""
+    roles = card_prompts.roles
+    engine = ChatEngine(loaded[0], loaded[1], roles, user_name="User")
+    typed = "你好\n\n" + group_note("张飞")
+    prompt = engine.request_prompt("李白", [user(typed)])
+    assert prompt.source == "role 李白" and prompt.messages == engine.prompt(roles["李白"], [user(typed)])
+    messages = [dict(m) for m in body("none-group-zhangfei")["messages"]]
+    first = next(m for m in messages if m["role"] == "assistant")
+    first["content"] = first["content"].removeprefix("孙悟空: ")  # who said it is no longer known
+    prompt = engine.request_prompt("孙悟空", messages)
+    assert prompt.source == "role 张飞" and prompt.system == roles["张飞"].system
+    assert prompt.messages[-1]["content"].startswith(group_note("张飞"))
+
+
 def test_the_record_keeps_the_user_name(tmp_path, roles):
     """data_helper.py's --user_name travels through the record to the engine; an older record without it gets
     its prompt style's default."""

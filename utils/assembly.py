@@ -44,9 +44,11 @@ DEFAULT_USER = "User"  # SillyTavern's default persona name
 EXAMPLE_NAMES = ("example_user", "example_assistant")
 # SillyTavern 1.19.0's default Main Prompt, once its macros are filled in
 _MAIN_PROMPT = re.compile(r"Write (?P<char>.+?)'s next reply in a fictional chat between .+? and (?P<user>.+?)\.")
-# and its group chat marker and nudge (with "Semi-strict" the nudge is folded into the last user turn)
-_GROUP_MEMBERS = re.compile(r"\[Start a new group chat\. Group members: (?P<members>[^\]\n]*)\]")
-_NUDGE = re.compile(re.escape(GROUP_NUDGE).replace(re.escape("{char}"), r"(?P<char>[^\]\n]+?)"))
+# and its group chat marker and nudge (with "Semi-strict" the nudge is folded into the last user turn);
+# bounded, with no "[" inside, so that a scan of a long message stays linear
+_GROUP_MEMBERS = re.compile(r"\[Start a new group chat\. Group members: (?P<members>[^\[\]\n]{1,4000})\]")
+_NUDGE = re.compile(re.escape(GROUP_NUDGE).replace(re.escape("{char}"), r"(?P<char>[^\[\]\n]{1,200})"))
+MAX_MEMBERS = 64  # a longer member list is no group the engine seats: the server's roles name the speakers
 
 
 class AssemblyError(ValueError):
@@ -159,16 +161,18 @@ class Group:
 
 def group_of(messages: list[dict]) -> Group | None:
     """The group chat that `messages` are a request of (the marker in the leading system messages,
-    or a nudge after them), None for a one-on-one chat. Its active member is the last nudge's, else
-    the Main Prompt's."""
+    or a nudge in a later system message), None for a one-on-one chat. Its active member is the last
+    nudge's, else the Main Prompt's. A nudge in a user message counts only beside the marker (where
+    Semi-strict folded it): typed by a user into a one-on-one chat, it is the user's text."""
     head = leading(messages)
     marked = [found for m in head for found in _GROUP_MEMBERS.finditer(m["content"])]
-    nudges = [found["char"] for m in messages[len(head):] if m["role"] != "assistant"
+    nudges = [found["char"].strip() for m in messages[len(head):]
+              if m["role"] in SYSTEM_ROLES or (marked and m["role"] == "user")
               for found in _NUDGE.finditer(m["content"])]
     if not marked and not nudges:
         return None
     members = tuple(name.strip() for name in marked[-1]["members"].split(",") if name.strip()) if marked else ()
-    return Group(nudges[-1] if nudges else names_of(messages).char, members)
+    return Group(nudges[-1] if nudges else names_of(messages).char, members if len(members) <= MAX_MEMBERS else ())
 
 
 def _drop_run(paragraphs: list[str], note: list[str]) -> list[str]:
@@ -203,23 +207,34 @@ def without_notes(conversation: list[dict], notes: list[str], drop_empty: bool) 
     return out
 
 
-def scene_of(conversation: list[dict], members, user: str | None) -> list[dict] | None:
+def scene_of(conversation: list[dict], members) -> list[dict] | None:
     """The scene (utils/scenes.py) of a group chat's assembled conversation: each paragraph of an
     assistant turn that starts "Member: " is that member's message (the paragraphs after it, up to
-    the next such one, are its own), each user turn a user message, named `user` unless None.
-    None when an assistant turn does not start with a member's name: who spoke is not known."""
-    names = sorted(members, key=len, reverse=True)  # "张飞飞: " is not 张飞's
-    scene = []
+    the next such one, are its own), each user turn an unnamed user message (the seat names it as
+    the model was trained). None when an assistant turn does not start with a member's name: who
+    spoke is not known. Linear in the conversation's length."""
+    names = set(members)
+    scene, parts = [], []  # parts: the paragraphs of the newest assistant message, joined once
+
+    def close():
+        if parts:
+            scene[-1]["content"] = JOIN.join(parts)
+            parts.clear()
+
     for turn in conversation:
         if turn["role"] == "user":
-            scene.append({"role": "user", "content": turn["content"], **({"name": user} if user else {})})
+            close()
+            scene.append({"role": "user", "content": turn["content"]})
             continue
         for index, paragraph in enumerate(turn["content"].split(JOIN)):
-            speaker = next((name for name in names if paragraph.startswith(f"{name}: ")), None)
-            if speaker:
-                scene.append({"role": "assistant", "name": speaker, "content": paragraph[len(speaker) + 2:]})
+            speaker, colon, text = paragraph.partition(": ")
+            if colon and speaker in names:
+                close()
+                scene.append({"role": "assistant", "name": speaker, "content": text})
+                parts.append(text)
             elif index:
-                scene[-1]["content"] += JOIN + paragraph
+                parts.append(paragraph)
             else:
                 return None
+    close()
     return scene

@@ -235,33 +235,32 @@ class ChatEngine:
         context = replace(role.context or Context(role.name, self.user_name), extra_system=group_note(role.name))
         return self.prompt(replace(role, context=context), seat(scene, role.name, self.user_name))
 
-    def group_prompt(self, messages: list[dict], assembly) -> RequestPrompt | None:
-        """The prompt of a group chat request (utils.assembly.group_of) under "role" or "append": the
-        active member's seat of the scene, as data_helper.py trains it. The nudge is taken out (the
-        seat's group note stands for it), and so are the member's own notes (its context places them);
-        the user's messages are named as the client names the user, unnamed when that is the name the
-        model trained with. None, and the request is served as any other, for a one-on-one chat, an
-        active member that is no role, or an assistant turn that does not say which member spoke."""
+    def group_prompt(self, role: Role, group, assembly) -> RequestPrompt | None:
+        """The prompt of a group chat request (utils.assembly.group_of) whose active member is `role`,
+        under "role" or "append": the member's seat of the scene, as data_helper.py trains it. The
+        nudge is taken out (the seat's group note stands for it), and so are the member's own notes
+        (its context places them); the user's lines are named as the model was trained (user_name).
+        None when an assistant turn does not say which member spoke: request_prompt then serves the
+        member one-on-one."""
         from utils.scenes import group_note
 
-        group = group_of(messages)
-        role = self.roles.get(group.active) if group else None
-        if role is None:
-            return None
         notes = [group_note(role.name), *(role.context.notes() if role.context else ())]
-        user = names_of(messages, role.name, self.user_name).user
-        scene = scene_of(without_notes(assembly.conversation, notes, drop_empty=True),
-                         group.members or (*self.roles, role.name), None if user == self.user_name else user)
+        scene = scene_of(without_notes(assembly.conversation, notes, drop_empty=True), group.members or self.roles)
         if not scene:
             return None
         if not assembly.prefill and scene[-1].get("name") == role.name:
             # its own message last, and a new one asked for: the seat joins its messages in a row with a newline
             scene[-1]["content"] += "\n"
-        source = f"role {role.name}"
-        if assembly.system and self.client_system == "append":
-            role, source = replace(role, system=role.system + JOIN + assembly.system), f"{source} + client"
+        role, source = self._with_client(role, assembly.system)
         prompt = self._seated(role, scene)
+        # a prefill where the prompt ends on the member's own message, which the reply then continues
         return RequestPrompt(prompt, f"{source} (group seat)", prompt[-1]["role"] == "assistant")
+
+    def _with_client(self, role: Role, client: str) -> tuple[Role, str]:
+        """The role, with the client's system prompt after its own under "append"; and its source."""
+        if client and self.client_system == "append":
+            return replace(role, system=role.system + JOIN + client), f"role {role.name} + client"
+        return role, f"role {role.name}"
 
     def request_prompt(self, model: str, messages: list[dict]) -> RequestPrompt:
         """The prompt for a client's `messages` (dicts with role, content as text, optionally name)
@@ -285,14 +284,15 @@ class ChatEngine:
         if role is None or (client and self.client_system == "client"):
             # the client's prompt: its own lorebook and notes too, and a group chat as it sent it
             return RequestPrompt(self.prompt(Role(model, client), conversation), "client", assembly.prefill)
-        seated = self.group_prompt(messages, assembly) if self.client_system != "client" else None
-        if seated is not None:
-            return seated
-        # "role" or "append" (or a client that sent no system prompt: its later ones are in the conversation)
-        if client and self.client_system == "append":
-            role, source = replace(role, system=role.system + JOIN + client), f"role {model} + client"
-        else:
-            source = f"role {model}"
+        # "role" or "append" (or a client that sent no system prompt: its later ones are in the conversation).
+        # A group chat plays the member whose turn it is: SillyTavern sends its selected model for all.
+        group = group_of(messages)
+        if group and group.active in self.roles:
+            role = self.roles[group.active]
+            seated = self.group_prompt(role, group, assembly)
+            if seated is not None:
+                return seated  # else one-on-one with the member, its nudge kept: who speaks is unknown
+        role, source = self._with_client(role, client)
         if role.context:
             conversation = without_notes(conversation, role.context.notes(), drop_empty=False)
         return RequestPrompt(self.prompt(role, conversation), source, assembly.prefill)
@@ -329,7 +329,7 @@ class ChatEngine:
                     clamp: bool | None = None):
         """Another reply to the prompt of the ChatStream `first` (an API request's n > 1), from the
         ids it laid out: the prompt is tokenised once for all of a request's replies."""
-        return self._stream(sampling, stop, clamp, messages=None, prompt_ids=first.ids[: first.prompt_tokens])
+        return self._stream(sampling, stop, clamp, messages=None, prompt_ids=first.ids)
 
     def _stream(self, sampling: Sampling, stop, clamp: bool | None, **prompt):
         from baichuan.generation_utils import ChatStream, ContextFull
