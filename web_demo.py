@@ -155,6 +155,8 @@ class RolePlayChat:
 
         scene = []
         for number, (sent, message) in enumerate(zip(history or [], self.engine.clean_history(history)), 1):
+            if message["role"] == "assistant" and message["content"] == EMPTY_REPLY:
+                continue  # a member who said nothing (chat shows the notice)
             if message["role"] == "assistant":
                 metadata = sent.get("metadata")
                 name = metadata.get("title") if isinstance(metadata, dict) else None
@@ -210,8 +212,10 @@ class RolePlayChat:
                             yield gr.skip(), [*history, shown(spoken(reply, name))]
                     if turn.stop.is_set():
                         break
-                    said = spoken(reply if reply.strip() else EMPTY_REPLY, name)
-                    scene, history, messages = [*scene, said], [*history, shown(said)], None
+                    # a reply of nothing is shown as such, and is no line of the scene: no prompt holds the notice
+                    said = spoken(reply, name)
+                    scene = [*scene, said] if reply.strip() else scene
+                    history, messages = [*history, shown(said if reply.strip() else spoken(EMPTY_REPLY, name))], None
         except Busy:
             raise gr.Error(BUSY, print_exception=False) from None
         except Cancelled:
@@ -284,7 +288,15 @@ def speaking_order(message: str, group: list[str]) -> list[str]:
     """Who answers a user's message in a group, each member once: those the message names, in the
     order it first names them, then the rest in the group's order. A fixed rule (SillyTavern's
     "natural order" also draws by chance), so that the user can tell who speaks and steer it."""
-    named = sorted((name for name in group if name in message), key=message.find)
+    found, taken = [], [False] * len(message)
+    for name in sorted(group, key=len, reverse=True):  # 张飞飞 named is not 张飞 named
+        start = message.find(name)
+        while start != -1 and any(taken[start:start + len(name)]):
+            start = message.find(name, start + 1)
+        if start != -1:
+            taken[start:start + len(name)] = [True] * len(name)
+            found.append((start, name))
+    named = [name for _, name in sorted(found)]
     return [*named, *(name for name in group if name not in named)]
 
 

@@ -649,6 +649,10 @@ def test_group_speaking_order_names_first_then_the_group_order():
     assert web_demo.speaking_order("大家好", group) == group
     assert web_demo.speaking_order("李白先说，然后张飞", group) == ["李白", "张飞", "孙悟空"]
     assert web_demo.speaking_order("张飞，李白说你醉了；张飞你说呢", group) == ["张飞", "李白", "孙悟空"]
+    # a name inside a longer member's name is not named by it
+    assert web_demo.speaking_order("李白白，你先来", ["李白", "李白白"]) == ["李白白", "李白"]
+    assert web_demo.speaking_order("李白白和李白", ["李白", "李白白"]) == ["李白白", "李白"]
+    assert web_demo.speaking_order("李白和李白白", ["李白白", "李白"]) == ["李白", "李白白"]
 
 
 def test_a_group_change_keeps_a_scene_it_still_fits(loaded, roles, recording):
@@ -658,6 +662,10 @@ def test_a_group_change_keeps_a_scene_it_still_fits(loaded, roles, recording):
     assert chat.fits(scene, ["孙悟空", "张飞"]) and chat.fits(scene, ["孙悟空", "张飞", "李白"])  # one joins
     assert not chat.fits(scene, ["孙悟空", "李白"]) and not chat.fits(scene, [])  # 张飞 left; no group
     assert chat.fits(one_on_one, ["孙悟空"]) and not chat.fits(one_on_one, ["孙悟空", "张飞"])
+    # a member that said nothing is shown so, and is no line of the scene the next prompts hold
+    silent = [*scene, {"role": "assistant", "content": web_demo.EMPTY_REPLY, "metadata": {"title": "孙悟空"}}]
+    assert chat.scene_of(silent, ["孙悟空", "张飞"]) == [{"role": "user", "content": "你好"},
+                                                         {"role": "assistant", "content": "好", "name": "张飞"}]
     greeted = [{"role": "assistant", "content": "俺老孙来也", "metadata": {"title": "孙悟空"}}]
     assert not chat.fits(greeted, ["孙悟空", "张飞"]) and not chat.fits([], [])  # before the user speaks: anew
 
