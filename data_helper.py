@@ -401,8 +401,8 @@ def card_samples(card, role, context, user_name):
 
 
 def scene_samples(scene, roles, contexts, user_name):
-    """A group scene's samples: those of each character given, from its own seat (utils.scenes), a
-    list for each character."""
+    """A group scene's samples: those of each character given, from its own seat (utils.scenes), as one
+    list: a scene goes to one split whole (a seat's replies are lines of the others' seats)."""
     from dataclasses import replace
 
     from utils.scenes import group_note, seat, speakers
@@ -411,9 +411,10 @@ def scene_samples(scene, roles, contexts, user_name):
     if not names:
         raise ValueError(f"none of the scene's characters ({', '.join(speakers(scene))}) is among the characters "
                          f"given ({', '.join(roles)})")
-    seats = [conversation_samples(roles[name], seat(scene, name, user_name),
-                                  replace(contexts[name], extra_system=group_note(name))) for name in names]
-    return [samples for samples in seats if samples]
+    samples = [sample for name in names
+               for sample in conversation_samples(roles[name], seat(scene, name, user_name),
+                                                  replace(contexts[name], extra_system=group_note(name)))]
+    return [samples] if samples else []
 
 
 def dialogue_samples(paths, roles, contexts, user_name, skip, max_line_bytes):
@@ -552,6 +553,7 @@ def main(argv=None):
     books = tuple(args.books)
     contexts = {name: Context(name, args.user_name, books) for name in roles}
     contexts.update({card.name: card.context(args.user_name, books) for card in cards})
+    samples_by_split = {split: with_context(samples, roles, contexts) for split, samples in samples_by_split.items()}
     # the samples of each conversation of a character, kept together: in one split, counted as one question
     own = [s for card in cards for s in card_samples(card, roles[card.name], contexts[card.name], args.user_name)]
     own += dialogue_samples(args.dialogues, roles, contexts, args.user_name, skip_bad, args.max_line_bytes)
@@ -627,6 +629,20 @@ def rolebench_samples(args, selected, roles, skip) -> tuple[dict, dict]:
         rows_by_split[split] = rows
         samples_by_split[split] = make_samples(rows, roles, args.max_replies, args.seed)
     return rows_by_split, samples_by_split
+
+
+def with_context(samples, roles, contexts) -> list[dict]:
+    """RoleBench samples, each whose prompt its character's context changes (a lorebook entry its
+    question fires, a depth note, post-history instructions) written as the conversation row that
+    holds the prompt served for it; the others as they are."""
+    out = []
+    for sample in samples:
+        context = contexts[sample["role"]]
+        turns = [{"role": "user", "content": sample["input"]}, {"role": "assistant", "content": sample["output"]}]
+        row = conversation_samples(roles[sample["role"]], turns, context)[0] if context.books or \
+            context.depth_note or context.post_history else None
+        out.append(row if row and ("lore" in row or row["messages"][1]["content"] != sample["input"]) else sample)
+    return out
 
 
 def check_trained(names, train_samples) -> None:

@@ -162,6 +162,48 @@ def test_data_helper_writes_what_trains(built):
                    for m in r["messages"] if m["role"] == "assistant")
 
 
+def test_a_scene_goes_to_one_split_whole(tmp_path):
+    """A character's seat holds the others' replies as its lines: were the seats of one scene split apart,
+    a test reply would be in the training rows. Each scene and group log goes to train or test whole."""
+    for seed in ("1", "2", "3"):
+        proc, out = helper(tmp_path, "--roles", "孙悟空,张飞,李白", "--dialogues", SCENES,
+                           "--st_chats", LOGS, "--test_ratio", "0.5", "--seed", seed)
+        assert proc.returncode == 0, proc.stderr
+        rows = {split: [json.loads(line) for line in (out / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+                for split in ("train", "test")}
+        trained = "\n".join(m["content"] for row in rows["train"] for m in row.get("messages", []))
+        seats = [row for row in rows["test"] if "[Write the next reply" in row.get("messages", [{}])[0].get("content", "")]
+        tested = [row["messages"][-1]["content"] for row in seats]
+        assert tested and not [reply for reply in tested if reply in trained], seed
+
+
+def test_rolebench_rows_train_on_the_prompt_their_lorebook_gives():
+    """RoleBench questions with --lorebook: each that fires an entry is written as the conversation row of
+    the prompt served for it (Context.apply on the role's prompt and the question); the rest stay
+    instruction rows, whose prompt the lorebook leaves as it is."""
+    import data_helper
+    from utils.lorebook import Context, read_lorebook
+    from utils.prompts import roles_from_file
+
+    roles = roles_from_file(str(REPO_ROOT / "data" / "roles.json"))
+    contexts = {name: Context(name, "你", (read_lorebook(str(SAMPLE_DIR / "world_info.json")),)) for name in roles}
+    rows = data_helper.read_split(str(SAMPLE_DIR), "train", ["孙悟空", "张飞", "李白"], None, 1 << 20)
+    plain = data_helper.make_samples(rows, roles, 2, 1234)
+    samples = data_helper.with_context(plain, roles, contexts)
+    fired = [s for s in samples if "messages" in s]
+    assert len(fired) == 3 and all(s["lore"] for s in fired)
+    for before, sample in zip(plain, samples):
+        served, _ = contexts[before["role"]].apply([{"role": "system", "content": before["instruction"]},
+                                                    {"role": "user", "content": before["input"]}])
+        if "messages" in sample:
+            assert sample["messages"] == [*served, {"role": "assistant", "content": before["output"]}]
+            # the character's own prompt: kept beside a system prompt that entries changed
+            assert sample.get("base_system", sample["messages"][0]["content"]) == roles[before["role"]].system
+        else:
+            assert sample == before and served == [{"role": "system", "content": before["instruction"]},
+                                                   {"role": "user", "content": before["input"]}]
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_train_py_trains_them(built, tiny_model_dir, tmp_path, packing):
     _, out = built
