@@ -240,10 +240,18 @@ def pair_problems(args) -> list[str]:
     if args.max_pairs is not None and args.max_pairs < 1:
         problems.append(f"--max_pairs: must be at least 1, got {args.max_pairs}")
     if args.rejected_from:
-        try:
-            check_settings(args.max_new_tokens, args.top_p, args.temperature)
-        except UserError as error:
-            problems.append(str(error))
+        from utils.models import check_model_dir  # torch: only when a model is to be loaded
+
+        for check, *values in [(check_settings, args.max_new_tokens, args.top_p, args.temperature),
+                               (check_model_dir, args.rejected_from, "--rejected_from: model")]:
+            try:
+                check(*values)
+            except UserError as error:
+                problems.append(str(error))
+        if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            problems.append(f"--adapter: adapter directory {args.adapter!r} has no adapter_config.json")
+    if args.pairs_out and not (args.rejected_from or args.st_chats):
+        problems.append("--pairs_out: needs a source of pairs: --st_chats logs with swipes, or --rejected_from")
     return problems
 
 
@@ -563,7 +571,10 @@ def main(argv=None):
         samples_by_split[split] += [sample for conversation in part for sample in conversation]
     names = selected + [name for name in roles if name not in selected]
     check_trained(names, samples_by_split["train"])
-    pairs_by_split = make_pairs(args, samples_by_split) if args.pairs_out else {}
+    pairs_by_split = make_pairs(args, samples_by_split, contexts) if args.pairs_out else {}
+    if args.pairs_out and not pairs_by_split["train"]:
+        raise UserError(f"--pairs_out: no training pair was made (no SillyTavern reply with other swipes among the "
+                        f"train samples{', and no generated reply kept' if args.rejected_from else ''})")
     write_outputs(args, samples_by_split, side_file(args, roles, contexts), pairs_by_split)
     for line in count_table(names, rows_by_split, samples_by_split):
         print(line)
@@ -581,8 +592,10 @@ def main(argv=None):
               file=sys.stderr)
 
 
-def make_pairs(args, samples_by_split) -> dict:
-    """The preference pairs of each split's samples (module docstring), their counts printed."""
+def make_pairs(args, samples_by_split, contexts) -> dict:
+    """The preference pairs of each split's samples (module docstring), their counts printed. A
+    generated reply answers the history without the character's own notes (`contexts`' depth note and
+    post-history instructions, folded into the rows' user turns): they would tell it who to be."""
     from utils.pair_sources import generated_pairs, swipe_pairs
 
     pairs = {split: [p for s in samples for p in swipe_pairs(s)] for split, samples in samples_by_split.items()}
@@ -593,7 +606,7 @@ def make_pairs(args, samples_by_split) -> dict:
         for split, samples in samples_by_split.items():
             if args.max_pairs is not None and len(samples) > args.max_pairs:
                 samples = [samples[i] for i in sorted(rng.sample(range(len(samples)), args.max_pairs))]
-            made = generated_pairs(samples, reply_of, skipped)
+            made = generated_pairs(samples, reply_of, skipped, {name: c.notes() for name, c in contexts.items()})
             lines.append(f"pairs from {args.rejected_from}'s replies out of character: {len(made)} {split} of "
                          f"{len(samples)} samples")
             pairs[split] += made

@@ -89,7 +89,13 @@ def test_a_bad_swipe_or_pair_flags_are_one_error_line_and_nothing_is_written(tmp
     assert flags.returncode == 2
     assert flags.stderr.splitlines() == ["error: --rejected_from: needs --pairs_out",
                                          "error: --max_pairs: must be at least 1, got 0",
-                                         "error: temperature must be in [0, 2] (0 = greedy), got 3.0"]
+                                         "error: temperature must be in [0, 2] (0 = greedy), got 3.0",
+                                         "error: --rejected_from: model directory 'm' has no config.json",
+                                         "error: --adapter: adapter directory 'a' has no adapter_config.json"]
+    nothing = subprocess.run([sys.executable, "data_helper.py", "--pairs_out", tmp_path / "p.jsonl"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert (nothing.returncode, nothing.stderr) == (2, "error: --pairs_out: needs a source of pairs: --st_chats logs "
+                                                       "with swipes, or --rejected_from\n")
 
 
 def test_rejected_from_is_the_models_greedy_reply_without_the_system_prompt(tmp_path, tiny_model_dir, loaded):
@@ -142,3 +148,10 @@ def test_rejected_from_is_the_models_greedy_reply_without_the_system_prompt(tmp_
     assert generated_pairs([sample] * 3, lambda history: next(replies), skipped) == \
         [{"instruction": "s", "input": "q", "role": "孙悟空", "chosen": "俺老孙！", "rejected": "我是AI"}]
     assert skipped == {"empty": 1, "the same as the chosen reply": 1}
+    # the character's own notes, folded into the row's user turn, are not shown to the generic assistant
+    noted = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q\n\n回答别超过两句。"},
+                          {"role": "assistant", "content": "俺老孙！"}], "role": "孙悟空"}
+    asked = []
+    made = generated_pairs([noted], lambda history: asked.append(history) or "我是AI", Counter(),
+                           {"孙悟空": ["回答别超过两句。"]})
+    assert asked == [[{"role": "user", "content": "q"}]] and made[0]["messages"] == noted["messages"][:2]

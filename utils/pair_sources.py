@@ -78,12 +78,16 @@ class OutOfCharacter:
         return reply
 
 
-def generated_pairs(samples: list[dict], reply_of, skipped: Counter) -> list[dict]:
+def generated_pairs(samples: list[dict], reply_of, skipped: Counter, notes: dict | None = None) -> list[dict]:
     """A pair per sample, its reply chosen and `reply_of(history)` rejected; a generated reply that
-    is empty or the sample's own is counted in `skipped` by reason instead."""
+    is empty or the sample's own is counted in `skipped` by reason instead. `notes` (role -> texts)
+    are taken out of the history first: a character's own notes that the row's turns hold."""
+    from utils.assembly import without_notes
+
     pairs = []
     for sample in samples:
         prompt, chosen, history = split_sample(sample)
+        history = without_notes(history, (notes or {}).get(sample["role"], []), drop_empty=False)
         rejected = reply_of(history)
         if not rejected.strip():
             skipped["empty"] += 1
