@@ -65,6 +65,7 @@ from dataclasses import dataclass, replace
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.files import read_jsonl
 from utils import rolebench
+from utils.judge import MAX_TOKENS as JUDGE_MAX_TOKENS
 from utils.report import ResultStore, question_key, score_answer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -139,7 +140,7 @@ def parse_args(argv=None):
     group.add_argument("--judge_model", metavar="NAME", help="the judge model's name at --judge_base_url")
     group.add_argument("--judge_retries", type=int, default=2,
                        help="asks more for an answer when the judge's reply does not parse (each counted)")
-    group.add_argument("--judge_max_tokens", type=int, default=128,
+    group.add_argument("--judge_max_tokens", type=int, default=JUDGE_MAX_TOKENS,
                        help="the judge's longest reply, in tokens (more for a model that thinks aloud first)")
     group = parser.add_argument_group("output")
     group.add_argument("--out_dir", default="runs/eval", help=f"folder for {SAMPLES_FILE} and the report files")

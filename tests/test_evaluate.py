@@ -481,6 +481,38 @@ def judge_server(loaded, roles):
         yield url + "/v1", model, loaded[1]
 
 
+def test_the_judge_tries_a_busy_endpoint_again_within_its_bound():
+    """A 503 or 429 is tried again, within 1 + retries calls; an answer without a choice counts as unparsed;
+    past the bound, one line. A scripted endpoint over real HTTP, through the openai client."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    from utils.judge import Judge
+
+    answers = []
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    def completions():
+        status, content = answers.pop(0)
+        choices = [] if content is None else [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": content}}]
+        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "judge",
+                             "choices": choices} if status == 200 else {"error": {"message": "busy"}}, status)
+
+    good = '{"character_consistency": 4, "knowledge": 3, "personality": 5, "conversational_ability": 2}'
+    with serve(app) as url:
+        judge = Judge(url + "/v1", "judge", None, retries=2)
+        answers[:] = [(503, ""), (200, None), (200, good)]
+        assert judge.score([{"role": "user", "content": "?"}]) == {
+            "scores": {"character_consistency": 4, "knowledge": 3, "personality": 5, "conversational_ability": 2},
+            "calls": 3, "unparsed": 1}
+        answers[:] = [(429, ""), (503, ""), (503, "")]
+        with pytest.raises(evaluate.UserError, match=r"^--judge_base_url .*: the judge failed: .*busy"):
+            judge.score([{"role": "user", "content": "?"}])
+        assert answers == []
+
+
 def test_llm_judge_mechanics_against_our_api(judge_server, tiny_model, tmp_path, capsys, monkeypatch):
     """The tiny model is no judge: its answers do not parse. An answer gets 1 + --judge_retries (default 2)
     calls, every unparsed one counted, and no scores; a verdict once saved is not asked for again."""

@@ -109,9 +109,14 @@ class Judge:
             try:
                 response = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
                                                                max_tokens=self.max_tokens)
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as error:
+                if calls > self.retries:  # a busy or failing endpoint: tried again within the same bound
+                    raise self._error(error) from None
+                continue
             except openai.APIError as error:
                 raise self._error(error) from None
-            text = response.choices[0].message.content or ""
+            # an answer without a choice is one that did not parse
+            text = (response.choices[0].message.content or "") if response.choices else ""
             try:
                 return {"scores": parse_scores(text), "calls": calls, "unparsed": unparsed}
             except ValueError as problem:
