@@ -1,5 +1,6 @@
 """The process group of a training run (gloo on the CPU, NCCL on GPUs) and the rank helpers."""
 
+import atexit
 import contextlib
 import io
 import os
@@ -16,6 +17,11 @@ def is_main_process() -> bool:
 def print_rank_0(*args, **kwargs) -> None:
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+def end_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup_distributed(local_rank_arg: int):
@@ -38,6 +44,10 @@ def setup_distributed(local_rank_arg: int):
     # on the CPU DeepSpeed prints "... built successfully" for its shared-memory op, every run
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    # ended at exit, however the run ends: a process group left to the interpreter's teardown has its
+    # threads killed mid-flight now and then ("terminate called without an active exception" after
+    # a run's one-line error)
+    atexit.register(end_distributed)
     from deepspeed.utils import logger
 
     logger.setLevel("ERROR")
