@@ -60,7 +60,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.files import read_jsonl
@@ -314,19 +314,20 @@ def validate_args(args) -> tuple[list[ModelSpec], list[str]]:
 
 
 def add_question(questions, index, split, role, question, references, instruction=None, history=(), ask=None,
-                 written=None, others=None):
+                 written=None, others=None, scene=None):
     """Append a question, or merge the references of a repeated (split, role, question). A question
     of a conversation has the turns before it (`history`) and its own message (`ask`); its
     `question` text, which keys it, holds both. `written`: {"system", "base"} of a conversation row
     that carries its own prompt (question_prompt); `others`: the other speakers of a group scene's
-    question (None outside a scene)."""
+    question (None outside a scene); `scene`: a group scene's messages before the reply, whose seat
+    question_prompt builds with the model's user name."""
     key = question_key(split, role, question)
     if key in index:
         index[key]["references"].extend(r for r in references if r not in index[key]["references"])
         return
     index[key] = {"split": split, "role": role, "question": question, "references": list(references),
                   "instruction": instruction, "history": list(history), "ask": ask or question, "written": written,
-                  "others": others}
+                  "others": others, "scene": scene}
     questions.append(index[key])
 
 
@@ -354,10 +355,12 @@ def conversation_question(messages):
 
 
 def scene_questions(turns):
-    """[(character, earlier turns, last user message, its last reply, the scene's other speakers)] of a
-    group scene (assistant messages named by their speakers): each character's last reply, asked from
-    its seat (utils.scenes.seat) as data_helper.py trains it and the page serves it. A character whose
-    last reply follows its own message has no seat to be asked from, and is left out."""
+    """[(character, earlier turns, last user message, its last reply, the scene's other speakers, the
+    scene before that reply)] of a group scene (assistant messages named by their speakers): each
+    character's last reply, asked from its seat (utils.scenes.seat; question_prompt builds it with the
+    model's user name, the turns here are for the report) as data_helper.py trains it and the page
+    serves it. A character whose last reply follows its own message has no seat to be asked from,
+    and is left out."""
     from utils.cards import USER_NAME
     from utils.scenes import seat, speakers
 
@@ -371,7 +374,7 @@ def scene_questions(turns):
         seen = seat(turns[:last], name, USER_NAME)
         if seen and seen[-1]["role"] == "user":
             others = list(dict.fromkeys(n for n in [*names, *users] if n != name))
-            out.append((name, seen[:-1], seen[-1]["content"], turns[last]["content"], others))
+            out.append((name, seen[:-1], seen[-1]["content"], turns[last]["content"], others, turns[:last]))
     return out
 
 
@@ -415,19 +418,19 @@ def questions_from_test_file(path, selected):
                 system, history, ask, reply = conversation_question(messages)
                 others = seat_speakers(row["role"], [*history, {"role": "user", "content": ask}]) if \
                     system.endswith(group_note(row["role"])) else None
-                asked = [(row["role"], history, ask, reply, others)]
+                asked = [(row["role"], history, ask, reply, others, None)]
             else:
-                system, asked = row["instruction"], [(row["role"], [], row["input"], row["output"], None)]
+                system, asked = row["instruction"], [(row["role"], [], row["input"], row["output"], None, None)]
         except ValueError as error:
             raise UserError(f"{path}:{number}: {error}") from None
         split = row.get("split") if row.get("split") in SPLITS else "unknown"
-        for role, history, ask, reply, others in asked:
+        for role, history, ask, reply, others, before in asked:
             if selected is None or role in selected:
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in history) + ask
                 written = ({"system": system, "base": row.get("base_system") or system}
                            if conversation and not scene and system else None)
                 add_question(questions, index, split, role, text, [reply], None if scene else system, history, ask,
-                             written, others)
+                             written, others, before)
     return questions
 
 
@@ -555,10 +558,11 @@ def question_prompt(spec, prompts, question) -> list[dict]:
     turns): it is asked as written when the model's prompt for the role is the one the row was made from
     (its "base_system", or its system prompt), never applied twice. With another prompt for the role
     (--roles_file), that system prompt replaces the row's, and the row's turns stay as written. A group
-    scene's question is asked from the character's seat, with the group note (ChatEngine.scene_prompt)."""
-    from utils.cards import USER_NAME
+    scene's question is asked from the character's seat, with the group note (ChatEngine.scene_prompt).
+    The assembly is the engine's own (utils.engine.role_prompt, seated)."""
+    from utils.engine import role_prompt, seated
     from utils.lorebook import Context
-    from utils.scenes import group_note
+    from utils.scenes import group_note, seat
 
     role = prompts.roles.get(question["role"])
     written = question.get("written")
@@ -569,15 +573,14 @@ def question_prompt(spec, prompts, question) -> list[dict]:
             raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: "
                             f"{', '.join(prompts.roles)}); give --roles_file")
         return question_messages(question["instruction"], question)
-    scene = question.get("others") is not None
     if written is not None:  # its turns hold its own notes: only a scene's group note is added
-        context = Context(role.name, USER_NAME, extra_system=group_note(role.name)) if scene else None
-    else:  # a scene's seat with the group note, as ChatEngine.scene_prompt
-        context = role.context
-        if scene:
-            context = replace(context or Context(role.name, USER_NAME), extra_system=group_note(role.name))
-    messages = question_messages(role.system, question)
-    return context.apply(messages)[0] if context is not None else messages
+        messages = question_messages(role.system, question)
+        if question.get("others") is None:
+            return messages
+        return Context(role.name, prompts.user_name, extra_system=group_note(role.name)).apply(messages)[0]
+    if question.get("scene") is not None:  # a raw scene: the character's seat, as ChatEngine.scene_prompt
+        return role_prompt(seated(role, prompts.user_name), seat(question["scene"], role.name, prompts.user_name))
+    return role_prompt(role, [*question["history"], {"role": "user", "content": question["ask"]}])
 
 
 def pair_logps(model, tokenizer, rows, batch_size, source):

@@ -233,6 +233,10 @@ def test_scene_questions_are_asked_from_each_seat_and_scored_for_scene_speaker_b
     assert wukong["others"] == ["李白", "张飞"]
     # the prompt is the one the page and the API serve for that seat
     assert evaluate.question_prompt(spec, prompts, wukong) == engine.scene_prompt("孙悟空", first[:5])
+    # a model that trained with another user name is asked with it, as it is served
+    named = ChatEngine(*loaded, roles, user_name="User")
+    asked = evaluate.question_prompt(spec, Prompts(roles, user_name="User"), wukong)
+    assert asked == named.scene_prompt("孙悟空", first[:5]) and asked[-1]["content"].startswith("User: ")
 
     # SillyTavern's group log through data_helper.py: rows of a seat each, asked as written, same speakers
     contexts = {name: Context(name, "你") for name in roles}

@@ -213,14 +213,7 @@ class ChatEngine:
         role's context (utils.lorebook: lorebook entries, depth note, post-history) applied."""
         if len(role.system) > CHARS_PER_TOKEN_BOUND * self.model_max_length:
             raise InputError({"system": f"the system prompt is too long ({len(role.system)} characters)"})
-        messages = role_messages(role, newest_history(conversation, self.model_max_length))
-        if role.context is None:
-            return messages
-        # the role's lorebooks and notes, fired on the live conversation by the function that wrote
-        # its training rows; a prefill (a trailing assistant turn) stays last, after the notes
-        prefill = messages[-1:] if messages[-1]["role"] == "assistant" else []
-        applied, _ = role.context.apply(messages[: len(messages) - len(prefill)])
-        return [*applied, *prefill]
+        return role_prompt(role, newest_history(conversation, self.model_max_length))
 
     def scene_prompt(self, name, scene: list[dict]) -> list[dict]:
         """The prompt of character `name`'s next reply in a group `scene` (user and assistant messages,
@@ -229,11 +222,9 @@ class ChatEngine:
         return self._seated(self.role(name), scene)
 
     def _seated(self, role: Role, scene: list[dict]) -> list[dict]:
-        from utils.lorebook import Context
-        from utils.scenes import group_note, seat
+        from utils.scenes import seat
 
-        context = replace(role.context or Context(role.name, self.user_name), extra_system=group_note(role.name))
-        return self.prompt(replace(role, context=context), seat(scene, role.name, self.user_name))
+        return self.prompt(seated(role, self.user_name), seat(scene, role.name, self.user_name))
 
     def group_prompt(self, role: Role, group, assembly) -> RequestPrompt | None:
         """The prompt of a group chat request (utils.assembly.group_of) whose active member is `role`,
@@ -342,6 +333,29 @@ class ChatEngine:
             raise InputError({"max_new_tokens": str(error)}) from None
         except ValueError as error:  # build_chat_input: the system prompt leaves no room for the reply
             raise UserError(str(error)) from None
+
+
+def role_prompt(role: Role, conversation: list[dict]) -> list[dict]:
+    """The role's system prompt, then `conversation`, with the role's context (utils.lorebook:
+    lorebook entries, depth note, post-history) fired on it by the function that wrote its training
+    rows; a prefill (a trailing assistant turn) stays last, after the notes. The one assembly of a
+    role's prompt: ChatEngine.prompt's, and evaluate.py's for the test questions it asks."""
+    messages = role_messages(role, conversation)
+    if role.context is None:
+        return messages
+    prefill = messages[-1:] if messages[-1]["role"] == "assistant" else []
+    applied, _ = role.context.apply(messages[: len(messages) - len(prefill)])
+    return [*applied, *prefill]
+
+
+def seated(role: Role, user_name: str) -> Role:
+    """The role as it speaks in a group scene: its context with the group note after its system
+    prompt (utils.scenes), as data_helper.py trains a scene; `user_name` is the user's in its lines."""
+    from utils.lorebook import Context
+    from utils.scenes import group_note
+
+    return replace(role, context=replace(role.context or Context(role.name, user_name),
+                                         extra_system=group_note(role.name)))
 
 
 def problems_of(checks: dict, results: dict | None = None) -> dict[str, str]:
