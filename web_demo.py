@@ -264,15 +264,21 @@ class RolePlayChat:
         following = greetings[(greetings.index(shown) + 1) % len(greetings)] if shown in greetings else greetings[0]
         return [{"role": "assistant", "content": following}]
 
-    def fits(self, history, group) -> bool:
+    def fits(self, history, group, role=None) -> bool:
         """Whether the chat shown goes on under a changed group, once the user has spoken: a group's
         scene while every reply in it is by a member (one added joins the scene as it is), a one-on-one
-        chat while no reply in it is named. A chat of greetings alone starts over, which shows the
-        greetings of the group as it is now and loses nothing."""
+        chat while no reply in it is named. Before, a chat of greetings starts over, showing those of
+        the group as it is now, unless it shows them already: a late change then must not end the
+        reply to a message just sent, which the chat does not show yet."""
+        from utils.chat import content_text
+
         history = history or []
         names = [(m.get("metadata") or {}).get("title") for m in history if m.get("role") == "assistant"]
         if not any(m.get("role") == "user" for m in history):
-            return False
+            def seen(chat):
+                return [(content_text(m.get("content")), (m.get("metadata") or {}).get("title")) for m in chat]
+
+            return bool(history) and seen(history) == seen(self.greeting(role, group))
         return all(name in group for name in names) if group_mode(group) else not any(names)
 
     def has_alternates(self, role, group=None) -> bool:
@@ -411,7 +417,7 @@ def wire(chat: RolePlayChat, msg, chatbot, role, group, settings: list, submit, 
     # value of its moment (seen under load): a change that the chat still fits keeps it, so that
     # none of them ends a reply that the user started meanwhile
     def regroup(role, group, history, request: gr.Request):
-        return gr.skip() if chat.fits(history, group) else start_over(role, group, request)
+        return gr.skip() if chat.fits(history, group, role) else start_over(role, group, request)
 
     group.change(regroup, [role, group, chatbot], chatbot, preprocess=False, **private)
 

@@ -668,6 +668,11 @@ def test_a_group_change_keeps_a_scene_it_still_fits(loaded, roles, recording):
                                                          {"role": "assistant", "content": "好", "name": "张飞"}]
     greeted = [{"role": "assistant", "content": "俺老孙来也", "metadata": {"title": "孙悟空"}}]
     assert not chat.fits(greeted, ["孙悟空", "张飞"]) and not chat.fits([], [])  # before the user speaks: anew
+    # unless the chat shows that group's greetings already (a late change, a message sent meanwhile)
+    group = ["孙悟空", "张飞"]
+    greeters = make_chat(recording, loaded[1], {name: replace(roles[name], greeting=f"{name}到！") for name in roles})
+    assert greeters.fits(greeters.greeting("孙悟空", group), group, "孙悟空")
+    assert not greeters.fits(greeters.greeting("孙悟空", ["孙悟空", "李白"]), group, "孙悟空")
 
 
 @pytest.mark.parametrize(
