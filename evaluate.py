@@ -60,7 +60,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from utils.cli import HelpFormatter, UserError, exit_on_problems, exit_on_user_error
 from utils.files import read_jsonl
@@ -253,7 +253,7 @@ def check_pairs_file(args) -> list[str]:
     if not os.path.isfile(args.pairs_file):
         return [f"--pairs_file {args.pairs_file}: file not found"]
     try:
-        read_pairs(args.pairs_file)
+        args.pair_rows = read_pairs(args.pairs_file)  # checked once, before any model loads; pairs_entry scores them
     except UserError as error:
         return [str(error)]
     return []
@@ -561,8 +561,7 @@ def question_prompt(spec, prompts, question) -> list[dict]:
     scene's question is asked from the character's seat, with the group note (ChatEngine.scene_prompt).
     The assembly is the engine's own (utils.engine.role_prompt, seated)."""
     from utils.engine import role_prompt, seated
-    from utils.lorebook import Context
-    from utils.scenes import group_note, seat
+    from utils.scenes import seat
 
     role = prompts.roles.get(question["role"])
     written = question.get("written")
@@ -573,14 +572,13 @@ def question_prompt(spec, prompts, question) -> list[dict]:
             raise UserError(f"--model {spec.name}: it has no role {question['role']!r} (its roles: "
                             f"{', '.join(prompts.roles)}); give --roles_file")
         return question_messages(question["instruction"], question)
+    turns = [*question["history"], {"role": "user", "content": question["ask"]}]
     if written is not None:  # its turns hold its own notes: only a scene's group note is added
-        messages = question_messages(role.system, question)
-        if question.get("others") is None:
-            return messages
-        return Context(role.name, prompts.user_name, extra_system=group_note(role.name)).apply(messages)[0]
+        bare = replace(role, context=None)
+        return role_prompt(seated(bare, prompts.user_name) if question.get("others") is not None else bare, turns)
     if question.get("scene") is not None:  # a raw scene: the character's seat, as ChatEngine.scene_prompt
         return role_prompt(seated(role, prompts.user_name), seat(question["scene"], role.name, prompts.user_name))
-    return role_prompt(role, [*question["history"], {"role": "user", "content": question["ask"]}])
+    return role_prompt(role, turns)
 
 
 def pair_logps(model, tokenizer, rows, batch_size, source):
@@ -611,9 +609,7 @@ def pairs_entry(args):
     question is a digest of the rows, so that an edited file is scored again."""
     if args.pairs_file is None:
         return None, None
-    from utils.pairs import read_pairs
-
-    rows = read_pairs(args.pairs_file)
+    rows = args.pair_rows  # read by check_pairs_file
     digest = hashlib.sha1(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     return {"split": PAIRS_SPLIT, "role": "", "question": f"{os.path.basename(args.pairs_file)} {digest}"}, rows
 
