@@ -378,7 +378,7 @@ def conversation_samples(role, turns, context) -> list[dict]:
     plain = [{k: v for k, v in m.items() if k != "name"} for m in turns]
     if not replies:
         return []
-    if not (context.books or context.depth_note or context.post_history):
+    if not context.by_conversation:
         return [reply_sample(role, plain[: replies[-1]], plain[replies[-1]], context)]
     return [reply_sample(role, [{**m, "train": False} if m["role"] == "assistant" else m for m in plain[:last]],
                          plain[last], context) for last in replies]
@@ -652,8 +652,7 @@ def with_context(samples, roles, contexts) -> list[dict]:
     for sample in samples:
         context = contexts[sample["role"]]
         turns = [{"role": "user", "content": sample["input"]}, {"role": "assistant", "content": sample["output"]}]
-        row = conversation_samples(roles[sample["role"]], turns, context)[0] if context.books or \
-            context.depth_note or context.post_history else None
+        row = conversation_samples(roles[sample["role"]], turns, context)[0] if context.by_conversation else None
         out.append(row if row and ("lore" in row or row["messages"][1]["content"] != sample["input"]) else sample)
     return out
 
@@ -675,8 +674,7 @@ def side_file(args, roles, contexts) -> dict:
     side = {"system_template": args.system_template, "prompt_style": args.prompt_style, "user_name": args.user_name}  # train.py takes the roles' prompts from the samples
     # what each character's prompt gets beyond its system prompt (utils.lorebook.Context), for the
     # record that serving will read: the same lorebooks and notes, fired on the live chat
-    extras = {name: context.to_json() for name, context in contexts.items()
-              if context.books or context.depth_note or context.post_history}
+    extras = {name: context.to_json() for name, context in contexts.items() if context.by_conversation}
     if extras:
         side["contexts"] = extras
     # not trained on, but recorded, so that the page offers them with the trained model

@@ -322,6 +322,12 @@ class Context:
     extra_system: str = ""  # after everything in the system prompt (a group scene's note)
     budget: int = DEFAULT_BUDGET
 
+    @property
+    def by_conversation(self) -> bool:
+        """Whether it places anything by the conversation (lorebook entries, a depth note, post-history
+        instructions): then what a reply is served after depends on the chat before it."""
+        return bool(self.books or self.depth_note or self.post_history)
+
     def to_json(self) -> dict:
         """The context as JSON (data_helper.py's prompts.json; for a model's record later)."""
         note = {"prompt": self.depth_note.text, "depth": self.depth_note.depth} if self.depth_note else None

@@ -189,7 +189,7 @@ def card_role(card: Card, template: str = SYSTEM_TEMPLATE, card_system_prompt: b
 
 def useful(context: Context) -> Context | None:
     """The context, or None when it adds nothing to the prompt."""
-    return context if context.books or context.depth_note or context.post_history or context.extra_system else None
+    return context if context.by_conversation or context.extra_system else None
 
 
 def make_record(roles: dict[str, Role], template: str, user_id: int, assistant_id: int, chat_template: str,
